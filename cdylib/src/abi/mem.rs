@@ -1,0 +1,533 @@
+//! Every read and write of the application's memory.
+//!
+//! The C boundary turns raw pointers into these views once, checking what
+//! the spec requires (a NULL pointer where one is forbidden is
+//! `CKR_ARGUMENTS_BAD`; `(NULL, 0)` is an empty buffer; a NULL output buffer
+//! is the size query of the two-call convention). The rest of the module
+//! works with the views, and the vendor wrapper hands their pointers on to
+//! the vendor library unchanged.
+
+use std::ffi::{CStr, c_char, c_void};
+use std::fmt;
+use std::marker::PhantomData;
+
+use pkcs11_sys::*;
+
+use crate::error::{Error, Result};
+
+/// An input byte buffer of the application (data, a PIN, a seed...).
+#[derive(Clone, Copy)]
+pub struct Bytes<'a> {
+    ptr: CK_BYTE_PTR,
+    len: CK_ULONG,
+    _life: PhantomData<&'a [u8]>,
+}
+
+impl fmt::Debug for Bytes<'_> {
+    // Contents are never printed: they may be a PIN or data to be signed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Bytes({} bytes)", self.len)
+    }
+}
+
+impl<'a> Bytes<'a> {
+    /// # Safety
+    /// `ptr` is NULL or points to `len` readable bytes that stay valid for `'a`.
+    #[inline]
+    pub unsafe fn new(ptr: CK_BYTE_PTR, len: CK_ULONG) -> Result<Self> {
+        if ptr.is_null() && len != 0 {
+            return Err(Error::ArgumentsBad("NULL buffer with a non-zero length"));
+        }
+        Ok(Bytes { ptr, len, _life: PhantomData })
+    }
+
+    /// A view of memory owned by the module.
+    pub fn from_slice(s: &'a [u8]) -> Self {
+        Bytes { ptr: s.as_ptr().cast_mut(), len: s.len() as CK_ULONG, _life: PhantomData }
+    }
+
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the application passed NULL.
+    #[inline]
+    pub fn is_null(&self) -> bool {
+        self.ptr.is_null()
+    }
+
+    pub fn as_slice(&self) -> &'a [u8] {
+        if self.ptr.is_null() || self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `new` was given a pointer to `len` readable bytes valid for 'a,
+        // or `from_slice` a live slice.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> (CK_BYTE_PTR, CK_ULONG) {
+        (self.ptr, self.len)
+    }
+}
+
+/// An output buffer of fixed size (`C_GenerateRandom`), written by the vendor.
+#[derive(Debug)]
+pub struct BytesMut<'a> {
+    ptr: CK_BYTE_PTR,
+    len: CK_ULONG,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+impl BytesMut<'_> {
+    /// # Safety
+    /// `ptr` is NULL or points to `len` writable bytes valid for the call.
+    #[inline]
+    pub unsafe fn new(ptr: CK_BYTE_PTR, len: CK_ULONG) -> Result<Self> {
+        if ptr.is_null() && len != 0 {
+            return Err(Error::ArgumentsBad("NULL buffer with a non-zero length"));
+        }
+        Ok(BytesMut { ptr, len, _life: PhantomData })
+    }
+
+    #[inline]
+    pub(crate) fn raw(&mut self) -> (CK_BYTE_PTR, CK_ULONG) {
+        (self.ptr, self.len)
+    }
+}
+
+/// A PIN given by the application or read from a configured source.
+pub type Pin<'a> = Bytes<'a>;
+
+/// An opaque parameter block (message-based functions), passed on unchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct Param<'a> {
+    ptr: CK_VOID_PTR,
+    len: CK_ULONG,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+impl Param<'_> {
+    /// # Safety
+    /// `ptr` is NULL or points to `len` bytes valid for the call.
+    #[inline]
+    pub unsafe fn new(ptr: CK_VOID_PTR, len: CK_ULONG) -> Result<Self> {
+        if ptr.is_null() && len != 0 {
+            return Err(Error::ArgumentsBad("NULL parameter with a non-zero length"));
+        }
+        Ok(Param { ptr, len, _life: PhantomData })
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> (CK_VOID_PTR, CK_ULONG) {
+        (self.ptr, self.len)
+    }
+}
+
+/// An output byte buffer with its length: the two-call convention.
+#[derive(Debug)]
+pub struct OutBytes<'a> {
+    ptr: CK_BYTE_PTR,
+    len: CK_ULONG_PTR,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+impl OutBytes<'_> {
+    /// # Safety
+    /// `len` is NULL or points to a writable `CK_ULONG`; `ptr` is NULL or
+    /// points to `*len` writable bytes; both stay valid for the call.
+    #[inline]
+    pub unsafe fn new(ptr: CK_BYTE_PTR, len: CK_ULONG_PTR) -> Result<Self> {
+        if len.is_null() {
+            return Err(Error::ArgumentsBad("NULL output length"));
+        }
+        Ok(OutBytes { ptr, len, _life: PhantomData })
+    }
+
+    /// An output whose length pointer may be NULL (`C_SignMessageNext` on a
+    /// non-final part).
+    ///
+    /// # Safety
+    /// As for [`OutBytes::new`], `len` may also be NULL.
+    #[inline]
+    pub unsafe fn new_optional(ptr: CK_BYTE_PTR, len: CK_ULONG_PTR) -> Self {
+        OutBytes { ptr, len, _life: PhantomData }
+    }
+
+    #[inline]
+    pub(crate) fn raw(&mut self) -> (CK_BYTE_PTR, CK_ULONG_PTR) {
+        (self.ptr, self.len)
+    }
+}
+
+/// A single output value (a handle, an info structure).
+#[derive(Debug)]
+pub struct Out<'a, T> {
+    ptr: *mut T,
+    _life: PhantomData<&'a mut T>,
+}
+
+impl<T> Out<'_, T> {
+    /// # Safety
+    /// `ptr` is NULL or points to a writable `T` valid for the call.
+    #[inline]
+    pub unsafe fn new(ptr: *mut T) -> Result<Self> {
+        if ptr.is_null() {
+            return Err(Error::ArgumentsBad("NULL output pointer"));
+        }
+        Ok(Out { ptr, _life: PhantomData })
+    }
+
+    #[inline]
+    pub fn write(&mut self, value: T) {
+        // SAFETY: `new` checked non-NULL; the caller promised it is writable.
+        unsafe { self.ptr.write_unaligned(value) }
+    }
+
+    #[inline]
+    pub(crate) fn raw(&mut self) -> *mut T {
+        self.ptr
+    }
+}
+
+/// An output array with its count: the two-call convention
+/// (slot lists, mechanism lists, interface lists).
+#[derive(Debug)]
+pub struct OutList<'a, T> {
+    ptr: *mut T,
+    count: CK_ULONG_PTR,
+    _life: PhantomData<&'a mut [T]>,
+}
+
+impl<'a, T: Copy> OutList<'a, T> {
+    /// # Safety
+    /// `count` is NULL or writable; `ptr` is NULL or points to `*count`
+    /// writable elements.
+    #[inline]
+    pub unsafe fn new(ptr: *mut T, count: CK_ULONG_PTR) -> Result<Self> {
+        if count.is_null() {
+            return Err(Error::ArgumentsBad("NULL count pointer"));
+        }
+        Ok(OutList { ptr, count, _life: PhantomData })
+    }
+
+    /// Writes `items`, or only their number when the application asked for
+    /// the size (NULL array), or `CKR_BUFFER_TOO_SMALL` with the needed count.
+    pub fn write(&mut self, items: &[T]) -> Result<()> {
+        // SAFETY: `count` was checked non-NULL and is writable for the call.
+        let room = unsafe { self.count.read_unaligned() } as usize;
+        // SAFETY: as above.
+        unsafe { self.count.write_unaligned(items.len() as CK_ULONG) };
+        if self.ptr.is_null() {
+            return Ok(());
+        }
+        if room < items.len() {
+            return Err(Error::BufferTooSmall);
+        }
+        for (i, item) in items.iter().enumerate() {
+            // SAFETY: the application promised `room` writable elements, and i < room.
+            unsafe { self.ptr.add(i).write_unaligned(*item) };
+        }
+        Ok(())
+    }
+
+    /// A list over the module's own memory: `buf` of `None` asks for the size.
+    pub fn from_local(buf: Option<&'a mut [T]>, count: &'a mut CK_ULONG) -> Self {
+        let ptr = match buf {
+            Some(b) => {
+                *count = b.len() as CK_ULONG;
+                b.as_mut_ptr()
+            }
+            None => std::ptr::null_mut(),
+        };
+        OutList { ptr, count, _life: PhantomData }
+    }
+
+    #[inline]
+    pub(crate) fn raw(&mut self) -> (*mut T, CK_ULONG_PTR) {
+        (self.ptr, self.count)
+    }
+}
+
+/// The output of `C_FindObjects`: room for `max` handles, and the count found.
+#[derive(Debug)]
+pub struct OutHandles<'a> {
+    ptr: CK_OBJECT_HANDLE_PTR,
+    max: CK_ULONG,
+    count: CK_ULONG_PTR,
+    _life: PhantomData<&'a mut [CK_OBJECT_HANDLE]>,
+}
+
+impl OutHandles<'_> {
+    /// # Safety
+    /// `ptr` points to `max` writable handles (or is NULL with `max == 0`),
+    /// and `count` is writable.
+    pub unsafe fn new(ptr: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: CK_ULONG_PTR) -> Result<Self> {
+        if count.is_null() || (ptr.is_null() && max != 0) {
+            return Err(Error::ArgumentsBad("NULL handle array or count"));
+        }
+        Ok(OutHandles { ptr, max, count, _life: PhantomData })
+    }
+
+    /// The application's array, to be filled with at most `max` handles.
+    pub fn as_mut_slice(&mut self) -> &mut [CK_OBJECT_HANDLE] {
+        if self.ptr.is_null() || self.max == 0 {
+            return &mut [];
+        }
+        // SAFETY: the application promised `max` writable handles at `ptr`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.max as usize) }
+    }
+
+    /// Sets the number of handles found.
+    pub fn set_count(&mut self, n: CK_ULONG) {
+        // SAFETY: `count` was checked non-NULL.
+        unsafe { self.count.write_unaligned(n.min(self.max)) };
+    }
+}
+
+/// An attribute template (read by the vendor, or filled by
+/// `C_GetAttributeValue`).
+#[derive(Debug, Clone, Copy)]
+pub struct Template<'a> {
+    ptr: CK_ATTRIBUTE_PTR,
+    count: CK_ULONG,
+    _life: PhantomData<&'a mut [CK_ATTRIBUTE]>,
+}
+
+impl<'a> Template<'a> {
+    /// # Safety
+    /// `ptr` is NULL or points to `count` attributes valid for the call,
+    /// whose value pointers are NULL or valid for their lengths.
+    #[inline]
+    pub unsafe fn new(ptr: CK_ATTRIBUTE_PTR, count: CK_ULONG) -> Result<Self> {
+        if ptr.is_null() && count != 0 {
+            return Err(Error::ArgumentsBad("NULL template with a non-zero count"));
+        }
+        Ok(Template { ptr, count, _life: PhantomData })
+    }
+
+    /// A template owned by the module.
+    pub fn from_slice(attrs: &'a mut [CK_ATTRIBUTE]) -> Self {
+        Template { ptr: attrs.as_mut_ptr(), count: attrs.len() as CK_ULONG, _life: PhantomData }
+    }
+
+    pub fn attrs(&self) -> &'a [CK_ATTRIBUTE] {
+        if self.ptr.is_null() || self.count == 0 {
+            return &[];
+        }
+        // SAFETY: `new` was given `count` valid attributes (or `from_slice` a live slice).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.count as usize) }
+    }
+
+    /// The value of a `CK_BBOOL` attribute, if the template has it.
+    pub fn bool_attr(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<bool> {
+        let a = self.attrs().iter().find(|a| a.type_ == ty)?;
+        if a.pValue.is_null() || a.ulValueLen as usize != std::mem::size_of::<CK_BBOOL>() {
+            return None;
+        }
+        // SAFETY: pValue points to ulValueLen (= 1) readable bytes.
+        Some(unsafe { (a.pValue as *const CK_BBOOL).read() } != CK_FALSE)
+    }
+
+    /// The bytes of an attribute's value, if the template has it.
+    pub fn bytes_attr(&self, ty: CK_ATTRIBUTE_TYPE) -> Option<&'a [u8]> {
+        let a = self.attrs().iter().find(|a| a.type_ == ty)?;
+        if a.pValue.is_null() || a.ulValueLen == CK_UNAVAILABLE_INFORMATION {
+            return None;
+        }
+        // SAFETY: pValue points to ulValueLen readable bytes.
+        Some(unsafe { std::slice::from_raw_parts(a.pValue as *const u8, a.ulValueLen as usize) })
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> (CK_ATTRIBUTE_PTR, CK_ULONG) {
+        (self.ptr, self.count)
+    }
+}
+
+/// A mechanism given by the application.
+#[derive(Debug, Clone, Copy)]
+pub struct Mechanism<'a> {
+    ptr: CK_MECHANISM_PTR,
+    _life: PhantomData<&'a CK_MECHANISM>,
+}
+
+impl Mechanism<'_> {
+    /// # Safety
+    /// `ptr` is NULL or points to a valid `CK_MECHANISM` for the call.
+    #[inline]
+    pub unsafe fn new(ptr: CK_MECHANISM_PTR) -> Result<Self> {
+        if ptr.is_null() {
+            return Err(Error::ArgumentsBad("NULL mechanism"));
+        }
+        Ok(Mechanism { ptr, _life: PhantomData })
+    }
+
+    /// The mechanism type.
+    #[inline]
+    pub fn kind(&self) -> CK_MECHANISM_TYPE {
+        // SAFETY: checked non-NULL in `new`, valid for the call.
+        unsafe { (*self.ptr).mechanism }
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> CK_MECHANISM_PTR {
+        self.ptr
+    }
+
+    /// The key handle given as the parameter of mechanisms whose parameter
+    /// is one (`CKM_CONCATENATE_BASE_AND_KEY`).
+    pub fn handle_param(&self) -> Option<CK_OBJECT_HANDLE> {
+        // SAFETY: checked non-NULL in `new`, valid for the call.
+        let m = unsafe { &*self.ptr };
+        if m.mechanism != CKM_CONCATENATE_BASE_AND_KEY
+            || m.pParameter.is_null()
+            || m.ulParameterLen as usize != std::mem::size_of::<CK_OBJECT_HANDLE>()
+        {
+            return None;
+        }
+        // SAFETY: pParameter points to ulParameterLen bytes, the size of a handle.
+        Some(unsafe { (m.pParameter as *const CK_OBJECT_HANDLE).read_unaligned() })
+    }
+
+    /// A copy of the mechanism whose parameter is `handle`.
+    pub fn with_handle_param<'b>(&self, handle: &'b mut CK_OBJECT_HANDLE) -> OwnedMechanism<'b> {
+        OwnedMechanism {
+            m: CK_MECHANISM {
+                mechanism: self.kind(),
+                pParameter: (handle as *mut CK_OBJECT_HANDLE).cast(),
+                ulParameterLen: std::mem::size_of::<CK_OBJECT_HANDLE>() as CK_ULONG,
+            },
+            _life: PhantomData,
+        }
+    }
+}
+
+/// A mechanism built by the module (a translated copy of the application's).
+#[derive(Debug)]
+pub struct OwnedMechanism<'b> {
+    m: CK_MECHANISM,
+    _life: PhantomData<&'b mut CK_OBJECT_HANDLE>,
+}
+
+impl OwnedMechanism<'_> {
+    pub fn view(&self) -> Mechanism<'_> {
+        Mechanism { ptr: (&self.m as *const CK_MECHANISM).cast_mut(), _life: PhantomData }
+    }
+}
+
+/// What the application passed to `C_Initialize`.
+#[derive(Debug, Default)]
+pub struct InitArgs {
+    /// The configuration path given in `pReserved`, if any.
+    pub reserved: Option<String>,
+    /// `CKF_LIBRARY_CANT_CREATE_OS_THREADS`: p11shim must start no thread.
+    pub no_threads: bool,
+}
+
+/// Reads and checks `CK_C_INITIALIZE_ARGS`.
+///
+/// # Safety
+/// `ptr` is NULL or points to a valid `CK_C_INITIALIZE_ARGS`.
+pub unsafe fn init_args(ptr: CK_VOID_PTR) -> Result<InitArgs> {
+    if ptr.is_null() {
+        return Ok(InitArgs::default());
+    }
+    // SAFETY: the caller promised a valid structure.
+    let a = unsafe { (ptr as *const CK_C_INITIALIZE_ARGS).read_unaligned() };
+    let given = [a.CreateMutex.is_some(), a.DestroyMutex.is_some(), a.LockMutex.is_some(), a.UnlockMutex.is_some()];
+    if given.contains(&true) && given.contains(&false) {
+        return Err(Error::ArgumentsBad("either all four mutex functions or none"));
+    }
+    // p11shim locks with native OS primitives: application-supplied mutex
+    // functions are accepted and not needed.
+    Ok(InitArgs {
+        // SAFETY: pReserved is NULL or, by p11-kit's convention, a C string.
+        reserved: unsafe { c_str(a.pReserved) },
+        no_threads: a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS != 0,
+    })
+}
+
+/// Reads the optional configuration path passed in `pReserved`.
+///
+/// # Safety
+/// `ptr` is NULL or points to a NUL-terminated string.
+pub unsafe fn c_str(ptr: *const c_void) -> Option<String> {
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: the caller promised a NUL-terminated string.
+    let s = unsafe { CStr::from_ptr(ptr as *const c_char) };
+    s.to_str().ok().map(str::to_owned)
+}
+
+/// A blank-padded fixed-size field of an info structure.
+pub fn padded<const N: usize>(s: &str) -> [CK_UTF8CHAR; N] {
+    let mut out = [b' '; N];
+    // Truncate on a character boundary.
+    let mut end = s.len().min(N);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out[..end].copy_from_slice(&s.as_bytes()[..end]);
+    out
+}
+
+/// A blank-padded field as a trimmed string.
+pub fn unpadded(field: &[CK_UTF8CHAR]) -> String {
+    String::from_utf8_lossy(field).trim_end_matches([' ', '\0']).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_round_trips_and_truncates_on_char_boundary() {
+        let f: [u8; 8] = padded("abc");
+        assert_eq!(&f, b"abc     ");
+        assert_eq!(unpadded(&f), "abc");
+        let f: [u8; 4] = padded("abcé");
+        assert_eq!(&f, b"abc ");
+    }
+
+    #[test]
+    fn out_list_follows_the_two_call_convention() {
+        let items = [1 as CK_ULONG, 2, 3];
+        let mut count: CK_ULONG = 0;
+        // SAFETY: count is a live local.
+        let mut l = unsafe { OutList::<CK_ULONG>::new(std::ptr::null_mut(), &mut count) }.unwrap();
+        l.write(&items).unwrap();
+        assert_eq!(count, 3);
+        let mut buf = [0 as CK_ULONG; 2];
+        count = 2;
+        // SAFETY: buf has room for `count` elements.
+        let mut l = unsafe { OutList::new(buf.as_mut_ptr(), &mut count) }.unwrap();
+        assert_eq!(l.write(&items), Err(Error::BufferTooSmall));
+        assert_eq!(count, 3);
+        let mut buf = [0 as CK_ULONG; 3];
+        // SAFETY: as above.
+        let mut l = unsafe { OutList::new(buf.as_mut_ptr(), &mut count) }.unwrap();
+        l.write(&items).unwrap();
+        assert_eq!(buf, items);
+    }
+
+    #[test]
+    fn null_pointers_are_refused_where_the_spec_forbids_them() {
+        // SAFETY: NULL pointers are never dereferenced by the constructors.
+        unsafe {
+            assert!(Bytes::new(std::ptr::null_mut(), 1).is_err());
+            assert!(Bytes::new(std::ptr::null_mut(), 0).unwrap().as_slice().is_empty());
+            assert!(OutBytes::new(std::ptr::null_mut(), std::ptr::null_mut()).is_err());
+            assert!(Out::<CK_ULONG>::new(std::ptr::null_mut()).is_err());
+            assert!(Mechanism::new(std::ptr::null_mut()).is_err());
+            assert!(Template::new(std::ptr::null_mut(), 2).is_err());
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! The module's configuration: a raw form as written in TOML, then a
+//! validated model that the rest of the module uses.
+//!
+//! Everything is checked here, before the first vendor library is loaded.
+//! An error names the file, the line and the key, so that `C_Initialize`
+//! can fail with a message an operator can act on.
+
+mod uri;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use zeroize::Zeroizing;
+
+pub use uri::{Pkcs11Uri, UriError};
+
+/// Where the configuration is read from when nothing else says.
+pub const DEFAULT_PATH: &str = "/etc/p11shim/p11shim.toml";
+/// Environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "P11SHIM_CONFIG";
+/// Environment variable overriding `[log] level`.
+pub const LOG_ENV: &str = "P11SHIM_LOG";
+
+// ---------------------------------------------------------------------------
+// Raw form: exactly what the file says.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default, rename = "slot")]
+    slots: Vec<Spanned<RawSlot>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<Spanned<String>>,
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlot {
+    id: Spanned<u64>,
+    label: Spanned<String>,
+    serial: Option<Spanned<String>>,
+    pin: Option<Spanned<String>>,
+    #[serde(default, rename = "member")]
+    members: Vec<Spanned<RawMember>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    library: Spanned<String>,
+    token: Option<Spanned<String>>,
+    uri: Option<Spanned<String>>,
+    weight: Option<Spanned<u32>>,
+    #[serde(default)]
+    standby: bool,
+}
+
+// ---------------------------------------------------------------------------
+// Validated model.
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub source: PathBuf,
+    pub log: LogConfig,
+    pub slots: Vec<SlotConfig>,
+}
+
+/// Diagnostic logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    /// `None` logs to stderr.
+    pub file: Option<PathBuf>,
+}
+
+/// Diagnostic log levels, from quietest to loudest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// Parses a level name as written in the config or `P11SHIM_LOG`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" => LogLevel::Off,
+            "error" => LogLevel::Error,
+            "warn" | "warning" => LogLevel::Warn,
+            "info" => LogLevel::Info,
+            "debug" => LogLevel::Debug,
+            "trace" => LogLevel::Trace,
+            _ => return None,
+        })
+    }
+}
+
+/// One virtual slot shown to applications.
+#[derive(Debug, Clone)]
+pub struct SlotConfig {
+    /// Stable slot id shown to applications.
+    pub id: u64,
+    /// Token label shown to applications (at most 32 bytes).
+    pub label: String,
+    /// Token serial shown to applications (at most 16 bytes).
+    pub serial: String,
+    /// Where the user PIN comes from; `None` passes the application's PIN through.
+    pub pin: Option<PinSource>,
+    pub members: Vec<MemberConfig>,
+}
+
+/// Where a slot's user PIN is read from, at login time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl PinSource {
+    /// Reads the PIN. The value is wiped from memory when dropped; errors
+    /// name the source, never the value.
+    pub fn read(&self) -> Result<Zeroizing<Vec<u8>>, String> {
+        let mut value = match self {
+            PinSource::Env(name) => match std::env::var_os(name) {
+                Some(v) => Zeroizing::new(std::os::unix::ffi::OsStringExt::into_vec(v)),
+                None => return Err(format!("environment variable {name} is not set")),
+            },
+            PinSource::File(path) => match std::fs::read(path) {
+                Ok(v) => Zeroizing::new(v),
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            },
+        };
+        while matches!(value.last(), Some(b'\n' | b'\r')) {
+            value.pop();
+        }
+        if value.is_empty() {
+            return Err(format!("{self} is empty"));
+        }
+        Ok(value)
+    }
+}
+
+impl fmt::Display for PinSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PinSource::Env(n) => write!(f, "env:{n}"),
+            PinSource::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// One member partition of a slot: a token in a vendor library.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub library: PathBuf,
+    pub selector: TokenSelector,
+    pub weight: u32,
+    pub standby: bool,
+}
+
+/// How a member's token is found among the vendor library's slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    Label(String),
+    Uri(Pkcs11Uri),
+}
+
+impl fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "token {l:?}"),
+            TokenSelector::Uri(u) => write!(f, "{u:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors.
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// The key at fault, when known (`slot[0].member[1].library`).
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
+    }
+
+    fn err(&self, span: Option<&Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: span.map(|s| self.line_of(s)),
+            key: Some(key.into()),
+            message: msg.into(),
+        }
+    }
+
+    /// The key written on the line a parse error points at, if any.
+    fn key_on_line(&self, span: &Range<usize>) -> Option<String> {
+        let line = self.text.lines().nth(self.line_of(span) - 1)?;
+        let (key, _) = line.split_once('=')?;
+        let key = key.trim().trim_matches('"');
+        (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading and validation.
+
+/// Picks the configuration file: `P11SHIM_CONFIG`, else the string passed in
+/// `CK_C_INITIALIZE_ARGS.pReserved`, else [`DEFAULT_PATH`].
+pub fn locate(reserved: Option<&str>) -> PathBuf {
+    if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(r) = reserved.map(str::trim).filter(|r| !r.is_empty()) {
+        return PathBuf::from(r);
+    }
+    PathBuf::from(DEFAULT_PATH)
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        key: None,
+        message: format!("cannot read the configuration: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Validates configuration text; `path` is only used in messages.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let ctx = Ctx { file: path, text };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let span = e.span();
+        ConfigError {
+            file: path.to_path_buf(),
+            line: span.as_ref().map(|s| ctx.line_of(s)),
+            key: span.as_ref().and_then(|s| ctx.key_on_line(s)),
+            message: e.message().trim().to_owned(),
+        }
+    })?;
+    validate(&ctx, raw)
+}
+
+fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
+    let level = match &raw.log.level {
+        None => LogLevel::Warn,
+        Some(l) => LogLevel::parse(l.get_ref()).ok_or_else(|| {
+            ctx.err(Some(&l.span()), "log.level", format!(
+                "unknown level {:?} (expected off, error, warn, info, debug or trace)",
+                l.get_ref()
+            ))
+        })?,
+    };
+    let file = match &raw.log.file {
+        None => None,
+        Some(f) if f.get_ref().is_empty() => {
+            return Err(ctx.err(Some(&f.span()), "log.file", "must not be empty (leave it out to log to stderr)"));
+        }
+        Some(f) => Some(PathBuf::from(f.get_ref())),
+    };
+
+    if raw.slots.is_empty() {
+        return Err(ConfigError {
+            file: ctx.file.to_path_buf(),
+            line: None,
+            key: Some("slot".into()),
+            message: "no [[slot]] is configured".into(),
+        });
+    }
+
+    let mut slots: Vec<SlotConfig> = Vec::with_capacity(raw.slots.len());
+    for (i, s) in raw.slots.iter().enumerate() {
+        let key = |k: &str| format!("slot[{i}].{k}");
+        let s_span = s.span();
+        let s = s.get_ref();
+
+        let id = *s.id.get_ref();
+        if let Some(prev) = slots.iter().position(|p| p.id == id) {
+            return Err(ctx.err(Some(&s.id.span()), key("id"), format!("slot id {id} is already used by slot[{prev}]")));
+        }
+        let label = s.label.get_ref().clone();
+        if label.trim().is_empty() || label.len() > 32 {
+            return Err(ctx.err(Some(&s.label.span()), key("label"), "a token label has 1 to 32 bytes"));
+        }
+        if let Some(prev) = slots.iter().position(|p| p.label == label) {
+            return Err(ctx.err(Some(&s.label.span()), key("label"), format!("label {label:?} is already used by slot[{prev}]")));
+        }
+        let serial = match &s.serial {
+            Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 16 || !v.get_ref().is_ascii() => {
+                return Err(ctx.err(Some(&v.span()), key("serial"), "a token serial has 1 to 16 ASCII characters"));
+            }
+            Some(v) => v.get_ref().clone(),
+            None => default_serial(id, &label),
+        };
+        let pin = match &s.pin {
+            None => None,
+            Some(p) => Some(parse_pin_source(p.get_ref()).map_err(|m| ctx.err(Some(&p.span()), key("pin"), m))?),
+        };
+
+        if s.members.is_empty() {
+            return Err(ctx.err(Some(&s_span), key("member"), "a slot needs at least one [[slot.member]]"));
+        }
+        let mut members = Vec::with_capacity(s.members.len());
+        for (j, m) in s.members.iter().enumerate() {
+            let mkey = |k: &str| format!("slot[{i}].member[{j}].{k}");
+            let m_span = m.span();
+            let m = m.get_ref();
+            let library = PathBuf::from(m.library.get_ref());
+            if !library.is_absolute() {
+                return Err(ctx.err(Some(&m.library.span()), mkey("library"), "the vendor library must be an absolute path"));
+            }
+            let selector = match (&m.token, &m.uri) {
+                (Some(t), None) => {
+                    let t_ref = t.get_ref();
+                    if t_ref.is_empty() || t_ref.len() > 32 {
+                        return Err(ctx.err(Some(&t.span()), mkey("token"), "a token label has 1 to 32 bytes"));
+                    }
+                    TokenSelector::Label(t_ref.clone())
+                }
+                (None, Some(u)) => TokenSelector::Uri(
+                    Pkcs11Uri::parse(u.get_ref()).map_err(|e| ctx.err(Some(&u.span()), mkey("uri"), e.0))?,
+                ),
+                (Some(_), Some(u)) => {
+                    return Err(ctx.err(Some(&u.span()), mkey("uri"), "give either `token` or `uri`, not both"));
+                }
+                (None, None) => {
+                    return Err(ctx.err(Some(&m_span), mkey("token"), "a member names its token with `token` or `uri`"));
+                }
+            };
+            let weight = match &m.weight {
+                None => 1,
+                Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1000 => {
+                    return Err(ctx.err(Some(&w.span()), mkey("weight"), "weight is between 1 and 1000"));
+                }
+                Some(w) => *w.get_ref(),
+            };
+            if members.iter().any(|p: &MemberConfig| p.library == library && p.selector == selector) {
+                return Err(ctx.err(Some(&m_span), mkey("token"), "this member is listed twice"));
+            }
+            members.push(MemberConfig { library, selector, weight, standby: m.standby });
+        }
+        if members.iter().all(|m| m.standby) {
+            return Err(ctx.err(Some(&s_span), key("member"), "every member is a standby; at least one must be active"));
+        }
+        slots.push(SlotConfig { id, label, serial, pin, members });
+    }
+
+    Ok(Config { source: ctx.file.to_path_buf(), log: LogConfig { level, file }, slots })
+}
+
+fn parse_pin_source(s: &str) -> Result<PinSource, String> {
+    if let Some(name) = s.strip_prefix("env:") {
+        let ok = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        return if ok { Ok(PinSource::Env(name.to_owned())) } else { Err(format!("{name:?} is not an environment variable name")) };
+    }
+    if let Some(path) = s.strip_prefix("file:") {
+        let path = PathBuf::from(path);
+        return if path.is_absolute() { Ok(PinSource::File(path)) } else { Err("a PIN file must be an absolute path".into()) };
+    }
+    // The value itself is never echoed: it may be a PIN written in by mistake.
+    Err("expected \"env:NAME\" or \"file:/path\" (a PIN itself is never written in the configuration)".into())
+}
+
+/// A stable serial for a slot without one: derived from its id and label.
+fn default_serial(id: u64, label: &str) -> String {
+    // FNV-1a: stable across builds and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.to_le_bytes().iter().chain(label.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[log]
+level = "debug"
+
+[[slot]]
+id = 0
+label = "payments"
+pin = "env:P11SHIM_PIN"
+[[slot.member]]
+library = "/usr/lib/softhsm/libsofthsm2.so"
+token = "ha-a"
+[[slot.member]]
+library = "/usr/lib/softhsm/libsofthsm2.so"
+uri = "pkcs11:token=ha-b"
+weight = 2
+standby = true
+"#;
+
+    fn err(text: &str) -> ConfigError {
+        parse(Path::new("/etc/p.toml"), text).unwrap_err()
+    }
+
+    #[test]
+    fn accepts_the_documented_schema() {
+        let c = parse(Path::new("p.toml"), GOOD).unwrap();
+        assert_eq!(c.log.level, LogLevel::Debug);
+        assert_eq!(c.slots.len(), 1);
+        let s = &c.slots[0];
+        assert_eq!((s.id, s.label.as_str()), (0, "payments"));
+        assert_eq!(s.pin, Some(PinSource::Env("P11SHIM_PIN".into())));
+        assert_eq!(s.serial.len(), 16);
+        assert_eq!(s.members[0].selector, TokenSelector::Label("ha-a".into()));
+        assert!(matches!(&s.members[1].selector, TokenSelector::Uri(u) if u.token.as_deref() == Some("ha-b")));
+        assert_eq!((s.members[1].weight, s.members[1].standby), (2, true));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\nlabell = \"b\"\n");
+        assert_eq!(e.line, Some(4));
+        assert_eq!(e.key.as_deref(), Some("labell"));
+        assert!(e.to_string().starts_with("/etc/p.toml:4: key `labell`: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let e = err("[[slot]]\nid = \"zero\"\nlabel = \"a\"\n");
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("id")));
+    }
+
+    #[test]
+    fn validation_errors_name_the_key() {
+        let base = "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n";
+        let e = err(&format!("{base}[[slot]]\nid = 0\nlabel = \"b\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"u\"\n"));
+        assert_eq!((e.line, e.key.as_deref()), (Some(8), Some("slot[1].id")));
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"lib.so\"\ntoken = \"t\"\n");
+        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("slot[0].member[0].library")));
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n");
+        assert_eq!(e.key.as_deref(), Some("slot[0].member"));
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\npin = \"1234\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n");
+        assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("slot[0].pin")));
+        assert!(!e.to_string().contains("1234"), "a mistyped PIN must not be echoed: {e}");
+        let e = err("[log]\nlevel = \"loud\"\n");
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("log.level")));
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\nuri = \"pkcs11:token=t\"\n");
+        assert_eq!(e.key.as_deref(), Some("slot[0].member[0].uri"));
+        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\nuri = \"pkcs11:token=t?pin-value=99\"\n");
+        assert!(e.message.contains("pin-value"));
+        assert!(err("").message.contains("no [[slot]]"));
+        let long = "x".repeat(33);
+        let e = err(&format!("[[slot]]\nid = 0\nlabel = \"{long}\"\n"));
+        assert_eq!(e.key.as_deref(), Some("slot[0].label"));
+    }
+
+    #[test]
+    fn pin_sources() {
+        assert_eq!(parse_pin_source("env:A_B1"), Ok(PinSource::Env("A_B1".into())));
+        assert!(parse_pin_source("env:1A").is_err());
+        assert!(parse_pin_source("file:rel/p").is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pin");
+        std::fs::write(&p, "1234\n").unwrap();
+        assert_eq!(&PinSource::File(p.clone()).read().unwrap()[..], b"1234");
+        std::fs::write(&p, "\n").unwrap();
+        assert!(PinSource::File(p).read().is_err());
+        assert!(PinSource::Env("P11SHIM_TEST_SURELY_UNSET".into()).read().is_err());
+    }
+
+    #[test]
+    fn locate_prefers_env_then_reserved() {
+        // Only the reserved/default part is checked: the environment is shared by tests.
+        if std::env::var_os(CONFIG_ENV).is_none() {
+            assert_eq!(locate(Some("/a.toml")), PathBuf::from("/a.toml"));
+            assert_eq!(locate(None), PathBuf::from(DEFAULT_PATH));
+            assert_eq!(locate(Some("  ")), PathBuf::from(DEFAULT_PATH));
+        }
+    }
+}

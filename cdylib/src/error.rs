@@ -1,0 +1,208 @@
+//! The one error type of the module and its one mapping to `CK_RV`.
+//!
+//! Every fallible path in p11shim returns [`Error`]. [`Error::rv`] is an
+//! exhaustive match, so a new variant cannot be added without deciding which
+//! return code an application sees. Return codes that come from a vendor
+//! library travel unchanged in [`Error::Vendor`], vendor-defined codes
+//! included.
+
+use pkcs11_sys::*;
+
+/// Vendor-defined return codes of p11shim (see `include/p11shim.h`).
+pub mod vendor_rv {
+    use pkcs11_sys::{CK_RV, CKR_VENDOR_DEFINED};
+    /// The module's configuration file is missing or invalid.
+    pub const CONFIG_INVALID: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0001;
+    /// A configured vendor library could not be loaded or initialized.
+    pub const BACKEND_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0002;
+    /// A configured PIN source (`env:` or `file:`) could not be read.
+    pub const PIN_SOURCE_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0003;
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A return code produced by a vendor library, passed through unchanged.
+    #[error("vendor library returned {}", rv_name(*.0))]
+    Vendor(CK_RV),
+    #[error("the module is not initialized")]
+    NotInitialized,
+    #[error("the module is already initialized")]
+    AlreadyInitialized,
+    #[error("bad arguments: {0}")]
+    ArgumentsBad(&'static str),
+    #[error("unknown slot id")]
+    SlotIdInvalid,
+    #[error("no token present in the slot")]
+    TokenNotPresent,
+    #[error("unknown session handle")]
+    SessionHandleInvalid,
+    #[error("unknown object handle")]
+    ObjectHandleInvalid,
+    #[error("unknown key handle")]
+    KeyHandleInvalid,
+    #[error("output buffer too small")]
+    BufferTooSmall,
+    #[error("the vendor library does not offer this function")]
+    FunctionNotSupported,
+    #[error("parallel sessions are not supported")]
+    ParallelNotSupported,
+    #[error("no event")]
+    NoEvent,
+    #[error("out of memory")]
+    HostMemory,
+    #[error("internal error: {0}")]
+    General(&'static str),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("vendor library: {0}")]
+    Backend(String),
+    #[error("PIN source: {0}")]
+    PinSource(String),
+}
+
+impl Error {
+    /// The return code an application sees for this error.
+    pub fn rv(&self) -> CK_RV {
+        match self {
+            Error::Vendor(rv) => *rv,
+            Error::NotInitialized => CKR_CRYPTOKI_NOT_INITIALIZED,
+            Error::AlreadyInitialized => CKR_CRYPTOKI_ALREADY_INITIALIZED,
+            Error::ArgumentsBad(_) => CKR_ARGUMENTS_BAD,
+            Error::SlotIdInvalid => CKR_SLOT_ID_INVALID,
+            Error::TokenNotPresent => CKR_TOKEN_NOT_PRESENT,
+            Error::SessionHandleInvalid => CKR_SESSION_HANDLE_INVALID,
+            Error::ObjectHandleInvalid => CKR_OBJECT_HANDLE_INVALID,
+            Error::KeyHandleInvalid => CKR_KEY_HANDLE_INVALID,
+            Error::BufferTooSmall => CKR_BUFFER_TOO_SMALL,
+            Error::FunctionNotSupported => CKR_FUNCTION_NOT_SUPPORTED,
+            Error::ParallelNotSupported => CKR_SESSION_PARALLEL_NOT_SUPPORTED,
+            Error::NoEvent => CKR_NO_EVENT,
+            Error::HostMemory => CKR_HOST_MEMORY,
+            Error::General(_) => CKR_GENERAL_ERROR,
+            Error::Config(_) => vendor_rv::CONFIG_INVALID,
+            Error::Backend(_) => vendor_rv::BACKEND_UNAVAILABLE,
+            Error::PinSource(_) => vendor_rv::PIN_SOURCE_UNAVAILABLE,
+        }
+    }
+
+    /// Turns a vendor return code into a result.
+    #[inline]
+    pub fn check(rv: CK_RV) -> Result<()> {
+        if rv == CKR_OK { Ok(()) } else { Err(Error::Vendor(rv)) }
+    }
+}
+
+/// Result of every fallible operation in the module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The spec's name of a return code, for logs; unknown codes in hex.
+pub fn rv_name(rv: CK_RV) -> String {
+    let name = match rv {
+        CKR_OK => "CKR_OK",
+        CKR_CANCEL => "CKR_CANCEL",
+        CKR_HOST_MEMORY => "CKR_HOST_MEMORY",
+        CKR_SLOT_ID_INVALID => "CKR_SLOT_ID_INVALID",
+        CKR_GENERAL_ERROR => "CKR_GENERAL_ERROR",
+        CKR_FUNCTION_FAILED => "CKR_FUNCTION_FAILED",
+        CKR_ARGUMENTS_BAD => "CKR_ARGUMENTS_BAD",
+        CKR_NO_EVENT => "CKR_NO_EVENT",
+        CKR_CANT_LOCK => "CKR_CANT_LOCK",
+        CKR_ATTRIBUTE_READ_ONLY => "CKR_ATTRIBUTE_READ_ONLY",
+        CKR_ATTRIBUTE_SENSITIVE => "CKR_ATTRIBUTE_SENSITIVE",
+        CKR_ATTRIBUTE_TYPE_INVALID => "CKR_ATTRIBUTE_TYPE_INVALID",
+        CKR_ATTRIBUTE_VALUE_INVALID => "CKR_ATTRIBUTE_VALUE_INVALID",
+        CKR_DATA_INVALID => "CKR_DATA_INVALID",
+        CKR_DATA_LEN_RANGE => "CKR_DATA_LEN_RANGE",
+        CKR_DEVICE_ERROR => "CKR_DEVICE_ERROR",
+        CKR_DEVICE_MEMORY => "CKR_DEVICE_MEMORY",
+        CKR_DEVICE_REMOVED => "CKR_DEVICE_REMOVED",
+        CKR_ENCRYPTED_DATA_INVALID => "CKR_ENCRYPTED_DATA_INVALID",
+        CKR_ENCRYPTED_DATA_LEN_RANGE => "CKR_ENCRYPTED_DATA_LEN_RANGE",
+        CKR_FUNCTION_CANCELED => "CKR_FUNCTION_CANCELED",
+        CKR_FUNCTION_NOT_PARALLEL => "CKR_FUNCTION_NOT_PARALLEL",
+        CKR_FUNCTION_NOT_SUPPORTED => "CKR_FUNCTION_NOT_SUPPORTED",
+        CKR_KEY_HANDLE_INVALID => "CKR_KEY_HANDLE_INVALID",
+        CKR_KEY_SIZE_RANGE => "CKR_KEY_SIZE_RANGE",
+        CKR_KEY_TYPE_INCONSISTENT => "CKR_KEY_TYPE_INCONSISTENT",
+        CKR_KEY_FUNCTION_NOT_PERMITTED => "CKR_KEY_FUNCTION_NOT_PERMITTED",
+        CKR_KEY_NOT_WRAPPABLE => "CKR_KEY_NOT_WRAPPABLE",
+        CKR_KEY_UNEXTRACTABLE => "CKR_KEY_UNEXTRACTABLE",
+        CKR_MECHANISM_INVALID => "CKR_MECHANISM_INVALID",
+        CKR_MECHANISM_PARAM_INVALID => "CKR_MECHANISM_PARAM_INVALID",
+        CKR_OBJECT_HANDLE_INVALID => "CKR_OBJECT_HANDLE_INVALID",
+        CKR_OPERATION_ACTIVE => "CKR_OPERATION_ACTIVE",
+        CKR_OPERATION_NOT_INITIALIZED => "CKR_OPERATION_NOT_INITIALIZED",
+        CKR_PIN_INCORRECT => "CKR_PIN_INCORRECT",
+        CKR_PIN_INVALID => "CKR_PIN_INVALID",
+        CKR_PIN_LEN_RANGE => "CKR_PIN_LEN_RANGE",
+        CKR_PIN_EXPIRED => "CKR_PIN_EXPIRED",
+        CKR_PIN_LOCKED => "CKR_PIN_LOCKED",
+        CKR_SESSION_CLOSED => "CKR_SESSION_CLOSED",
+        CKR_SESSION_COUNT => "CKR_SESSION_COUNT",
+        CKR_SESSION_HANDLE_INVALID => "CKR_SESSION_HANDLE_INVALID",
+        CKR_SESSION_PARALLEL_NOT_SUPPORTED => "CKR_SESSION_PARALLEL_NOT_SUPPORTED",
+        CKR_SESSION_READ_ONLY => "CKR_SESSION_READ_ONLY",
+        CKR_SESSION_EXISTS => "CKR_SESSION_EXISTS",
+        CKR_SESSION_READ_ONLY_EXISTS => "CKR_SESSION_READ_ONLY_EXISTS",
+        CKR_SESSION_READ_WRITE_SO_EXISTS => "CKR_SESSION_READ_WRITE_SO_EXISTS",
+        CKR_SIGNATURE_INVALID => "CKR_SIGNATURE_INVALID",
+        CKR_SIGNATURE_LEN_RANGE => "CKR_SIGNATURE_LEN_RANGE",
+        CKR_TEMPLATE_INCOMPLETE => "CKR_TEMPLATE_INCOMPLETE",
+        CKR_TEMPLATE_INCONSISTENT => "CKR_TEMPLATE_INCONSISTENT",
+        CKR_TOKEN_NOT_PRESENT => "CKR_TOKEN_NOT_PRESENT",
+        CKR_TOKEN_NOT_RECOGNIZED => "CKR_TOKEN_NOT_RECOGNIZED",
+        CKR_TOKEN_WRITE_PROTECTED => "CKR_TOKEN_WRITE_PROTECTED",
+        CKR_UNWRAPPING_KEY_HANDLE_INVALID => "CKR_UNWRAPPING_KEY_HANDLE_INVALID",
+        CKR_USER_ALREADY_LOGGED_IN => "CKR_USER_ALREADY_LOGGED_IN",
+        CKR_USER_NOT_LOGGED_IN => "CKR_USER_NOT_LOGGED_IN",
+        CKR_USER_PIN_NOT_INITIALIZED => "CKR_USER_PIN_NOT_INITIALIZED",
+        CKR_USER_TYPE_INVALID => "CKR_USER_TYPE_INVALID",
+        CKR_USER_ANOTHER_ALREADY_LOGGED_IN => "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
+        CKR_USER_TOO_MANY_TYPES => "CKR_USER_TOO_MANY_TYPES",
+        CKR_WRAPPED_KEY_INVALID => "CKR_WRAPPED_KEY_INVALID",
+        CKR_WRAPPED_KEY_LEN_RANGE => "CKR_WRAPPED_KEY_LEN_RANGE",
+        CKR_WRAPPING_KEY_HANDLE_INVALID => "CKR_WRAPPING_KEY_HANDLE_INVALID",
+        CKR_WRAPPING_KEY_SIZE_RANGE => "CKR_WRAPPING_KEY_SIZE_RANGE",
+        CKR_WRAPPING_KEY_TYPE_INCONSISTENT => "CKR_WRAPPING_KEY_TYPE_INCONSISTENT",
+        CKR_RANDOM_SEED_NOT_SUPPORTED => "CKR_RANDOM_SEED_NOT_SUPPORTED",
+        CKR_RANDOM_NO_RNG => "CKR_RANDOM_NO_RNG",
+        CKR_DOMAIN_PARAMS_INVALID => "CKR_DOMAIN_PARAMS_INVALID",
+        CKR_CURVE_NOT_SUPPORTED => "CKR_CURVE_NOT_SUPPORTED",
+        CKR_BUFFER_TOO_SMALL => "CKR_BUFFER_TOO_SMALL",
+        CKR_SAVED_STATE_INVALID => "CKR_SAVED_STATE_INVALID",
+        CKR_INFORMATION_SENSITIVE => "CKR_INFORMATION_SENSITIVE",
+        CKR_STATE_UNSAVEABLE => "CKR_STATE_UNSAVEABLE",
+        CKR_CRYPTOKI_NOT_INITIALIZED => "CKR_CRYPTOKI_NOT_INITIALIZED",
+        CKR_CRYPTOKI_ALREADY_INITIALIZED => "CKR_CRYPTOKI_ALREADY_INITIALIZED",
+        CKR_MUTEX_BAD => "CKR_MUTEX_BAD",
+        CKR_MUTEX_NOT_LOCKED => "CKR_MUTEX_NOT_LOCKED",
+        CKR_FUNCTION_REJECTED => "CKR_FUNCTION_REJECTED",
+        CKR_OPERATION_CANCEL_FAILED => "CKR_OPERATION_CANCEL_FAILED",
+        vendor_rv::CONFIG_INVALID => "CKR_P11SHIM_CONFIG_INVALID",
+        vendor_rv::BACKEND_UNAVAILABLE => "CKR_P11SHIM_BACKEND_UNAVAILABLE",
+        vendor_rv::PIN_SOURCE_UNAVAILABLE => "CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE",
+        other => return format!("CKR_0x{other:08X}"),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vendor_codes_pass_through_unchanged() {
+        assert_eq!(Error::Vendor(CKR_PIN_INCORRECT).rv(), CKR_PIN_INCORRECT);
+        assert_eq!(Error::Vendor(CKR_VENDOR_DEFINED | 42).rv(), CKR_VENDOR_DEFINED | 42);
+        assert!(Error::check(CKR_OK).is_ok());
+        assert_eq!(Error::check(CKR_DEVICE_ERROR), Err(Error::Vendor(CKR_DEVICE_ERROR)));
+    }
+
+    #[test]
+    fn names_known_and_unknown_codes() {
+        assert_eq!(rv_name(CKR_BUFFER_TOO_SMALL), "CKR_BUFFER_TOO_SMALL");
+        assert_eq!(rv_name(0x1234_5678), "CKR_0x12345678");
+        assert_eq!(rv_name(vendor_rv::CONFIG_INVALID), "CKR_P11SHIM_CONFIG_INVALID");
+    }
+}

@@ -1,0 +1,31 @@
+//! p11shim: a PKCS#11 module that applications load in place of their HSM
+//! vendor's library.
+//!
+//! Data flows one way, and the module tree follows it:
+//!
+//! ```text
+//! application ──C ABI──▶ abi ──▶ dispatch ──▶ backend ──▶ vendor library
+//!                  (checks, guard)  (handles,    (typed calls,
+//!                                    slots)       function list)
+//! ```
+//!
+//! * [`abi`]: the exported `C_*` functions, the function lists and
+//!   interfaces, and every access to the application's memory.
+//! * [`dispatch`]: the module's state: virtual slots, p11shim's own session
+//!   and object handles, and one method per PKCS#11 function.
+//! * [`backend`]: a loaded vendor library and safe calls into it.
+//! * [`config`]: the TOML configuration, validated before anything loads.
+//! * [`logging`]: diagnostics (never secrets).
+//!
+//! `unsafe` code lives in `abi` and `backend` only.
+
+pub mod abi;
+pub mod backend;
+pub mod config;
+#[deny(unsafe_code)]
+pub mod dispatch;
+pub mod error;
+#[deny(unsafe_code)]
+pub mod logging;
+
+pub use error::{Error, Result};
