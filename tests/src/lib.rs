@@ -1,0 +1,186 @@
+//! Test harness: SoftHSM2 token directories, p11shim configurations and
+//! module paths, for tests that each run in their own process (nextest).
+//!
+//! Every test gets its own temporary directory holding a `softhsm2.conf`,
+//! its token directory and its `p11shim.toml`; [`TestEnv::apply`] points
+//! this process at them, [`TestEnv::command`] a child process.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use tempfile::TempDir;
+
+/// SO PIN of the tokens made by [`TestEnv::init_token`].
+pub const SO_PIN: &str = "5678";
+/// User PIN of the tokens made by [`TestEnv::init_token`].
+pub const USER_PIN: &str = "1234";
+
+/// The SoftHSM2 module of the machine.
+pub fn softhsm_lib() -> PathBuf {
+    if let Some(p) = std::env::var_os("SOFTHSM2_LIB") {
+        return PathBuf::from(p);
+    }
+    for p in ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("SoftHSM2 is not installed (apt-get install softhsm2, or `make test` installs it)");
+}
+
+/// The workspace's target directory for the running test's profile.
+pub fn target_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// The p11shim module under test: `P11SHIM_LIB`, else the one built next
+/// to the test binary (`cargo build -p p11shim` builds it; `make test` does).
+pub fn p11shim_lib() -> PathBuf {
+    if let Some(p) = std::env::var_os("P11SHIM_LIB") {
+        return PathBuf::from(p);
+    }
+    let p = target_dir().join("libp11shim.so");
+    assert!(p.exists(), "{} is missing: run `cargo build -p p11shim` (make test does)", p.display());
+    p
+}
+
+/// Which module a scenario talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// SoftHSM2 called directly.
+    Direct,
+    /// SoftHSM2 through p11shim.
+    Shim,
+}
+
+/// Whether an external tool is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+}
+
+/// Fails the test when a tool is missing, unless `P11SHIM_ALLOW_SKIP=1`
+/// (local runs without every client installed); CI never sets it.
+/// Returns `false` when the caller should return early.
+pub fn require(tool: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    if std::env::var("P11SHIM_ALLOW_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {tool} is not installed");
+        return false;
+    }
+    panic!("{tool} is not installed; `make test` installs every client (set P11SHIM_ALLOW_SKIP=1 to skip locally)");
+}
+
+/// One test's private SoftHSM2 tokens and p11shim configuration.
+#[derive(Debug)]
+pub struct TestEnv {
+    pub dir: TempDir,
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestEnv {
+    /// A fresh directory with an empty SoftHSM2 token store.
+    pub fn new() -> TestEnv {
+        let dir = tempfile::Builder::new().prefix("p11shim-test-").tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("tokens")).expect("tokens dir");
+        std::fs::write(
+            dir.path().join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .expect("softhsm2.conf");
+        TestEnv { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn softhsm_conf(&self) -> PathBuf {
+        self.path().join("softhsm2.conf")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("p11shim.toml")
+    }
+
+    /// Creates a token with [`SO_PIN`] and [`USER_PIN`].
+    pub fn init_token(&self, label: &str) {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .args(["--init-token", "--free", "--label", label, "--so-pin", SO_PIN, "--pin", USER_PIN])
+            .output()
+            .expect("softhsm2-util (apt-get install softhsm2)");
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Writes the p11shim configuration.
+    pub fn write_config(&self, toml: &str) -> PathBuf {
+        std::fs::write(self.config_path(), toml).expect("write p11shim.toml");
+        self.config_path()
+    }
+
+    /// A one-slot configuration: virtual slot 0, labelled `label`, over the
+    /// SoftHSM2 token `token`; `extra` is appended to the `[[slot]]` table
+    /// (e.g. `pin = "env:X"`), `log` to the `[log]` table.
+    pub fn single_slot_config(&self, label: &str, token: &str, extra: &str, log: &str) -> PathBuf {
+        self.write_config(&format!(
+            "[log]\nlevel = \"warn\"\n{log}\n\n[[slot]]\nid = 0\nlabel = \"{label}\"\n{extra}\n\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{token}\"\n",
+            softhsm_lib().display()
+        ))
+    }
+
+    /// Points this process at the environment (one test per process).
+    pub fn apply(&self) {
+        // SAFETY: nextest runs every test in its own process, and the tests
+        // set these before any thread that reads the environment starts.
+        unsafe {
+            std::env::set_var("SOFTHSM2_CONF", self.softhsm_conf());
+            std::env::set_var("P11SHIM_CONFIG", self.config_path());
+        }
+    }
+
+    /// A command with the environment set.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("SOFTHSM2_CONF", self.softhsm_conf()).env("P11SHIM_CONFIG", self.config_path()).current_dir(self.path());
+        c
+    }
+
+    /// The module path for a target.
+    pub fn module(&self, target: Target) -> PathBuf {
+        match target {
+            Target::Direct => softhsm_lib(),
+            Target::Shim => p11shim_lib(),
+        }
+    }
+}
+
+/// Runs a command and returns its output, failing the test with both
+/// streams when it does not succeed.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
