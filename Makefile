@@ -1,0 +1,41 @@
+# p11shim: `make demo` runs the whole story, `make test` the whole suite.
+# Both install what they need first (scripts/deps.sh).
+
+CARGO   ?= cargo
+PREFIX  ?= /usr/local
+DESTDIR ?=
+
+.PHONY: all deps build build-release test demo bench install clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build:
+	$(CARGO) build -p p11shim
+
+build-release:
+	$(CARGO) build --release -p p11shim
+
+# The whole test suite: unit tests, the spec's error paths through the C ABI,
+# cryptoki scenarios against SoftHSM2 directly and through p11shim, and the
+# real clients. Every test runs in its own process (nextest).
+test: deps
+	$(CARGO) build -p p11shim
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+demo: deps build-release
+	@scripts/demo.sh
+
+bench: deps build-release
+	$(CARGO) run --release -p p11shim-bench
+
+install: build-release
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/p11shim
+	install -m 0755 target/release/libp11shim.so $(DESTDIR)$(PREFIX)/lib/libp11shim.so
+	install -m 0644 include/p11shim.h $(DESTDIR)$(PREFIX)/include/p11shim.h
+	install -m 0644 conf/p11shim.toml $(DESTDIR)/etc/p11shim/p11shim.toml.example
+
+clean:
+	$(CARGO) clean
