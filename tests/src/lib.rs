@@ -5,6 +5,8 @@
 //! its token directory and its `p11shim.toml`; [`TestEnv::apply`] points
 //! this process at them, [`TestEnv::command`] a child process.
 
+pub mod abi;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -121,9 +123,14 @@ impl TestEnv {
 
     /// Creates a token with [`SO_PIN`] and [`USER_PIN`].
     pub fn init_token(&self, label: &str) {
+        self.init_token_with(label, SO_PIN, USER_PIN);
+    }
+
+    /// Creates a token with the given PINs.
+    pub fn init_token_with(&self, label: &str, so_pin: &str, user_pin: &str) {
         let out = Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", self.softhsm_conf())
-            .args(["--init-token", "--free", "--label", label, "--so-pin", SO_PIN, "--pin", USER_PIN])
+            .args(["--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", user_pin])
             .output()
             .expect("softhsm2-util (apt-get install softhsm2)");
         assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));

@@ -30,3 +30,23 @@ fn failed(function: &'static str, e: &Error) -> CK_RV {
     tracing::debug!(function, rv = %rv_name(rv), error = %e, "call failed");
     rv
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pkcs11_sys::{CKR_ARGUMENTS_BAD, CKR_PIN_INCORRECT};
+
+    #[test]
+    fn a_panic_becomes_general_error() {
+        // The default hook would print the panic; the result is what matters.
+        let rv = guard("C_Test", || panic!("boom"));
+        assert_eq!(rv, CKR_GENERAL_ERROR);
+    }
+
+    #[test]
+    fn errors_become_their_codes() {
+        assert_eq!(guard("C_Test", || Ok(())), CKR_OK);
+        assert_eq!(guard("C_Test", || Err(Error::ArgumentsBad("x"))), CKR_ARGUMENTS_BAD);
+        assert_eq!(guard("C_Test", || Err(Error::Vendor(CKR_PIN_INCORRECT))), CKR_PIN_INCORRECT);
+    }
+}

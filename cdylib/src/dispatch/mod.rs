@@ -109,7 +109,9 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         }
         None => Vec::new(),
     };
-    let mut lib = Library::open(cfg, generation, inherited, own)?;
+    let mut lib = Library::open(cfg, generation, inherited, own).inspect_err(|e| {
+        tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
+    })?;
     lib.no_threads = no_threads;
     tracing::info!(config = %path.display(), slots = lib.slots.len(), "p11shim initialized");
     STATE.store(Some(Arc::new(lib)));
