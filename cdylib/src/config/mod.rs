@@ -252,12 +252,14 @@ impl Ctx<'_> {
 // Loading and validation.
 
 /// Picks the configuration file: `P11SHIM_CONFIG`, else the string passed in
-/// `CK_C_INITIALIZE_ARGS.pReserved`, else [`DEFAULT_PATH`].
+/// `CK_C_INITIALIZE_ARGS.pReserved` when it is an absolute path (other
+/// applications put their own parameter strings there, NSS among them),
+/// else [`DEFAULT_PATH`].
 pub fn locate(reserved: Option<&str>) -> PathBuf {
     if let Some(p) = std::env::var_os(CONFIG_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    if let Some(r) = reserved.map(str::trim).filter(|r| !r.is_empty()) {
+    if let Some(r) = reserved.map(str::trim).filter(|r| r.starts_with('/')) {
         return PathBuf::from(r);
     }
     PathBuf::from(DEFAULT_PATH)
@@ -501,6 +503,14 @@ standby = true
     }
 
     #[test]
+    fn the_annotated_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/p11shim.toml");
+        let c = load(&path).unwrap();
+        assert_eq!(c.slots[0].label, "payments");
+        assert_eq!(c.slots[0].pin, Some(PinSource::Env("P11SHIM_PIN".into())));
+    }
+
+    #[test]
     fn pin_sources() {
         assert_eq!(parse_pin_source("env:A_B1"), Ok(PinSource::Env("A_B1".into())));
         assert!(parse_pin_source("env:1A").is_err());
@@ -521,6 +531,7 @@ standby = true
             assert_eq!(locate(Some("/a.toml")), PathBuf::from("/a.toml"));
             assert_eq!(locate(None), PathBuf::from(DEFAULT_PATH));
             assert_eq!(locate(Some("  ")), PathBuf::from(DEFAULT_PATH));
+            assert_eq!(locate(Some("configdir='sql:/x' flags=readOnly")), PathBuf::from(DEFAULT_PATH));
         }
     }
 }
