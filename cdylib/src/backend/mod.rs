@@ -1,7 +1,12 @@
 //! The vendor library: loading it, and calling its functions safely.
 //!
-//! A vendor library is opened with `RTLD_NOW | RTLD_LOCAL` so that its
-//! symbols never interpose ours (nor ours its), its function list is taken
+//! A vendor library is opened with `RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND`:
+//! `RTLD_LOCAL` keeps its symbols out of the global scope, so they never
+//! interpose ours, and `RTLD_DEEPBIND` makes it resolve its own `C_*`
+//! references to itself first. Without it, when p11shim sits in the global
+//! scope (a program linked with `-lp11shim`, or a dlopen with
+//! `RTLD_GLOBAL`), the vendor's function list would point back at p11shim.
+//! Its function list is taken
 //! from `C_GetInterface` when it offers one, else from `C_GetFunctionList`,
 //! and a function it lacks is `CKR_FUNCTION_NOT_SUPPORTED`, never a NULL
 //! call. This file and `abi/` are the only places with `unsafe` code.
@@ -43,7 +48,7 @@ impl Vendor {
     /// module's `C_Initialize`, to refuse a configuration that points a
     /// member at p11shim itself.
     pub fn load(path: &Path, own: CK_C_Initialize) -> Result<Vendor> {
-        let flags = libc::RTLD_NOW | libc::RTLD_LOCAL;
+        let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_DEEPBIND;
         // SAFETY: loading a PKCS#11 library runs its initializers; that is the
         // documented way to use one. The path was validated as absolute.
         let lib = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
