@@ -17,6 +17,13 @@ pub mod vendor_rv {
     pub const BACKEND_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0002;
     /// A configured PIN source (`env:` or `file:`) could not be read.
     pub const PIN_SOURCE_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0003;
+    /// A member failed during an operation that could not be carried over
+    /// to another member (its input outgrew the replay limit, or its
+    /// mechanism parameter could not be kept); start the operation again.
+    pub const OPERATION_LOST: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0004;
+    /// A token key would exist on one member of a multi-member slot only
+    /// (no replication key configured, `allow_unreplicated` not set).
+    pub const NOT_REPLICATED: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0005;
 }
 
 /// Why a call failed.
@@ -59,6 +66,10 @@ pub enum Error {
     Backend(String),
     #[error("PIN source: {0}")]
     PinSource(String),
+    #[error("the operation was lost in a failover and must be started again")]
+    OperationLost,
+    #[error("a token key would not be replicated to every member")]
+    NotReplicated,
 }
 
 impl Error {
@@ -83,6 +94,8 @@ impl Error {
             Error::Config(_) => vendor_rv::CONFIG_INVALID,
             Error::Backend(_) => vendor_rv::BACKEND_UNAVAILABLE,
             Error::PinSource(_) => vendor_rv::PIN_SOURCE_UNAVAILABLE,
+            Error::OperationLost => vendor_rv::OPERATION_LOST,
+            Error::NotReplicated => vendor_rv::NOT_REPLICATED,
         }
     }
 
@@ -182,6 +195,8 @@ pub fn rv_name(rv: CK_RV) -> String {
         vendor_rv::CONFIG_INVALID => "CKR_P11SHIM_CONFIG_INVALID",
         vendor_rv::BACKEND_UNAVAILABLE => "CKR_P11SHIM_BACKEND_UNAVAILABLE",
         vendor_rv::PIN_SOURCE_UNAVAILABLE => "CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE",
+        vendor_rv::OPERATION_LOST => "CKR_P11SHIM_OPERATION_LOST",
+        vendor_rv::NOT_REPLICATED => "CKR_P11SHIM_NOT_REPLICATED",
         other => return format!("CKR_0x{other:08X}"),
     };
     name.to_owned()

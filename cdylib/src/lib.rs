@@ -27,5 +27,7 @@ pub mod dispatch;
 pub mod error;
 #[deny(unsafe_code)]
 pub mod logging;
+#[deny(unsafe_code)]
+pub mod router;
 
 pub use error::{Error, Result};

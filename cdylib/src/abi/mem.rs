@@ -100,6 +100,12 @@ impl BytesMut<'_> {
     pub(crate) fn raw(&mut self) -> (CK_BYTE_PTR, CK_ULONG) {
         (self.ptr, self.len)
     }
+
+    /// The same buffer, for one more call (a retry on another member).
+    #[inline]
+    pub fn reborrow(&mut self) -> BytesMut<'_> {
+        BytesMut { ptr: self.ptr, len: self.len, _life: PhantomData }
+    }
 }
 
 /// A PIN given by the application or read from a configured source.
@@ -138,7 +144,7 @@ pub struct OutBytes<'a> {
     _life: PhantomData<&'a mut [u8]>,
 }
 
-impl OutBytes<'_> {
+impl<'a> OutBytes<'a> {
     /// # Safety
     /// `len` is NULL or points to a writable `CK_ULONG`; `ptr` is NULL or
     /// points to `*len` writable bytes; both stay valid for the call.
@@ -148,6 +154,24 @@ impl OutBytes<'_> {
             return Err(Error::ArgumentsBad("NULL output length"));
         }
         Ok(OutBytes { ptr, len, _life: PhantomData })
+    }
+
+    /// An output over the module's own buffer.
+    pub fn from_local(buf: &'a mut [u8], len: &'a mut CK_ULONG) -> Self {
+        *len = buf.len() as CK_ULONG;
+        OutBytes { ptr: buf.as_mut_ptr(), len, _life: PhantomData }
+    }
+
+    /// The same output, for one more call (a retry on another member).
+    #[inline]
+    pub fn reborrow(&mut self) -> OutBytes<'_> {
+        OutBytes { ptr: self.ptr, len: self.len, _life: PhantomData }
+    }
+
+    /// Whether the application only asks for the size (NULL buffer).
+    #[inline]
+    pub fn is_size_query(&self) -> bool {
+        self.ptr.is_null()
     }
 
     /// An output whose length pointer may be NULL (`C_SignMessageNext` on a
@@ -194,6 +218,12 @@ impl<T> Out<'_, T> {
     pub(crate) fn raw(&mut self) -> *mut T {
         self.ptr
     }
+
+    /// The same output, for one more call (a retry on another member).
+    #[inline]
+    pub fn reborrow(&mut self) -> Out<'_, T> {
+        Out { ptr: self.ptr, _life: PhantomData }
+    }
 }
 
 /// An output array with its count: the two-call convention
@@ -237,6 +267,12 @@ impl<'a, T: Copy> OutList<'a, T> {
         Ok(())
     }
 
+    /// The same output, for one more call (a retry on another member).
+    #[inline]
+    pub fn reborrow(&mut self) -> OutList<'_, T> {
+        OutList { ptr: self.ptr, count: self.count, _life: PhantomData }
+    }
+
     /// A list over the module's own memory: `buf` of `None` asks for the size.
     pub fn from_local(buf: Option<&'a mut [T]>, count: &'a mut CK_ULONG) -> Self {
         let ptr = match buf {
@@ -266,10 +302,10 @@ pub struct OutHandles<'a> {
 
 impl OutHandles<'_> {
     /// # Safety
-    /// `ptr` points to `max` writable handles (or is NULL with `max == 0`),
-    /// and `count` is writable.
+    /// `ptr` points to `max` writable handles, and `count` is writable.
     pub unsafe fn new(ptr: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: CK_ULONG_PTR) -> Result<Self> {
-        if count.is_null() || (ptr.is_null() && max != 0) {
+        // A NULL array is refused even with `max == 0`, as vendors do.
+        if count.is_null() || ptr.is_null() {
             return Err(Error::ArgumentsBad("NULL handle array or count"));
         }
         Ok(OutHandles { ptr, max, count, _life: PhantomData })
@@ -351,6 +387,51 @@ impl<'a> Template<'a> {
     }
 }
 
+/// A deep copy of an attribute template (for replaying a search on another
+/// member). Nested attribute arrays are not copied.
+#[derive(Debug, Clone)]
+pub struct SavedTemplate {
+    attrs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
+}
+
+impl SavedTemplate {
+    /// Builds a template from owned values.
+    pub fn from_values(attrs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>) -> Self {
+        SavedTemplate { attrs }
+    }
+
+    /// The attributes as `CK_ATTRIBUTE`s, valid while `self` lives.
+    pub fn to_raw(&self) -> Vec<CK_ATTRIBUTE> {
+        self.attrs
+            .iter()
+            .map(|(t, v)| CK_ATTRIBUTE {
+                type_: *t,
+                pValue: if v.is_empty() { std::ptr::null_mut() } else { v.as_ptr().cast_mut().cast() },
+                ulValueLen: v.len() as CK_ULONG,
+            })
+            .collect()
+    }
+}
+
+impl Template<'_> {
+    /// A deep copy of the attribute values, or `None` when the template
+    /// holds nested arrays or values that cannot be read.
+    pub fn save(&self) -> Option<SavedTemplate> {
+        let mut attrs = Vec::with_capacity(self.attrs().len());
+        for a in self.attrs() {
+            if a.type_ & CKF_ARRAY_ATTRIBUTE != 0 || a.ulValueLen == CK_UNAVAILABLE_INFORMATION {
+                return None;
+            }
+            if a.pValue.is_null() && a.ulValueLen != 0 {
+                return None;
+            }
+            // SAFETY: pValue points to ulValueLen readable bytes (or is NULL with 0).
+            attrs.push((a.type_, unsafe { copy_bytes(a.pValue as *const u8, a.ulValueLen) }));
+        }
+        Some(SavedTemplate { attrs })
+    }
+}
+
 /// A mechanism given by the application.
 #[derive(Debug, Clone, Copy)]
 pub struct Mechanism<'a> {
@@ -406,6 +487,146 @@ impl Mechanism<'_> {
             },
             _life: PhantomData,
         }
+    }
+}
+
+/// A deep copy of an application's mechanism, kept after the call that
+/// passed it so that an operation can be started again on another member.
+/// Parameters are copied when their layout is known: none, flat structures
+/// and byte strings of the mechanisms listed in [`flat_param`], and the
+/// pointer-bearing `CK_GCM_PARAMS` and `CK_RSA_PKCS_OAEP_PARAMS`, whose
+/// buffers are copied too.
+#[derive(Debug)]
+pub struct SavedMechanism {
+    kind: CK_MECHANISM_TYPE,
+    param: SavedParam,
+}
+
+#[derive(Debug)]
+enum SavedParam {
+    None,
+    Flat(Vec<u8>),
+    Gcm { params: Box<CK_GCM_PARAMS>, _iv: Vec<u8>, _aad: Vec<u8> },
+    Oaep { params: Box<CK_RSA_PKCS_OAEP_PARAMS>, _source: Vec<u8> },
+}
+
+// SAFETY: the raw pointers in the boxed parameter structures point into the
+// vectors owned by the same value, which never change after construction.
+unsafe impl Send for SavedParam {}
+// SAFETY: as above; the value is never mutated after construction.
+unsafe impl Sync for SavedParam {}
+
+/// Mechanisms whose parameter, if any, holds no pointer.
+pub fn flat_param(kind: CK_MECHANISM_TYPE) -> bool {
+    matches!(
+        kind,
+        CKM_RSA_PKCS_PSS
+            | CKM_SHA1_RSA_PKCS_PSS
+            | CKM_SHA224_RSA_PKCS_PSS
+            | CKM_SHA256_RSA_PKCS_PSS
+            | CKM_SHA384_RSA_PKCS_PSS
+            | CKM_SHA512_RSA_PKCS_PSS
+            | CKM_AES_CBC
+            | CKM_AES_CBC_PAD
+            | CKM_AES_CTR
+            | CKM_AES_CFB8
+            | CKM_AES_CFB128
+            | CKM_AES_OFB
+            | CKM_AES_CMAC_GENERAL
+            | CKM_AES_KEY_WRAP
+            | CKM_AES_KEY_WRAP_PAD
+            | CKM_DES3_CBC
+            | CKM_DES3_CBC_PAD
+            | CKM_SHA_1_HMAC_GENERAL
+            | CKM_SHA224_HMAC_GENERAL
+            | CKM_SHA256_HMAC_GENERAL
+            | CKM_SHA384_HMAC_GENERAL
+            | CKM_SHA512_HMAC_GENERAL
+    )
+}
+
+/// Copies `len` bytes at `ptr` (NULL or empty gives an empty vector).
+///
+/// # Safety
+/// `ptr` is NULL or points to `len` readable bytes.
+unsafe fn copy_bytes(ptr: *const u8, len: CK_ULONG) -> Vec<u8> {
+    if ptr.is_null() || len == 0 {
+        return Vec::new();
+    }
+    // SAFETY: per the caller's promise.
+    unsafe { std::slice::from_raw_parts(ptr, len as usize) }.to_vec()
+}
+
+impl Mechanism<'_> {
+    /// A deep copy, or `None` when the parameter's layout is unknown.
+    pub fn save(&self) -> Option<SavedMechanism> {
+        // SAFETY: checked non-NULL in `new`, valid for the call.
+        let m = unsafe { &*self.ptr };
+        let kind = m.mechanism;
+        let param = if m.pParameter.is_null() || m.ulParameterLen == 0 {
+            SavedParam::None
+        } else if kind == CKM_AES_GCM && m.ulParameterLen as usize == std::mem::size_of::<CK_GCM_PARAMS>() {
+            // SAFETY: the parameter of CKM_AES_GCM is a CK_GCM_PARAMS whose
+            // pointers are valid for their lengths for the call.
+            unsafe {
+                let p = (m.pParameter as *const CK_GCM_PARAMS).read_unaligned();
+                let iv = copy_bytes(p.pIv, p.ulIvLen);
+                let aad = copy_bytes(p.pAAD, p.ulAADLen);
+                let params = Box::new(CK_GCM_PARAMS {
+                    pIv: if iv.is_empty() { std::ptr::null_mut() } else { iv.as_ptr().cast_mut() },
+                    pAAD: if aad.is_empty() { std::ptr::null_mut() } else { aad.as_ptr().cast_mut() },
+                    ..p
+                });
+                SavedParam::Gcm { params, _iv: iv, _aad: aad }
+            }
+        } else if kind == CKM_RSA_PKCS_OAEP && m.ulParameterLen as usize == std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>() {
+            // SAFETY: the parameter of CKM_RSA_PKCS_OAEP is a
+            // CK_RSA_PKCS_OAEP_PARAMS valid for the call.
+            unsafe {
+                let p = (m.pParameter as *const CK_RSA_PKCS_OAEP_PARAMS).read_unaligned();
+                let source = copy_bytes(p.pSourceData as *const u8, p.ulSourceDataLen);
+                let params = Box::new(CK_RSA_PKCS_OAEP_PARAMS {
+                    pSourceData: if source.is_empty() { std::ptr::null_mut() } else { source.as_ptr().cast_mut().cast() },
+                    ..p
+                });
+                SavedParam::Oaep { params, _source: source }
+            }
+        } else if flat_param(kind) {
+            // SAFETY: pParameter points to ulParameterLen readable bytes.
+            SavedParam::Flat(unsafe { copy_bytes(m.pParameter as *const u8, m.ulParameterLen) })
+        } else {
+            return None;
+        };
+        Some(SavedMechanism { kind, param })
+    }
+}
+
+impl SavedMechanism {
+    pub fn kind(&self) -> CK_MECHANISM_TYPE {
+        self.kind
+    }
+
+    /// The mechanism as a `CK_MECHANISM`, valid while `self` lives.
+    pub fn to_raw(&self) -> CK_MECHANISM {
+        let (ptr, len): (CK_VOID_PTR, usize) = match &self.param {
+            SavedParam::None => (std::ptr::null_mut(), 0),
+            SavedParam::Flat(v) => (v.as_ptr().cast_mut().cast(), v.len()),
+            SavedParam::Gcm { params, .. } => ((&**params as *const CK_GCM_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_GCM_PARAMS>()),
+            SavedParam::Oaep { params, .. } => {
+                ((&**params as *const CK_RSA_PKCS_OAEP_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>())
+            }
+        };
+        CK_MECHANISM { mechanism: self.kind, pParameter: ptr, ulParameterLen: len as CK_ULONG }
+    }
+}
+
+/// A `CK_MECHANISM` built by the module, viewed as an application's.
+#[derive(Debug)]
+pub struct RawMechanism(pub CK_MECHANISM);
+
+impl RawMechanism {
+    pub fn view(&self) -> Mechanism<'_> {
+        Mechanism { ptr: (&self.0 as *const CK_MECHANISM).cast_mut(), _life: PhantomData }
     }
 }
 
@@ -529,5 +750,46 @@ mod tests {
             assert!(Mechanism::new(std::ptr::null_mut()).is_err());
             assert!(Template::new(std::ptr::null_mut(), 2).is_err());
         }
+    }
+}
+
+/// Passing a view to one more vendor call: `Copy` views are copied, output
+/// views re-borrowed.
+pub trait ReborrowArg {
+    type Out<'b>
+    where
+        Self: 'b;
+    fn reborrow_arg(&mut self) -> Self::Out<'_>;
+}
+
+impl<'a> ReborrowArg for Bytes<'a> {
+    type Out<'b> = Bytes<'a> where Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> Bytes<'a> {
+        *self
+    }
+}
+
+impl<'a> ReborrowArg for Param<'a> {
+    type Out<'b> = Param<'a> where Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> Param<'a> {
+        *self
+    }
+}
+
+impl ReborrowArg for CK_ULONG {
+    type Out<'b> = CK_ULONG;
+    #[inline]
+    fn reborrow_arg(&mut self) -> CK_ULONG {
+        *self
+    }
+}
+
+impl ReborrowArg for OutBytes<'_> {
+    type Out<'b> = OutBytes<'b> where Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> OutBytes<'_> {
+        self.reborrow()
     }
 }

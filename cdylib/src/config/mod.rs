@@ -50,6 +50,11 @@ struct RawSlot {
     label: Spanned<String>,
     serial: Option<Spanned<String>>,
     pin: Option<Spanned<String>>,
+    replay_limit: Option<Spanned<u64>>,
+    #[serde(default)]
+    allow_unreplicated: bool,
+    recovery_interval_ms: Option<Spanned<u64>>,
+    recovery_max_interval_ms: Option<Spanned<u64>>,
     #[serde(default, rename = "member")]
     members: Vec<Spanned<RawMember>>,
 }
@@ -122,8 +127,20 @@ pub struct SlotConfig {
     pub serial: String,
     /// Where the user PIN comes from; `None` passes the application's PIN through.
     pub pin: Option<PinSource>,
+    /// Bytes of multi-part input kept per operation so that it can be
+    /// replayed on another member; 0 disables the replay of multi-part work.
+    pub replay_limit: u64,
+    /// Token keys generated on a multi-member slot may stay on one member.
+    pub allow_unreplicated: bool,
+    /// First delay before a down member is probed again (it doubles).
+    pub recovery_interval_ms: u64,
+    /// Longest delay between two probes of a down member.
+    pub recovery_max_interval_ms: u64,
     pub members: Vec<MemberConfig>,
 }
+
+/// Most members in one slot.
+pub const MAX_MEMBERS: usize = 16;
 
 /// Where a slot's user PIN is read from, at login time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +367,24 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         if s.members.is_empty() {
             return Err(ctx.err(Some(&s_span), key("member"), "a slot needs at least one [[slot.member]]"));
         }
+        if s.members.len() > MAX_MEMBERS {
+            return Err(ctx.err(Some(&s_span), key("member"), format!("a slot has at most {MAX_MEMBERS} members")));
+        }
+        let replay_limit = s.replay_limit.as_ref().map_or(1 << 20, |v| *v.get_ref());
+        let recovery_interval_ms = match &s.recovery_interval_ms {
+            None => 200,
+            Some(v) if !(10..=60_000).contains(v.get_ref()) => {
+                return Err(ctx.err(Some(&v.span()), key("recovery_interval_ms"), "between 10 and 60000"));
+            }
+            Some(v) => *v.get_ref(),
+        };
+        let recovery_max_interval_ms = match &s.recovery_max_interval_ms {
+            None => 5_000.max(recovery_interval_ms),
+            Some(v) if *v.get_ref() < recovery_interval_ms || *v.get_ref() > 600_000 => {
+                return Err(ctx.err(Some(&v.span()), key("recovery_max_interval_ms"), "between recovery_interval_ms and 600000"));
+            }
+            Some(v) => *v.get_ref(),
+        };
         let mut members = Vec::with_capacity(s.members.len());
         for (j, m) in s.members.iter().enumerate() {
             let mkey = |k: &str| format!("slot[{i}].member[{j}].{k}");
@@ -392,7 +427,7 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         if members.iter().all(|m| m.standby) {
             return Err(ctx.err(Some(&s_span), key("member"), "every member is a standby; at least one must be active"));
         }
-        slots.push(SlotConfig { id, label, serial, pin, members });
+        slots.push(SlotConfig { id, label, serial, pin, replay_limit, allow_unreplicated: s.allow_unreplicated, recovery_interval_ms, recovery_max_interval_ms, members });
     }
 
     Ok(Config { source: ctx.file.to_path_buf(), log: LogConfig { level, file }, slots })

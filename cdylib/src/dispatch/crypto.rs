@@ -1,164 +1,348 @@
 //! Cryptographic functions (PKCS#11 sections 5.9 to 5.18, and the 3.0
-//! message-based functions): the session's member does the work; key
-//! handles are translated, data and output buffers go to the vendor as the
-//! application passed them.
+//! message-based functions): the session's member does the work, key
+//! handles are translated for it, and data and output buffers go to the
+//! vendor as the application passed them.
+//!
+//! Each operation is recorded as it goes (`router::replay`), so that a
+//! session moved to another member mid-operation carries on there.
 
 use pkcs11_sys::*;
 
-use super::Library;
-use crate::abi::mem::{Bytes, BytesMut, Mechanism, Out, OutBytes, Param, Template};
-use crate::error::Result;
+use super::{Library, Session};
+use crate::abi::mem::{Bytes, BytesMut, Mechanism, Out, OutBytes, Param, ReborrowArg, Template};
+use crate::backend::Vendor;
+use crate::error::{Error, Result};
+use crate::router::replay::{OpKind, Outcome, final_outcome};
 
-/// Functions that take a session and plain arguments.
-macro_rules! session_calls {
+type Sh = CK_SESSION_HANDLE;
+type Oh = CK_OBJECT_HANDLE;
+
+impl Library {
+    /// `*Init` with a key: translates the key for the serving member and
+    /// records the operation.
+    fn op_init(&self, h: Sh, kind: OpKind, m: Mechanism<'_>, key: Oh, init: impl Fn(&Vendor, Sh, Mechanism<'_>, Oh) -> Result<()>) -> Result<()> {
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        self.on_session(&sess, None, |mem, mi, vh| {
+            let k = if key == CK_INVALID_HANDLE { key } else { self.object_on(slot, mi, key) };
+            init(&mem.vendor, vh, m, k)
+        })?;
+        sess.state.lock().ops.start(kind, m.save(), key);
+        Ok(())
+    }
+
+    /// A call that ends an operation unless it is a size query or
+    /// `CKR_BUFFER_TOO_SMALL` (single-part calls and `*Final`).
+    fn op_last(&self, h: Sh, kind: OpKind, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+        let sess = self.session(h)?;
+        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
+        if final_outcome(&r, size_query) == Outcome::Ended {
+            sess.state.lock().ops.end(kind);
+        }
+        r
+    }
+
+    /// `*Update`: records the input for replay, or ends the operation on
+    /// failure.
+    fn op_update(&self, h: Sh, kind: OpKind, input: Bytes<'_>, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+        let sess = self.session(h)?;
+        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
+        let limit = self.slots[sess.slot as usize].cfg.replay_limit;
+        let mut st = sess.state.lock();
+        match &r {
+            Ok(()) => st.ops.add_input(kind, input.as_slice(), limit),
+            Err(Error::Vendor(CKR_BUFFER_TOO_SMALL)) => {}
+            Err(_) => st.ops.end(kind),
+        }
+        r
+    }
+
+    /// Dual-function updates feed two operations whose inputs p11shim does
+    /// not both see: both become unreplayable.
+    fn dual_update(&self, h: Sh, kinds: [OpKind; 2], mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+        let sess = self.session(h)?;
+        let r = self.on_session(&sess, None, |m, _, vh| call(&m.vendor, vh));
+        let mut st = sess.state.lock();
+        for k in kinds {
+            st.ops.taint(k);
+        }
+        r
+    }
+
+    fn plain(&self, h: Sh, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |m, _, vh| call(&m.vendor, vh))
+    }
+
+    pub fn encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::Encrypt, m, key, |v, s, m, k| v.encrypt_init(s, m, k))
+    }
+    pub fn decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::Decrypt, m, key, |v, s, m, k| v.decrypt_init(s, m, k))
+    }
+    pub fn sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::Sign, m, key, |v, s, m, k| v.sign_init(s, m, k))
+    }
+    pub fn verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::Verify, m, key, |v, s, m, k| v.verify_init(s, m, k))
+    }
+    pub fn sign_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::SignRecover, m, key, |v, s, m, k| v.sign_recover_init(s, m, k))
+    }
+    pub fn verify_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        self.op_init(h, OpKind::VerifyRecover, m, key, |v, s, m, k| v.verify_recover_init(s, m, k))
+    }
+    pub fn digest_init(&self, h: Sh, m: Mechanism<'_>) -> Result<()> {
+        self.op_init(h, OpKind::Digest, m, CK_INVALID_HANDLE, |v, s, m, _| v.digest_init(s, m))
+    }
+
+    pub fn encrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt(s, d, out.reborrow()))
+    }
+    pub fn encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_update(h, OpKind::Encrypt, d, |v, s| v.encrypt_update(s, d, out.reborrow()))
+    }
+    pub fn encrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt_final(s, out.reborrow()))
+    }
+    pub fn decrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt(s, d, out.reborrow()))
+    }
+    pub fn decrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_update(h, OpKind::Decrypt, d, |v, s| v.decrypt_update(s, d, out.reborrow()))
+    }
+    pub fn decrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt_final(s, out.reborrow()))
+    }
+    pub fn digest(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest(s, d, out.reborrow()))
+    }
+    pub fn digest_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
+        self.op_update(h, OpKind::Digest, d, |v, s| v.digest_update(s, d))
+    }
+    pub fn digest_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest_final(s, out.reborrow()))
+    }
+    pub fn sign(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign(s, d, out.reborrow()))
+    }
+    pub fn sign_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
+        self.op_update(h, OpKind::Sign, d, |v, s| v.sign_update(s, d))
+    }
+    pub fn sign_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign_final(s, out.reborrow()))
+    }
+    pub fn sign_recover(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::SignRecover, out.is_size_query(), |v, s| v.sign_recover(s, d, out.reborrow()))
+    }
+    pub fn verify(&self, h: Sh, d: Bytes<'_>, sig: Bytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Verify, false, |v, s| v.verify(s, d, sig))
+    }
+    pub fn verify_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
+        self.op_update(h, OpKind::Verify, d, |v, s| v.verify_update(s, d))
+    }
+    pub fn verify_final(&self, h: Sh, sig: Bytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::Verify, false, |v, s| v.verify_final(s, sig))
+    }
+    pub fn verify_recover(&self, h: Sh, sig: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.op_last(h, OpKind::VerifyRecover, out.is_size_query(), |v, s| v.verify_recover(s, sig, out.reborrow()))
+    }
+
+    pub fn digest_key(&self, h: Sh, key: Oh) -> Result<()> {
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| m.vendor.digest_key(vh, self.object_on(slot, mi, key)));
+        let mut st = sess.state.lock();
+        match r {
+            Ok(()) => st.ops.taint(OpKind::Digest),
+            Err(_) => st.ops.end(OpKind::Digest),
+        }
+        r
+    }
+
+    pub fn digest_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.dual_update(h, [OpKind::Digest, OpKind::Encrypt], |v, s| v.digest_encrypt_update(s, d, out.reborrow()))
+    }
+    pub fn decrypt_digest_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.dual_update(h, [OpKind::Decrypt, OpKind::Digest], |v, s| v.decrypt_digest_update(s, d, out.reborrow()))
+    }
+    pub fn sign_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.dual_update(h, [OpKind::Sign, OpKind::Encrypt], |v, s| v.sign_encrypt_update(s, d, out.reborrow()))
+    }
+    pub fn decrypt_verify_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
+        self.dual_update(h, [OpKind::Decrypt, OpKind::Verify], |v, s| v.decrypt_verify_update(s, d, out.reborrow()))
+    }
+
+    pub fn seed_random(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
+        self.plain(h, |v, s| v.seed_random(s, d))
+    }
+    pub fn generate_random(&self, h: Sh, mut out: BytesMut<'_>) -> Result<()> {
+        self.plain(h, |v, s| v.generate_random(s, out.reborrow()))
+    }
+    pub fn get_function_status(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.get_function_status(s))
+    }
+    pub fn cancel_function(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.cancel_function(s))
+    }
+    pub fn session_cancel(&self, h: Sh, flags: CK_FLAGS) -> Result<()> {
+        self.plain(h, |v, s| v.session_cancel(s, flags))
+    }
+
+    /// Whether a new object from this template would be a token key on a
+    /// multi-member slot that p11shim cannot put on every member.
+    fn unreplicated(&self, sess: &Session, templates: &[Template<'_>]) -> Result<()> {
+        let slot = &self.slots[sess.slot as usize];
+        if slot.members.len() > 1 && !slot.cfg.allow_unreplicated && templates.iter().any(|t| t.bool_attr(CKA_TOKEN) == Some(true)) {
+            tracing::warn!(slot = slot.cfg.id, "a token key generated on one member would not reach the others; refused");
+            return Err(Error::NotReplicated);
+        }
+        Ok(())
+    }
+
+    pub fn generate_key(&self, h: Sh, m: Mechanism<'_>, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+        let sess = self.session(h)?;
+        self.unreplicated(&sess, &[t])?;
+        let o = self.on_session(&sess, None, |mem, mi, vh| {
+            let mut k = CK_INVALID_HANDLE;
+            mem.vendor.generate_key(vh, m, t, &mut k)?;
+            Ok(self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), k))
+        })?;
+        out.write(o);
+        Ok(())
+    }
+
+    pub fn generate_key_pair(&self, h: Sh, m: Mechanism<'_>, pub_t: Template<'_>, priv_t: Template<'_>, mut pub_out: Out<'_, Oh>, mut priv_out: Out<'_, Oh>) -> Result<()> {
+        let sess = self.session(h)?;
+        self.unreplicated(&sess, &[priv_t])?;
+        let (pk, sk) = self.on_session(&sess, None, |mem, mi, vh| {
+            let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
+            mem.vendor.generate_key_pair(vh, m, pub_t, priv_t, &mut pk, &mut sk)?;
+            Ok((self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), pk), self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), sk)))
+        })?;
+        pub_out.write(pk);
+        priv_out.write(sk);
+        Ok(())
+    }
+
+    pub fn wrap_key(&self, h: Sh, m: Mechanism<'_>, wrapping: Oh, key: Oh, mut out: OutBytes<'_>) -> Result<()> {
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        self.on_session(&sess, None, |mem, mi, vh| {
+            mem.vendor.wrap_key(vh, m, self.object_on(slot, mi, wrapping), self.object_on(slot, mi, key), out.reborrow())
+        })
+    }
+
+    /// `C_UnwrapKey`: a token key is unwrapped on every member that is up,
+    /// from the same wrapped bytes under the same unwrapping key.
+    pub fn unwrap_key(&self, h: Sh, m: Mechanism<'_>, unwrapping: Oh, wrapped: Bytes<'_>, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
+            let mut k = CK_INVALID_HANDLE;
+            mem.vendor.unwrap_key(vh, m, self.object_on(slot, mi, unwrapping), wrapped, t, &mut k)?;
+            Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
+        })?;
+        if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
+            self.replicate(&sess, made_on, o, "C_UnwrapKey", |mem, mi, cs| {
+                let mut k = CK_INVALID_HANDLE;
+                mem.vendor.unwrap_key(cs, m, self.object_on(slot, mi, unwrapping), wrapped, t, &mut k).map(|_| k)
+            });
+        }
+        out.write(o);
+        Ok(())
+    }
+
+    /// `C_DeriveKey`: a token key is derived on every member that is up,
+    /// from the same base key and parameters.
+    pub fn derive_key(&self, h: Sh, m: Mechanism<'_>, base: Oh, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let derive = |mem: &crate::router::Member, mi: u32, vh: Sh| -> Result<Oh> {
+            let mut k = CK_INVALID_HANDLE;
+            // A mechanism whose parameter is itself a key handle gets the
+            // member's handle in a copy of the mechanism.
+            let mut other_key: Oh;
+            let translated;
+            let m = match m.handle_param() {
+                Some(app) => {
+                    other_key = self.object_on(slot, mi, app);
+                    translated = m.with_handle_param(&mut other_key);
+                    translated.view()
+                }
+                None => m,
+            };
+            mem.vendor.derive_key(vh, m, self.object_on(slot, mi, base), t, &mut k)?;
+            Ok(k)
+        };
+        let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
+            let k = derive(mem, mi, vh)?;
+            Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
+        })?;
+        if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
+            self.replicate(&sess, made_on, o, "C_DeriveKey", derive);
+        }
+        out.write(o);
+        Ok(())
+    }
+}
+
+/// Message-based functions (3.0): forwarded; a session moved to another
+/// member mid-message loses the message operation.
+macro_rules! message_calls {
     ($($name:ident($($p:ident: $t:ty),*);)*) => {
         impl Library {
             $(
-                #[inline]
-                pub fn $name(&self, h: CK_SESSION_HANDLE, $($p: $t),*) -> Result<()> {
-                    let (s, v) = self.session(h)?;
-                    v.$name(s.vendor, $($p),*)
+                pub fn $name(&self, h: Sh, $(mut $p: $t),*) -> Result<()> {
+                    self.plain(h, |v, s| v.$name(s, $($p.reborrow_arg()),*))
                 }
             )*
         }
     };
 }
 
-/// `*Init` functions: a session, a mechanism and a key.
-macro_rules! keyed_inits {
-    ($($name:ident;)*) => {
-        impl Library {
-            $(
-                #[inline]
-                pub fn $name(&self, h: CK_SESSION_HANDLE, m: Mechanism<'_>, key: CK_OBJECT_HANDLE) -> Result<()> {
-                    let (s, v) = self.session(h)?;
-                    v.$name(s.vendor, m, self.vendor_object(&s, key))
-                }
-            )*
-        }
-    };
-}
-
-keyed_inits! {
-    encrypt_init; decrypt_init; sign_init; verify_init; sign_recover_init; verify_recover_init;
-    message_encrypt_init; message_decrypt_init; message_sign_init; message_verify_init;
-}
-
-session_calls! {
-    encrypt(d: Bytes<'_>, out: OutBytes<'_>);
-    encrypt_update(d: Bytes<'_>, out: OutBytes<'_>);
-    encrypt_final(out: OutBytes<'_>);
-    decrypt(d: Bytes<'_>, out: OutBytes<'_>);
-    decrypt_update(d: Bytes<'_>, out: OutBytes<'_>);
-    decrypt_final(out: OutBytes<'_>);
-    digest_init(m: Mechanism<'_>);
-    digest(d: Bytes<'_>, out: OutBytes<'_>);
-    digest_update(d: Bytes<'_>);
-    digest_final(out: OutBytes<'_>);
-    sign(d: Bytes<'_>, out: OutBytes<'_>);
-    sign_update(d: Bytes<'_>);
-    sign_final(out: OutBytes<'_>);
-    sign_recover(d: Bytes<'_>, out: OutBytes<'_>);
-    verify(d: Bytes<'_>, sig: Bytes<'_>);
-    verify_update(d: Bytes<'_>);
-    verify_final(sig: Bytes<'_>);
-    verify_recover(sig: Bytes<'_>, out: OutBytes<'_>);
-    digest_encrypt_update(d: Bytes<'_>, out: OutBytes<'_>);
-    decrypt_digest_update(d: Bytes<'_>, out: OutBytes<'_>);
-    sign_encrypt_update(d: Bytes<'_>, out: OutBytes<'_>);
-    decrypt_verify_update(d: Bytes<'_>, out: OutBytes<'_>);
-    seed_random(d: Bytes<'_>);
-    generate_random(out: BytesMut<'_>);
-    get_function_status();
-    cancel_function();
-    session_cancel(flags: CK_FLAGS);
+message_calls! {
     encrypt_message(p: Param<'_>, ad: Bytes<'_>, d: Bytes<'_>, out: OutBytes<'_>);
     encrypt_message_begin(p: Param<'_>, ad: Bytes<'_>);
     encrypt_message_next(p: Param<'_>, d: Bytes<'_>, out: OutBytes<'_>, flags: CK_FLAGS);
-    message_encrypt_final();
     decrypt_message(p: Param<'_>, ad: Bytes<'_>, d: Bytes<'_>, out: OutBytes<'_>);
     decrypt_message_begin(p: Param<'_>, ad: Bytes<'_>);
     decrypt_message_next(p: Param<'_>, d: Bytes<'_>, out: OutBytes<'_>, flags: CK_FLAGS);
-    message_decrypt_final();
     sign_message(p: Param<'_>, d: Bytes<'_>, out: OutBytes<'_>);
     sign_message_begin(p: Param<'_>);
     sign_message_next(p: Param<'_>, d: Bytes<'_>, out: OutBytes<'_>);
-    message_sign_final();
     verify_message(p: Param<'_>, d: Bytes<'_>, sig: Bytes<'_>);
     verify_message_begin(p: Param<'_>);
     verify_message_next(p: Param<'_>, d: Bytes<'_>, sig: Bytes<'_>);
-    message_verify_final();
 }
 
 impl Library {
-    pub fn digest_key(&self, h: CK_SESSION_HANDLE, key: CK_OBJECT_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.digest_key(s.vendor, self.vendor_object(&s, key))
+    pub fn message_encrypt_final(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.message_encrypt_final(s))
     }
-
-    pub fn generate_key(&self, h: CK_SESSION_HANDLE, m: Mechanism<'_>, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut k = CK_INVALID_HANDLE;
-        v.generate_key(s.vendor, m, t, &mut k)?;
-        out.write(self.app_object(&s, v, Some(h), k));
-        Ok(())
+    pub fn message_decrypt_final(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.message_decrypt_final(s))
     }
-
-    pub fn generate_key_pair(
-        &self,
-        h: CK_SESSION_HANDLE,
-        m: Mechanism<'_>,
-        pub_t: Template<'_>,
-        priv_t: Template<'_>,
-        mut pub_out: Out<'_, CK_OBJECT_HANDLE>,
-        mut priv_out: Out<'_, CK_OBJECT_HANDLE>,
-    ) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
-        v.generate_key_pair(s.vendor, m, pub_t, priv_t, &mut pk, &mut sk)?;
-        pub_out.write(self.app_object(&s, v, Some(h), pk));
-        priv_out.write(self.app_object(&s, v, Some(h), sk));
-        Ok(())
+    pub fn message_sign_final(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.message_sign_final(s))
     }
-
-    pub fn wrap_key(&self, h: CK_SESSION_HANDLE, m: Mechanism<'_>, wrapping: CK_OBJECT_HANDLE, key: CK_OBJECT_HANDLE, out: OutBytes<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.wrap_key(s.vendor, m, self.vendor_object(&s, wrapping), self.vendor_object(&s, key), out)
+    pub fn message_verify_final(&self, h: Sh) -> Result<()> {
+        self.plain(h, |v, s| v.message_verify_final(s))
     }
-
-    pub fn unwrap_key(
-        &self,
-        h: CK_SESSION_HANDLE,
-        m: Mechanism<'_>,
-        unwrapping: CK_OBJECT_HANDLE,
-        wrapped: Bytes<'_>,
-        t: Template<'_>,
-        mut out: Out<'_, CK_OBJECT_HANDLE>,
-    ) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut k = CK_INVALID_HANDLE;
-        v.unwrap_key(s.vendor, m, self.vendor_object(&s, unwrapping), wrapped, t, &mut k)?;
-        out.write(self.app_object(&s, v, Some(h), k));
-        Ok(())
+    pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)))
     }
-
-    pub fn derive_key(&self, h: CK_SESSION_HANDLE, m: Mechanism<'_>, base: CK_OBJECT_HANDLE, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut k = CK_INVALID_HANDLE;
-        // A mechanism whose parameter is itself a key handle gets the
-        // member's handle in a copy of the mechanism.
-        let mut other_key: CK_OBJECT_HANDLE;
-        let translated;
-        let m = match m.handle_param() {
-            Some(app) => {
-                other_key = self.vendor_object(&s, app);
-                translated = m.with_handle_param(&mut other_key);
-                translated.view()
-            }
-            None => m,
-        };
-        v.derive_key(s.vendor, m, self.vendor_object(&s, base), t, &mut k)?;
-        out.write(self.app_object(&s, v, Some(h), k));
-        Ok(())
+    pub fn message_decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)))
+    }
+    pub fn message_sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_sign_init(vh, m, self.object_on(sess.slot, mi, key)))
+    }
+    pub fn message_verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_verify_init(vh, m, self.object_on(sess.slot, mi, key)))
     }
 }

@@ -1,5 +1,4 @@
-//! p11shim's own session and object handles, mapped to (member, vendor
-//! handle).
+//! p11shim's own session and object handles.
 //!
 //! Handles are 64-bit, never 0 and never reused: one counter serves sessions
 //! and objects alike, so a session handle is never a valid object handle and
@@ -7,14 +6,24 @@
 //! vendor handle that leaked would not resolve. No vendor handle ever reaches
 //! the application; that is what lets a session move to another member.
 //!
-//! Lock order: `Sessions` before `Objects`; neither is held across a vendor
-//! call.
+//! A session is bound to one member at a time (`SessionState`); an object
+//! is known by its identity on the token and by its handle on each member
+//! where it was found.
+//!
+//! Lock order: the session table, then a session's state, then the object
+//! table. Table locks are never held across a vendor call; a session's
+//! state lock is held across vendor calls only while the session moves to
+//! another member (calls on one session are serialized by the spec anyway).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::RwLock;
-use pkcs11_sys::{CK_OBJECT_HANDLE, CK_SESSION_HANDLE, CK_ULONG};
+use parking_lot::{Mutex, RwLock};
+use pkcs11_sys::{CK_FLAGS, CK_INVALID_HANDLE, CK_OBJECT_HANDLE, CK_SESSION_HANDLE, CK_ULONG};
 use rustc_hash::FxHashMap;
+
+use crate::config::MAX_MEMBERS;
+use crate::router::replay::Ops;
 
 /// First handle issued.
 const FIRST_HANDLE: u64 = 0x0001_0000;
@@ -25,44 +34,62 @@ pub fn next_handle() -> CK_ULONG {
     NEXT_HANDLE.fetch_add(1, Ordering::Relaxed) as CK_ULONG
 }
 
-/// Where a virtual session lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionEntry {
-    /// Index of the virtual slot in the library's slot list.
+/// An open session of the application.
+#[derive(Debug)]
+pub struct Session {
+    /// Index of the virtual slot.
     pub slot: u32,
+    /// The flags it was opened with.
+    pub flags: CK_FLAGS,
+    pub state: Mutex<SessionState>,
+}
+
+/// Where a session is bound, and what it is doing.
+#[derive(Debug)]
+pub struct SessionState {
     /// Index of the member within the slot.
     pub member: u32,
     /// The vendor's session handle on that member.
     pub vendor: CK_SESSION_HANDLE,
+    pub ops: Ops,
+}
+
+impl Session {
+    /// The member and vendor session serving this session now.
+    #[inline]
+    pub fn binding(&self) -> (u32, CK_SESSION_HANDLE) {
+        let st = self.state.lock();
+        (st.member, st.vendor)
+    }
 }
 
 /// The open sessions.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    map: RwLock<FxHashMap<CK_SESSION_HANDLE, SessionEntry>>,
+    map: RwLock<FxHashMap<CK_SESSION_HANDLE, Arc<Session>>>,
 }
 
 impl Sessions {
     #[inline]
-    pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<SessionEntry> {
-        self.map.read().get(&h).copied()
+    pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<Arc<Session>> {
+        self.map.read().get(&h).cloned()
     }
 
-    pub fn insert(&self, entry: SessionEntry) -> CK_SESSION_HANDLE {
+    pub fn insert(&self, s: Session) -> CK_SESSION_HANDLE {
         let h = next_handle();
-        self.map.write().insert(h, entry);
+        self.map.write().insert(h, Arc::new(s));
         h
     }
 
-    pub fn remove(&self, h: CK_SESSION_HANDLE) -> Option<SessionEntry> {
+    pub fn remove(&self, h: CK_SESSION_HANDLE) -> Option<Arc<Session>> {
         self.map.write().remove(&h)
     }
 
-    /// Removes every session of a slot and returns their handles.
-    pub fn remove_slot(&self, slot: u32) -> Vec<CK_SESSION_HANDLE> {
+    /// Removes every session of a slot.
+    pub fn remove_slot(&self, slot: u32) -> Vec<(CK_SESSION_HANDLE, Arc<Session>)> {
         let mut map = self.map.write();
-        let gone: Vec<_> = map.iter().filter(|(_, e)| e.slot == slot).map(|(h, _)| *h).collect();
-        for h in &gone {
+        let gone: Vec<_> = map.iter().filter(|(_, s)| s.slot == slot).map(|(h, s)| (*h, s.clone())).collect();
+        for (h, _) in &gone {
             map.remove(h);
         }
         gone
@@ -70,7 +97,7 @@ impl Sessions {
 
     /// Number of open sessions of a slot.
     pub fn count_slot(&self, slot: u32) -> usize {
-        self.map.read().values().filter(|e| e.slot == slot).count()
+        self.map.read().values().filter(|s| s.slot == slot).count()
     }
 }
 
@@ -86,19 +113,34 @@ pub enum Owner {
     SlotSessions,
 }
 
-/// Where a virtual object lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What identifies an object on every member: its class, `CKA_ID`,
+/// `CKA_LABEL` and key type, as read from the member where it was first
+/// seen. Members holding the same key material hold objects with the same
+/// identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    pub class: Option<CK_ULONG>,
+    pub id: Option<Vec<u8>>,
+    pub label: Option<Vec<u8>>,
+    pub key_type: Option<CK_ULONG>,
+}
+
+/// An object the application has seen.
+#[derive(Debug, Clone)]
 pub struct ObjectEntry {
     pub slot: u32,
-    pub member: u32,
-    pub vendor: CK_OBJECT_HANDLE,
     pub owner: Owner,
+    pub identity: Option<Arc<Identity>>,
+    /// The object's handle on each member, `CK_INVALID_HANDLE` where not
+    /// (yet) known.
+    pub handles: [CK_OBJECT_HANDLE; MAX_MEMBERS],
 }
 
 #[derive(Debug, Default)]
 struct ObjectMaps {
     by_handle: FxHashMap<CK_OBJECT_HANDLE, ObjectEntry>,
     by_vendor: FxHashMap<(u32, u32, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
+    by_identity: FxHashMap<(u32, Arc<Identity>), CK_OBJECT_HANDLE>,
 }
 
 /// The objects the application has seen.
@@ -108,9 +150,19 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// The object's handle on a member, when known.
     #[inline]
+    pub fn on_member(&self, h: CK_OBJECT_HANDLE, slot: u32, member: u32) -> Option<CK_OBJECT_HANDLE> {
+        let maps = self.maps.read();
+        let e = maps.by_handle.get(&h)?;
+        if e.slot != slot {
+            return None;
+        }
+        Some(e.handles[member as usize]).filter(|v| *v != CK_INVALID_HANDLE)
+    }
+
     pub fn get(&self, h: CK_OBJECT_HANDLE) -> Option<ObjectEntry> {
-        self.maps.read().by_handle.get(&h).copied()
+        self.maps.read().by_handle.get(&h).cloned()
     }
 
     /// The handle already issued for a vendor object, if any.
@@ -119,23 +171,64 @@ impl Objects {
         self.maps.read().by_vendor.get(&(slot, member, vendor)).copied()
     }
 
-    /// Issues a handle for a vendor object, or returns the one it already has.
-    pub fn insert(&self, entry: ObjectEntry) -> CK_OBJECT_HANDLE {
+    /// Records the object's handle on another member.
+    pub fn set_on_member(&self, h: CK_OBJECT_HANDLE, member: u32, vendor: CK_OBJECT_HANDLE) {
         let mut maps = self.maps.write();
-        let key = (entry.slot, entry.member, entry.vendor);
-        if let Some(h) = maps.by_vendor.get(&key) {
+        let Some(e) = maps.by_handle.get_mut(&h) else { return };
+        let slot = e.slot;
+        let old = std::mem::replace(&mut e.handles[member as usize], vendor);
+        if old != CK_INVALID_HANDLE {
+            maps.by_vendor.remove(&(slot, member, old));
+        }
+        maps.by_vendor.insert((slot, member, vendor), h);
+    }
+
+    /// Issues a handle for a vendor object, or returns the one it already
+    /// has (found on this member before, or on another member under the
+    /// same identity).
+    pub fn insert(&self, slot: u32, member: u32, vendor: CK_OBJECT_HANDLE, owner: Owner, identity: Option<Identity>) -> CK_OBJECT_HANDLE {
+        let mut maps = self.maps.write();
+        if let Some(h) = maps.by_vendor.get(&(slot, member, vendor)) {
             return *h;
         }
+        let identity = identity.map(Arc::new);
+        if owner == Owner::Token {
+            if let Some(id) = &identity {
+                if let Some(h) = maps.by_identity.get(&(slot, id.clone())).copied() {
+                    if let Some(e) = maps.by_handle.get_mut(&h) {
+                        e.handles[member as usize] = vendor;
+                        maps.by_vendor.insert((slot, member, vendor), h);
+                        return h;
+                    }
+                }
+            }
+        }
         let h = next_handle();
-        maps.by_handle.insert(h, entry);
-        maps.by_vendor.insert(key, h);
+        let mut handles = [CK_INVALID_HANDLE; MAX_MEMBERS];
+        handles[member as usize] = vendor;
+        if let (Owner::Token, Some(id)) = (owner, &identity) {
+            maps.by_identity.insert((slot, id.clone()), h);
+        }
+        maps.by_handle.insert(h, ObjectEntry { slot, owner, identity, handles });
+        maps.by_vendor.insert((slot, member, vendor), h);
         h
     }
 
     pub fn remove(&self, h: CK_OBJECT_HANDLE) {
         let mut maps = self.maps.write();
         if let Some(e) = maps.by_handle.remove(&h) {
-            maps.by_vendor.remove(&(e.slot, e.member, e.vendor));
+            Self::unlink(&mut maps, &e);
+        }
+    }
+
+    fn unlink(maps: &mut ObjectMaps, e: &ObjectEntry) {
+        for (m, v) in e.handles.iter().enumerate() {
+            if *v != CK_INVALID_HANDLE {
+                maps.by_vendor.remove(&(e.slot, m as u32, *v));
+            }
+        }
+        if let Some(id) = &e.identity {
+            maps.by_identity.remove(&(e.slot, id.clone()));
         }
     }
 
@@ -143,16 +236,34 @@ impl Objects {
     /// slot's last session, also the session objects found by search.
     pub fn session_closed(&self, slot: u32, session: CK_SESSION_HANDLE, last_of_slot: bool) {
         let mut maps = self.maps.write();
-        let ObjectMaps { by_handle, by_vendor } = &mut *maps;
-        by_handle.retain(|_, e| {
-            let dead = e.slot == slot
-                && (e.owner == Owner::Session(session)
-                    || (last_of_slot && matches!(e.owner, Owner::Session(_) | Owner::SlotSessions)));
-            if dead {
-                by_vendor.remove(&(e.slot, e.member, e.vendor));
+        let dead: Vec<CK_OBJECT_HANDLE> = maps
+            .by_handle
+            .iter()
+            .filter(|(_, e)| {
+                e.slot == slot
+                    && (e.owner == Owner::Session(session)
+                        || (last_of_slot && matches!(e.owner, Owner::Session(_) | Owner::SlotSessions)))
+            })
+            .map(|(h, _)| *h)
+            .collect();
+        for h in dead {
+            if let Some(e) = maps.by_handle.remove(&h) {
+                Self::unlink(&mut maps, &e);
             }
-            !dead
-        });
+        }
+    }
+
+    /// Forgets every member handle of a member (it restarted or came back:
+    /// its handles may have changed).
+    pub fn forget_member(&self, slot: u32, member: u32) {
+        let mut maps = self.maps.write();
+        let ObjectMaps { by_handle, by_vendor, .. } = &mut *maps;
+        for e in by_handle.values_mut().filter(|e| e.slot == slot) {
+            let v = std::mem::replace(&mut e.handles[member as usize], CK_INVALID_HANDLE);
+            if v != CK_INVALID_HANDLE {
+                by_vendor.remove(&(slot, member, v));
+            }
+        }
     }
 }
 
@@ -160,36 +271,46 @@ impl Objects {
 mod tests {
     use super::*;
 
+    fn id(label: &str) -> Option<Identity> {
+        Some(Identity { class: Some(3), id: Some(vec![1]), label: Some(label.as_bytes().to_vec()), key_type: Some(0) })
+    }
+
     #[test]
     fn handles_are_never_zero_nor_reused() {
-        let s = Sessions::default();
-        let e = SessionEntry { slot: 0, member: 0, vendor: 1 };
-        let a = s.insert(e);
-        s.remove(a);
-        let b = s.insert(e);
+        let a = next_handle();
+        let b = next_handle();
         assert!(a >= FIRST_HANDLE as CK_ULONG && b > a);
     }
 
     #[test]
-    fn the_same_vendor_object_keeps_its_handle() {
+    fn the_same_object_keeps_its_handle_across_members() {
         let o = Objects::default();
-        let e = ObjectEntry { slot: 0, member: 0, vendor: 7, owner: Owner::Token };
-        let h = o.insert(e);
-        assert_eq!(o.insert(e), h);
-        assert_eq!(o.lookup_vendor(0, 0, 7), Some(h));
-        assert_eq!(o.lookup_vendor(0, 1, 7), None);
+        let h = o.insert(0, 0, 7, Owner::Token, id("k"));
+        assert_eq!(o.insert(0, 0, 7, Owner::Token, id("k")), h);
+        // Found on member 1 under the same identity: the same handle.
+        assert_eq!(o.insert(0, 1, 9, Owner::Token, id("k")), h);
+        assert_eq!(o.on_member(h, 0, 0), Some(7));
+        assert_eq!(o.on_member(h, 0, 1), Some(9));
+        assert_eq!(o.on_member(h, 0, 2), None);
+        assert_eq!(o.on_member(h, 1, 0), None, "another slot's handle");
+        // Another identity: another handle.
+        assert_ne!(o.insert(0, 1, 10, Owner::Token, id("other")), h);
+        o.forget_member(0, 1);
+        assert_eq!(o.on_member(h, 0, 1), None);
+        o.set_on_member(h, 1, 11);
+        assert_eq!(o.lookup_vendor(0, 1, 11), Some(h));
         o.remove(h);
-        assert_eq!(o.get(h), None);
-        assert_ne!(o.insert(e), h);
+        assert!(o.get(h).is_none());
+        assert_ne!(o.insert(0, 0, 7, Owner::Token, id("k")), h);
     }
 
     #[test]
     fn session_objects_go_with_their_session() {
         let o = Objects::default();
-        let tok = o.insert(ObjectEntry { slot: 0, member: 0, vendor: 1, owner: Owner::Token });
-        let mine = o.insert(ObjectEntry { slot: 0, member: 0, vendor: 2, owner: Owner::Session(10) });
-        let other = o.insert(ObjectEntry { slot: 0, member: 0, vendor: 3, owner: Owner::Session(11) });
-        let found = o.insert(ObjectEntry { slot: 0, member: 0, vendor: 4, owner: Owner::SlotSessions });
+        let tok = o.insert(0, 0, 1, Owner::Token, None);
+        let mine = o.insert(0, 0, 2, Owner::Session(10), None);
+        let other = o.insert(0, 0, 3, Owner::Session(11), None);
+        let found = o.insert(0, 0, 4, Owner::SlotSessions, None);
         o.session_closed(0, 10, false);
         assert!(o.get(mine).is_none());
         assert!(o.get(other).is_some() && o.get(found).is_some());

@@ -2,13 +2,17 @@
 //!
 //! The C boundary (`abi`) checks arguments and calls a method of
 //! [`Library`]; the method translates p11shim's handles into a member's
-//! vendor handles and calls the vendor through `backend`. No lock of ours is
-//! held while a vendor function runs: a handle is translated under a short
-//! read lock, copied out, and the lock released before the call.
+//! vendor handles and calls the vendor through `backend`, with the HA
+//! router (`router`) choosing members, moving sessions off failed members
+//! and replaying their operations. No table lock is held while a vendor
+//! function runs: a handle is translated under a short read lock, copied
+//! out, and the lock released before the call.
 //!
 //! Lock order, written once: `INIT` (initialize/finalize only) → session
-//! table → object table. Neither table lock is ever held across a vendor
-//! call.
+//! table → a session's state → object table → a slot's login state → a
+//! member's control session. Table locks are never held across a vendor
+//! call; a session's state lock only while that session moves to another
+//! member.
 
 mod crypto;
 mod handles;
@@ -16,20 +20,24 @@ mod objects;
 mod slots;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwapOption, Guard};
 use parking_lot::Mutex;
 use pkcs11_sys::*;
+use zeroize::Zeroizing;
 
-use crate::abi::mem::unpadded;
+use crate::abi::mem::{Bytes, OutBytes, RawMechanism, Template, unpadded};
 use crate::backend::Vendor;
 use crate::config::{self, Config, MemberConfig, SlotConfig, TokenSelector};
 use crate::error::{Error, Result};
 use crate::logging;
+use crate::router::replay::{OpKind, OpRecord};
+use crate::router::{self, Member, recovery};
 
-pub use handles::{ObjectEntry, Owner, SessionEntry};
+pub use handles::{Identity, ObjectEntry, Owner, Session, SessionState};
 pub use slots::info;
 
 /// The initialized module, shared by every call.
@@ -40,6 +48,8 @@ static FORK_GEN: AtomicU64 = AtomicU64::new(0);
 /// Serializes `C_Initialize` and `C_Finalize`.
 static INIT: Mutex<()> = Mutex::new(());
 static ATFORK: std::sync::Once = std::sync::Once::new();
+/// The recovery thread of the initialized module.
+static RECOVERY: Mutex<Option<recovery::Thread>> = Mutex::new(None);
 
 extern "C" fn after_fork_in_child() {
     // Async-signal-safe: one atomic increment, nothing else.
@@ -79,7 +89,7 @@ pub fn current() -> Result<Current> {
 }
 
 /// `C_Initialize`: reads and validates the configuration, then loads,
-/// initializes and resolves the members.
+/// initializes and resolves the members, and starts the recovery thread.
 pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize) -> Result<()> {
     let _init = INIT.lock();
     let generation = FORK_GEN.load(Ordering::Relaxed);
@@ -100,21 +110,29 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
     logging::setup(&cfg.log);
 
     // In a forked child the parent's vendor libraries are still mapped:
-    // reuse them, initializing each again.
+    // reuse them, initializing each again. The parent's recovery thread
+    // does not exist in the child.
     let inherited: Vec<Arc<Vendor>> = match stale {
         Some(lib) => {
             STATE.store(None);
+            std::mem::forget(RECOVERY.lock().take());
             tracing::info!("C_Initialize in a forked child: state of the parent discarded");
             lib.vendors.iter().map(|v| v.vendor.clone()).collect()
         }
         None => Vec::new(),
     };
-    let mut lib = Library::open(cfg, generation, inherited, own).inspect_err(|e| {
+    let lib = Arc::new(Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
         tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
-    })?;
-    lib.no_threads = no_threads;
+    })?);
+    let multi = lib.slots.iter().any(|s| s.members.len() > 1 || s.members.iter().any(|m| m.vendor_slot().is_none()));
+    if multi && !no_threads {
+        match recovery::Thread::start(Arc::downgrade(&lib) as Weak<Library>, lib.recovery.clone()) {
+            Ok(t) => *RECOVERY.lock() = Some(t),
+            Err(e) => tracing::warn!(error = %e, "cannot start the recovery thread; members recover inline"),
+        }
+    }
     tracing::info!(config = %path.display(), slots = lib.slots.len(), "p11shim initialized");
-    STATE.store(Some(Arc::new(lib)));
+    STATE.store(Some(lib));
     ATFORK.call_once(|| {
         if let Err(rc) = crate::abi::on_fork_in_child(after_fork_in_child) {
             tracing::warn!(rc, "pthread_atfork failed; fork() will not be detected");
@@ -131,13 +149,24 @@ pub fn finalize() -> Result<()> {
     if lib.fork_gen != FORK_GEN.load(Ordering::Relaxed) {
         // The parent's state in a forked child: dropped without touching the
         // vendors, which belong to the parent.
+        std::mem::forget(RECOVERY.lock().take());
         return Err(Error::NotInitialized);
     }
+    stop_threads();
     for v in lib.vendors.iter().filter(|v| v.owned) {
         v.vendor.finalize();
     }
     tracing::info!("p11shim finalized");
     Ok(())
+}
+
+/// Stops the module's threads (at `C_Finalize`, and when the module is
+/// unloaded without it).
+pub fn stop_threads() {
+    let thread = RECOVERY.lock().take();
+    if let Some(mut t) = thread {
+        t.stop();
+    }
 }
 
 /// A vendor library in use, and whether p11shim initialized it.
@@ -147,21 +176,42 @@ struct LoadedVendor {
     owned: bool,
 }
 
+/// Who is logged in on a slot, and how to log in a member that comes back.
+#[derive(Debug, Default)]
+pub struct Login {
+    pub user: Option<CK_USER_TYPE>,
+    /// The application's PIN, kept (wiped on drop) when the slot has no
+    /// PIN source, to log in members that come back.
+    pin: Option<Zeroizing<Vec<u8>>>,
+}
+
 /// One virtual slot.
 #[derive(Debug)]
 pub struct Slot {
     pub cfg: SlotConfig,
     pub members: Vec<Member>,
+    pub login: Mutex<Login>,
 }
 
-/// One member partition of a virtual slot.
-#[derive(Debug)]
-pub struct Member {
-    pub vendor: Arc<Vendor>,
-    /// The member's slot in its vendor library; `None` when its token was
-    /// not found.
-    pub vendor_slot: Option<CK_SLOT_ID>,
-    pub name: String,
+impl Slot {
+    pub fn logged_in(&self) -> bool {
+        self.login.lock().user.is_some()
+    }
+
+    fn first_backoff(&self) -> Duration {
+        Duration::from_millis(self.cfg.recovery_interval_ms)
+    }
+
+    /// The credential to log a member in with, if the slot is logged in.
+    fn credential(&self) -> Result<Option<(CK_USER_TYPE, Zeroizing<Vec<u8>>)>> {
+        let login = self.login.lock();
+        let Some(user) = login.user else { return Ok(None) };
+        match (&self.cfg.pin, user, &login.pin) {
+            (Some(src), CKU_USER, _) => Ok(Some((user, src.read().map_err(Error::PinSource)?))),
+            (_, _, Some(pin)) => Ok(Some((user, pin.clone()))),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// The initialized module.
@@ -171,14 +221,16 @@ pub struct Library {
     pub config: Config,
     vendors: Vec<LoadedVendor>,
     pub slots: Vec<Slot>,
-    /// The application forbade threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`).
+    /// The application forbade threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`):
+    /// down members are probed inline.
     pub no_threads: bool,
     sessions: handles::Sessions,
     objects: handles::Objects,
+    recovery: Arc<recovery::Control>,
 }
 
 impl Library {
-    fn open(cfg: Config, fork_gen: u64, inherited: Vec<Arc<Vendor>>, own: CK_C_Initialize) -> Result<Library> {
+    fn open(cfg: Config, fork_gen: u64, inherited: Vec<Arc<Vendor>>, own: CK_C_Initialize, no_threads: bool) -> Result<Library> {
         let mut vendors: Vec<LoadedVendor> = Vec::new();
         let result = (|| {
             let mut slots = Vec::with_capacity(cfg.slots.len());
@@ -206,11 +258,15 @@ impl Library {
                     match vendor_slot {
                         Some(s) => tracing::info!(slot = sc.id, member = %name, vendor_slot = s, "member resolved"),
                         None => tracing::warn!(slot = sc.id, member = %name, selector = %mc.selector,
-                            library = %mc.library.display(), "member token not found"),
+                            library = %mc.library.display(), "member token not found; it will be probed"),
                     }
-                    members.push(Member { vendor, vendor_slot, name });
+                    let m = Member::new(name, vendor, mc.clone(), vendor_slot);
+                    if vendor_slot.is_none() {
+                        m.mark_down(Duration::from_millis(sc.recovery_interval_ms));
+                    }
+                    members.push(m);
                 }
-                slots.push(Slot { cfg: sc.clone(), members });
+                slots.push(Slot { cfg: sc.clone(), members, login: Mutex::new(Login::default()) });
             }
             Ok(slots)
         })();
@@ -220,9 +276,10 @@ impl Library {
                 config: cfg,
                 vendors,
                 slots,
-                no_threads: false,
+                no_threads,
                 sessions: Default::default(),
                 objects: Default::default(),
+                recovery: Arc::new(recovery::Control::default()),
             }),
             Err(e) => {
                 for v in vendors.iter().filter(|v| v.owned) {
@@ -244,46 +301,413 @@ impl Library {
         self.slots.iter().position(|s| s.cfg.id == id as u64).map(|i| i as u32).ok_or(Error::SlotIdInvalid)
     }
 
-    /// The member that serves new work in a slot.
+    /// The member that answers slot-level questions (token info,
+    /// mechanisms): the one new work would go to.
     fn serving_member(&self, slot: u32) -> Result<(u32, &Member, CK_SLOT_ID)> {
         let s = &self.slots[slot as usize];
-        s.members
-            .iter()
-            .enumerate()
-            .find_map(|(i, m)| m.vendor_slot.map(|vs| (i as u32, m, vs)))
-            .ok_or(Error::TokenNotPresent)
+        self.probe_inline();
+        let i = router::pick(&s.members, 0).ok_or(Error::TokenNotPresent)?;
+        let m = &s.members[i as usize];
+        Ok((i, m, m.vendor_slot().ok_or(Error::TokenNotPresent)?))
     }
 
-    /// A session and the vendor serving it.
+    /// A session of the application.
     #[inline]
-    fn session(&self, h: CK_SESSION_HANDLE) -> Result<(SessionEntry, &Vendor)> {
-        let e = self.sessions.get(h).ok_or(Error::SessionHandleInvalid)?;
-        Ok((e, &self.slots[e.slot as usize].members[e.member as usize].vendor))
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
+        self.sessions.get(h).ok_or(Error::SessionHandleInvalid)
     }
 
-    /// The vendor handle of an object for a session's member. An unknown
-    /// handle becomes `CK_INVALID_HANDLE`, so that the vendor answers with
-    /// its own code for an invalid handle, in its own order of checks.
+    /// Runs a vendor call for a session on the member serving it. When the
+    /// member fails, the session moves to another member (its operations
+    /// replayed there) and the call is made again; when no other member can
+    /// take it, the member's result is returned. `kind` names the operation
+    /// the call belongs to, so that one lost in a move is reported.
     #[inline]
-    fn vendor_object(&self, s: &SessionEntry, h: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-        match self.objects.get(h) {
-            Some(o) if o.slot == s.slot && o.member == s.member => o.vendor,
-            _ => CK_INVALID_HANDLE,
+    fn on_session<T>(
+        &self,
+        sess: &Session,
+        kind: Option<OpKind>,
+        mut call: impl FnMut(&Member, u32, CK_SESSION_HANDLE) -> Result<T>,
+    ) -> Result<T> {
+        let slot = &self.slots[sess.slot as usize];
+        let mut moves = 0;
+        loop {
+            let (m, vh, lost) = {
+                let mut st = sess.state.lock();
+                let lost = kind.is_some_and(|k| st.ops.take_lost(k));
+                (st.member, st.vendor, lost)
+            };
+            if lost {
+                return Err(Error::OperationLost);
+            }
+            let member = &slot.members[m as usize];
+            if !member.is_up() && moves < slot.members.len() && self.move_session(sess, m, None) {
+                moves += 1;
+                continue;
+            }
+            let r = member.track(|| call(member, m, vh));
+            match &r {
+                Err(Error::Vendor(rv)) if moves < slot.members.len() && router::is_failover(*rv, slot.logged_in()) => {
+                    moves += 1;
+                    if !self.move_session(sess, m, Some(*rv)) {
+                        return r;
+                    }
+                }
+                _ => return r,
+            }
         }
+    }
+
+    /// Moves a session off member `from` (which failed with `rv`, or is
+    /// down): opens a session on another member, logs it in, and replays the
+    /// session's operations there. Returns `false` when no member can take
+    /// it.
+    fn move_session(&self, sess: &Session, from: u32, rv: Option<CK_RV>) -> bool {
+        self.probe_inline();
+        let slot = &self.slots[sess.slot as usize];
+        let mut st = sess.state.lock();
+        if st.member != from {
+            return true; // moved meanwhile by another thread
+        }
+        let failed = &slot.members[from as usize];
+        // A member that only lost this session's state (a restart) may serve
+        // it again when it is the only one left.
+        let state_only = rv.is_some_and(router::lost_state_only);
+        let mut excluded: u32 = 1 << from;
+        loop {
+            let target = router::pick(&slot.members, excluded)
+                .or_else(|| (state_only && failed.vendor_slot().is_some() && excluded == 1 << from).then_some(from));
+            let Some(to) = target else {
+                if let Some(rv) = rv {
+                    tracing::warn!(slot = slot.cfg.id, member = %failed.name, rv = %crate::error::rv_name(rv),
+                        "member failed and no other member can take its sessions");
+                }
+                return false;
+            };
+            if to != from {
+                self.member_down(slot, from, rv);
+            } else {
+                // The member forgot this session: log it in again.
+                failed.set_logged_in(false);
+            }
+            match self.rebind(sess, &mut st, to) {
+                Ok(()) => {
+                    failed.stats.failovers.fetch_add(u64::from(to != from), Ordering::Relaxed);
+                    tracing::info!(slot = slot.cfg.id, from = %failed.name, to = %slot.members[to as usize].name,
+                        reason = %rv.map_or_else(|| "member down".to_owned(), crate::error::rv_name), "session moved");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(slot = slot.cfg.id, member = %slot.members[to as usize].name, error = %e,
+                        "cannot move a session to this member");
+                    if to != from {
+                        self.member_down(slot, to, None);
+                    }
+                    excluded |= 1 << to;
+                    if to == from {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks a member down and wakes the recovery thread.
+    fn member_down(&self, slot: &Slot, m: u32, rv: Option<CK_RV>) {
+        let member = &slot.members[m as usize];
+        if router::pick(&slot.members, 1 << m).is_none() {
+            return; // never the last member up
+        }
+        if member.mark_down(slot.first_backoff()) {
+            tracing::warn!(slot = slot.cfg.id, member = %member.name,
+                rv = %rv.map_or_else(|| "-".to_owned(), crate::error::rv_name), "member marked down");
+            self.recovery.nudge();
+        }
+    }
+
+    /// Binds a session to member `to`: a new vendor session, the slot's
+    /// login, then each operation started again with its input replayed.
+    fn rebind(&self, sess: &Session, st: &mut SessionState, to: u32) -> Result<()> {
+        let slot = &self.slots[sess.slot as usize];
+        let member = &slot.members[to as usize];
+        let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
+        let mut vh: CK_SESSION_HANDLE = 0;
+        member.track(|| member.vendor.open_session(vs, sess.flags, &mut vh))?;
+        let result = (|| {
+            self.ensure_login(slot, member, vh)?;
+            let mut lost = Vec::new();
+            for (kind, rec) in st.ops.records() {
+                if !rec.replayable() {
+                    lost.push(kind);
+                    continue;
+                }
+                match self.replay(sess.slot, to, member, vh, kind, rec) {
+                    Ok(()) => {}
+                    Err(Error::Vendor(rv)) if router::is_failover(rv, true) => return Err(Error::Vendor(rv)),
+                    Err(e) => {
+                        tracing::warn!(member = %member.name, op = ?kind, error = %e, "operation could not be replayed");
+                        lost.push(kind);
+                    }
+                }
+            }
+            if let Some(find) = &st.ops.find {
+                match &find.template {
+                    Some(t) => {
+                        let mut raw = t.to_raw();
+                        member.vendor.find_objects_init(vh, Template::from_slice(&mut raw))?;
+                    }
+                    None => st.ops.find = None,
+                }
+            }
+            Ok(lost)
+        })();
+        match result {
+            Ok(lost) => {
+                for k in lost {
+                    st.ops.mark_lost(k);
+                }
+                let old = std::mem::replace(&mut st.member, to);
+                let old_vh = std::mem::replace(&mut st.vendor, vh);
+                let old_member = &slot.members[old as usize];
+                old_member.session_closed();
+                member.session_opened();
+                if old_member.is_up() {
+                    let _ = old_member.vendor.close_session(old_vh);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = member.vendor.close_session(vh);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts an operation again on another member and feeds it the input
+    /// given so far (outputs of the replayed updates are discarded: the
+    /// application already has them).
+    fn replay(&self, slot: u32, m: u32, member: &Member, vh: CK_SESSION_HANDLE, kind: OpKind, rec: &OpRecord) -> Result<()> {
+        let Some(mech) = &rec.mechanism else { return Err(Error::OperationLost) };
+        let raw = RawMechanism(mech.to_raw());
+        let mech = raw.view();
+        let key = if rec.key == CK_INVALID_HANDLE { CK_INVALID_HANDLE } else { self.object_on(slot, m, rec.key) };
+        let v = &member.vendor;
+        match kind {
+            OpKind::Encrypt => v.encrypt_init(vh, mech, key)?,
+            OpKind::Decrypt => v.decrypt_init(vh, mech, key)?,
+            OpKind::Digest => v.digest_init(vh, mech)?,
+            OpKind::Sign => v.sign_init(vh, mech, key)?,
+            OpKind::Verify => v.verify_init(vh, mech, key)?,
+            OpKind::SignRecover => v.sign_recover_init(vh, mech, key)?,
+            OpKind::VerifyRecover => v.verify_recover_init(vh, mech, key)?,
+        }
+        if rec.input.is_empty() {
+            return Ok(());
+        }
+        let input = Bytes::from_slice(&rec.input);
+        match kind {
+            OpKind::Digest => v.digest_update(vh, input),
+            OpKind::Sign => v.sign_update(vh, input),
+            OpKind::Verify => v.verify_update(vh, input),
+            OpKind::Encrypt | OpKind::Decrypt => {
+                let mut scratch = Zeroizing::new(vec![0u8; rec.input.len() + 256]);
+                let mut len: CK_ULONG = 0;
+                let out = OutBytes::from_local(&mut scratch, &mut len);
+                if kind == OpKind::Encrypt { v.encrypt_update(vh, input, out) } else { v.decrypt_update(vh, input, out) }
+            }
+            OpKind::SignRecover | OpKind::VerifyRecover => Ok(()),
+        }
+    }
+
+    /// Logs a member in with the slot's credential when the slot is logged
+    /// in and the member is not.
+    fn ensure_login(&self, slot: &Slot, member: &Member, vh: CK_SESSION_HANDLE) -> Result<()> {
+        if member.is_logged_in() {
+            return Ok(());
+        }
+        let Some((user, pin)) = slot.credential()? else { return Ok(()) };
+        match member.vendor.login(vh, user, Bytes::from_slice(&pin)) {
+            Ok(()) | Err(Error::Vendor(CKR_USER_ALREADY_LOGGED_IN)) => {
+                member.set_logged_in(true);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The member's own session, opened when first needed.
+    fn control_session(&self, member: &Member) -> Result<CK_SESSION_HANDLE> {
+        if let Some(s) = member.control_session() {
+            return Ok(s);
+        }
+        let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
+        let mut s: CK_SESSION_HANDLE = 0;
+        member.vendor.open_session(vs, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut s)?;
+        if let Some(old) = member.set_control_session(Some(s)) {
+            let _ = member.vendor.close_session(old);
+        }
+        Ok(s)
+    }
+
+    /// The vendor handle of an object on a member. An object not known
+    /// there is looked up by its identity (through the member's own
+    /// session); an unknown handle becomes `CK_INVALID_HANDLE`, so that the
+    /// vendor answers with its own code for an invalid handle, in its own
+    /// order of checks.
+    #[inline]
+    fn object_on(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+        match self.objects.on_member(h, slot, m) {
+            Some(v) => v,
+            None => self.resolve(slot, m, h).unwrap_or(CK_INVALID_HANDLE),
+        }
+    }
+
+    /// Finds an object on a member by its identity.
+    fn resolve(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
+        let e = self.objects.get(h)?;
+        if e.slot != slot || e.owner != Owner::Token {
+            return None;
+        }
+        let id = e.identity?;
+        let member = &self.slots[slot as usize].members[m as usize];
+        let cs = self.control_session(member).ok()?;
+        let mut template = identity_template(&id);
+        let mut raw = template.iter_mut().map(|(t, v)| CK_ATTRIBUTE { type_: *t, pValue: v.as_mut_ptr().cast(), ulValueLen: v.len() as CK_ULONG }).collect::<Vec<_>>();
+        member.vendor.find_objects_init(cs, Template::from_slice(&mut raw)).ok()?;
+        let mut found = [CK_INVALID_HANDLE; 2];
+        let mut n: CK_ULONG = 0;
+        let r = member.vendor.find_objects(cs, &mut found, &mut n);
+        let _ = member.vendor.find_objects_final(cs);
+        r.ok()?;
+        if n != 1 {
+            tracing::debug!(member = %member.name, matches = n, "object identity is not unique on this member");
+            return None;
+        }
+        self.objects.set_on_member(h, m, found[0]);
+        Some(found[0])
     }
 
     /// The application's handle for a vendor object, issued on first sight.
     /// `creator` is the session that created it, `None` when it was found.
-    fn app_object(&self, s: &SessionEntry, vendor: &Vendor, creator: Option<CK_SESSION_HANDLE>, o: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
-        if let Some(h) = self.objects.lookup_vendor(s.slot, s.member, o) {
+    fn app_object(&self, slot: u32, m: u32, vendor: &Vendor, vh: CK_SESSION_HANDLE, creator: Option<CK_SESSION_HANDLE>, o: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+        if let Some(h) = self.objects.lookup_vendor(slot, m, o) {
             return h;
         }
-        let owner = match vendor.bool_attribute(s.vendor, o, CKA_TOKEN) {
+        let (token, identity) = read_identity(vendor, vh, o);
+        let owner = match token {
             Some(false) => creator.map_or(Owner::SlotSessions, Owner::Session),
             _ => Owner::Token,
         };
-        self.objects.insert(ObjectEntry { slot: s.slot, member: s.member, vendor: o, owner })
+        self.objects.insert(slot, m, o, owner, identity)
     }
+
+    /// Probes due members from the application's own calls, when no
+    /// recovery thread runs.
+    #[inline]
+    fn probe_inline(&self) {
+        if self.no_threads {
+            let _ = recovery::Probe::probe_due(self, Instant::now());
+        }
+    }
+
+    /// Probes a down member: finds its token again, opens its session,
+    /// logs it in, and returns it to service.
+    fn probe(&self, si: u32, mi: u32) {
+        let slot = &self.slots[si as usize];
+        let member = &slot.members[mi as usize];
+        let max = Duration::from_millis(slot.cfg.recovery_max_interval_ms);
+        let Some(vs) = resolve_member(&member.vendor, &member.cfg) else {
+            member.probe_failed(max);
+            return;
+        };
+        member.set_vendor_slot(Some(vs));
+        if let Some(old) = member.set_control_session(None) {
+            let _ = member.vendor.close_session(old);
+        }
+        let result = self.control_session(member).and_then(|cs| self.ensure_login(slot, member, cs));
+        match result {
+            Ok(()) => {
+                self.objects.forget_member(si, mi);
+                member.mark_up();
+                tracing::info!(slot = slot.cfg.id, member = %member.name, down_ms = member.down_for().as_millis() as u64,
+                    "member recovered");
+            }
+            Err(e) => {
+                tracing::debug!(slot = slot.cfg.id, member = %member.name, error = %e, "probe failed");
+                if let Some(old) = member.set_control_session(None) {
+                    let _ = member.vendor.close_session(old);
+                }
+                member.probe_failed(max);
+            }
+        }
+    }
+}
+
+impl recovery::Probe for Library {
+    fn probe_due(&self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for (si, slot) in self.slots.iter().enumerate() {
+            for (mi, m) in slot.members.iter().enumerate() {
+                if m.probe_due(now) {
+                    self.probe(si as u32, mi as u32);
+                }
+                if let Some(n) = m.next_probe() {
+                    next = Some(next.map_or(n, |x| x.min(n)));
+                }
+            }
+        }
+        next
+    }
+}
+
+/// The attributes that identify an object on every member.
+fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+    let mut t = Vec::with_capacity(4);
+    if let Some(c) = id.class {
+        t.push((CKA_CLASS, c.to_ne_bytes().to_vec()));
+    }
+    if let Some(v) = &id.id {
+        t.push((CKA_ID, v.clone()));
+    }
+    if let Some(v) = &id.label {
+        t.push((CKA_LABEL, v.clone()));
+    }
+    if let Some(k) = id.key_type {
+        t.push((CKA_KEY_TYPE, k.to_ne_bytes().to_vec()));
+    }
+    t
+}
+
+/// Reads whether an object is a token object, and its identity, in one call.
+fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> (Option<bool>, Option<Identity>) {
+    let mut token: CK_BBOOL = CK_FALSE;
+    let mut class: CK_ULONG = 0;
+    let mut key_type: CK_ULONG = 0;
+    let mut id = [0u8; 128];
+    let mut label = [0u8; 128];
+    let size = |n: usize| n as CK_ULONG;
+    let mut attrs = [
+        CK_ATTRIBUTE { type_: CKA_TOKEN, pValue: (&mut token as *mut CK_BBOOL).cast(), ulValueLen: size(1) },
+        CK_ATTRIBUTE { type_: CKA_CLASS, pValue: (&mut class as *mut CK_ULONG).cast(), ulValueLen: size(std::mem::size_of::<CK_ULONG>()) },
+        CK_ATTRIBUTE { type_: CKA_ID, pValue: id.as_mut_ptr().cast(), ulValueLen: size(id.len()) },
+        CK_ATTRIBUTE { type_: CKA_LABEL, pValue: label.as_mut_ptr().cast(), ulValueLen: size(label.len()) },
+        CK_ATTRIBUTE { type_: CKA_KEY_TYPE, pValue: (&mut key_type as *mut CK_ULONG).cast(), ulValueLen: size(std::mem::size_of::<CK_ULONG>()) },
+    ];
+    match vendor.get_attribute_value(vh, o, Template::from_slice(&mut attrs)) {
+        Ok(()) | Err(Error::Vendor(CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE | CKR_BUFFER_TOO_SMALL)) => {}
+        Err(_) => return (None, None),
+    }
+    let got = |i: usize| attrs[i].ulValueLen != CK_UNAVAILABLE_INFORMATION;
+    let token = got(0).then_some(token != CK_FALSE);
+    let identity = Identity {
+        class: got(1).then_some(class),
+        id: got(2).then(|| id[..attrs[2].ulValueLen as usize].to_vec()),
+        label: got(3).then(|| label[..attrs[3].ulValueLen as usize].to_vec()),
+        key_type: got(4).then_some(key_type),
+    };
+    // An identity without CKA_ID and CKA_LABEL does not single an object out.
+    let useful = identity.class.is_some() && (identity.id.as_ref().is_some_and(|v| !v.is_empty()) || identity.label.as_ref().is_some_and(|v| !v.is_empty()));
+    (token, useful.then_some(identity))
 }
 
 /// Finds a member's token among its vendor library's slots.

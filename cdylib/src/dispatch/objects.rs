@@ -1,73 +1,192 @@
 //! Object management (PKCS#11 section 5.8): every object handle the
-//! application sees is p11shim's own.
+//! application sees is p11shim's own. On a multi-member slot, token
+//! objects created, copied, changed or destroyed through the virtual slot
+//! are created, copied, changed or destroyed on every member that is up.
 
 use pkcs11_sys::*;
 
-use super::Library;
+use super::{Library, Session};
 use crate::abi::mem::{Out, OutHandles, Template};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::router::Member;
+use crate::router::replay::FindRecord;
 
 impl Library {
+    /// Repeats on every other member that is up what made a token object on
+    /// member `made_on`, recording the object's handle on each; a member
+    /// that fails is marked down.
+    pub(super) fn replicate(
+        &self,
+        sess: &Session,
+        made_on: u32,
+        h: CK_OBJECT_HANDLE,
+        what: &str,
+        mut make: impl FnMut(&Member, u32, CK_SESSION_HANDLE) -> Result<CK_OBJECT_HANDLE>,
+    ) {
+        let slot = &self.slots[sess.slot as usize];
+        for (i, m) in slot.members.iter().enumerate() {
+            let i = i as u32;
+            if i == made_on {
+                continue;
+            }
+            if !m.is_up() {
+                tracing::warn!(slot = slot.cfg.id, member = %m.name, what, "member is down and misses a token object");
+                continue;
+            }
+            match self.control_session(m).and_then(|cs| m.track(|| make(m, i, cs))) {
+                Ok(v) => self.objects.set_on_member(h, i, v),
+                Err(e) => {
+                    tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "replication to member failed");
+                    self.member_down(slot, i, None);
+                }
+            }
+        }
+    }
+
+    /// Applies a change of a token object on every other member that is up.
+    fn on_other_members(&self, sess: &Session, done_on: u32, h: CK_OBJECT_HANDLE, mut f: impl FnMut(&Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> Result<()>) {
+        let slot = &self.slots[sess.slot as usize];
+        if slot.members.len() < 2 || self.objects.get(h).is_none_or(|e| e.owner != super::Owner::Token) {
+            return;
+        }
+        for (i, m) in slot.members.iter().enumerate() {
+            let i = i as u32;
+            if i == done_on || !m.is_up() {
+                continue;
+            }
+            let v = self.object_on(sess.slot, i, h);
+            if v == CK_INVALID_HANDLE {
+                continue;
+            }
+            if let Err(e) = self.control_session(m).and_then(|cs| m.track(|| f(m, cs, v))) {
+                tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "change on member failed");
+                self.member_down(slot, i, None);
+            }
+        }
+    }
+
+    fn multi(&self, sess: &Session) -> bool {
+        self.slots[sess.slot as usize].members.len() > 1
+    }
+
     pub fn create_object(&self, h: CK_SESSION_HANDLE, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut o = CK_INVALID_HANDLE;
-        v.create_object(s.vendor, t, &mut o)?;
-        out.write(self.app_object(&s, v, Some(h), o));
+        let sess = self.session(h)?;
+        let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
+            let mut o = CK_INVALID_HANDLE;
+            m.vendor.create_object(vh, t, &mut o)?;
+            Ok((self.app_object(sess.slot, mi, &m.vendor, vh, Some(h), o), mi))
+        })?;
+        if self.multi(&sess) && t.bool_attr(CKA_TOKEN) == Some(true) {
+            self.replicate(&sess, m, o, "C_CreateObject", |mem, _, cs| {
+                let mut v = CK_INVALID_HANDLE;
+                mem.vendor.create_object(cs, t, &mut v).map(|_| v)
+            });
+        }
+        out.write(o);
         Ok(())
     }
 
     pub fn copy_object(&self, h: CK_SESSION_HANDLE, src: CK_OBJECT_HANDLE, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut o = CK_INVALID_HANDLE;
-        v.copy_object(s.vendor, self.vendor_object(&s, src), t, &mut o)?;
-        out.write(self.app_object(&s, v, Some(h), o));
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
+            let mut o = CK_INVALID_HANDLE;
+            m.vendor.copy_object(vh, self.object_on(slot, mi, src), t, &mut o)?;
+            Ok((self.app_object(slot, mi, &m.vendor, vh, Some(h), o), mi))
+        })?;
+        if self.multi(&sess) && self.objects.get(o).is_some_and(|e| e.owner == super::Owner::Token) {
+            self.replicate(&sess, m, o, "C_CopyObject", |mem, mi, cs| {
+                let mut v = CK_INVALID_HANDLE;
+                mem.vendor.copy_object(cs, self.object_on(slot, mi, src), t, &mut v).map(|_| v)
+            });
+        }
+        out.write(o);
         Ok(())
     }
 
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.destroy_object(s.vendor, self.vendor_object(&s, o))?;
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.destroy_object(vh, self.object_on(slot, mi, o)).map(|_| mi))?;
+        self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.destroy_object(cs, v));
         self.objects.remove(o);
         Ok(())
     }
 
-    pub fn get_object_size(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, out: Out<'_, CK_ULONG>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.get_object_size(s.vendor, self.vendor_object(&s, o), out)
+    pub fn get_object_size(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, mut out: Out<'_, CK_ULONG>) -> Result<()> {
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_object_size(vh, self.object_on(sess.slot, mi, o), out.reborrow()))
     }
 
     pub fn get_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.get_attribute_value(s.vendor, self.vendor_object(&s, o), t)
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_attribute_value(vh, self.object_on(sess.slot, mi, o), t))
     }
 
     pub fn set_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.set_attribute_value(s.vendor, self.vendor_object(&s, o), t)
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.set_attribute_value(vh, self.object_on(slot, mi, o), t).map(|_| mi))?;
+        self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.set_attribute_value(cs, v, t));
+        Ok(())
     }
 
     pub fn find_objects_init(&self, h: CK_SESSION_HANDLE, t: Template<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.find_objects_init(s.vendor, t)
+        let sess = self.session(h)?;
+        self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_init(vh, t))?;
+        sess.state.lock().ops.find = Some(FindRecord { template: t.save(), returned: Vec::new() });
+        Ok(())
     }
 
     /// The vendor fills the application's array with its handles, which are
     /// then replaced in place by p11shim's: no allocation on this path.
+    /// After a move to another member, the search runs again there and
+    /// skips what was already returned.
     pub fn find_objects(&self, h: CK_SESSION_HANDLE, mut out: OutHandles<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let mut n: CK_ULONG = 0;
-        let found = out.as_mut_slice();
-        v.find_objects(s.vendor, found, &mut n)?;
-        let n = (n as usize).min(found.len());
-        for slot in &mut found[..n] {
-            *slot = self.app_object(&s, v, None, *slot);
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        loop {
+            let (n, served_by) = self.on_session(&sess, None, |m, mi, vh| {
+                let found = out.as_mut_slice();
+                let mut n: CK_ULONG = 0;
+                m.vendor.find_objects(vh, found, &mut n)?;
+                let n = (n as usize).min(found.len());
+                for slot_h in &mut found[..n] {
+                    *slot_h = self.app_object(slot, mi, &m.vendor, vh, None, *slot_h);
+                }
+                Ok((n, mi))
+            })?;
+            let mut st = sess.state.lock();
+            let moved = st.member != served_by;
+            let Some(rec) = st.ops.find.as_mut() else {
+                drop(st);
+                out.set_count(n as CK_ULONG);
+                return Ok(());
+            };
+            let found = &mut out.as_mut_slice()[..n];
+            let mut kept = 0;
+            for i in 0..n {
+                if moved || !rec.returned.contains(&found[i]) || rec.returned.is_empty() {
+                    found[kept] = found[i];
+                    kept += 1;
+                }
+            }
+            rec.returned.extend_from_slice(&found[..kept]);
+            drop(st);
+            if kept > 0 || n == 0 {
+                out.set_count(kept as CK_ULONG);
+                return Ok(());
+            }
         }
-        out.set_count(n as CK_ULONG);
-        Ok(())
     }
 
     pub fn find_objects_final(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.find_objects_final(s.vendor)
+        let sess = self.session(h)?;
+        let r = self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_final(vh));
+        sess.state.lock().ops.find = None;
+        match r {
+            Err(Error::Vendor(CKR_OPERATION_NOT_INITIALIZED)) | Ok(()) => r,
+            other => other,
+        }
     }
 }

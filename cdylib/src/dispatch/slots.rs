@@ -1,10 +1,12 @@
 //! Slots, tokens, sessions and login (PKCS#11 sections 5.5 to 5.7).
 
 use pkcs11_sys::*;
+use zeroize::Zeroizing;
 
-use super::{Library, SessionEntry};
+use super::{Library, Session, SessionState, Slot};
 use crate::abi::mem::{Bytes, Out, OutBytes, OutList, Pin, padded};
 use crate::error::{Error, Result};
+use crate::router::{self, Member};
 
 /// What `C_GetInfo` says of p11shim.
 pub fn info(version: CK_VERSION) -> CK_INFO {
@@ -84,7 +86,13 @@ impl Library {
     }
 
     pub fn init_token(&self, slot: CK_SLOT_ID, pin: Pin<'_>, label: *mut CK_UTF8CHAR) -> Result<()> {
-        let (_, m, vs) = self.serving_member(self.slot_index(slot)?)?;
+        let i = self.slot_index(slot)?;
+        if self.slots[i as usize].members.len() > 1 {
+            // Re-initializing one member would make it differ from the
+            // others; members are initialized one by one with their own tools.
+            return Err(Error::FunctionNotSupported);
+        }
+        let (_, m, vs) = self.serving_member(i)?;
         m.vendor.init_token(vs, pin, label)
     }
 
@@ -95,12 +103,12 @@ impl Library {
             return Err(Error::FunctionNotSupported);
         }
         let mut supported = false;
-        for (i, s) in self.slots.iter().enumerate() {
+        for s in &self.slots {
             for m in &s.members {
                 let mut vs: CK_SLOT_ID = 0;
                 match m.vendor.wait_for_slot_event(CKF_DONT_BLOCK, &mut vs) {
-                    Ok(()) if Some(vs) == m.vendor_slot => {
-                        out.write(self.slots[i].cfg.id as CK_SLOT_ID);
+                    Ok(()) if Some(vs) == m.vendor_slot() => {
+                        out.write(s.cfg.id as CK_SLOT_ID);
                         return Ok(());
                     }
                     Ok(()) | Err(Error::Vendor(CKR_NO_EVENT)) => supported = true,
@@ -111,108 +119,201 @@ impl Library {
         if supported { Err(Error::NoEvent) } else { Err(Error::FunctionNotSupported) }
     }
 
+    /// `C_OpenSession`: the new session goes to the member with the least
+    /// outstanding work; a member that fails to open it is marked down and
+    /// the next one tried.
     pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS, mut out: Out<'_, CK_SESSION_HANDLE>) -> Result<()> {
-        let slot = self.slot_index(slot)?;
+        let si = self.slot_index(slot)?;
         if flags & CKF_SERIAL_SESSION == 0 {
             return Err(Error::ParallelNotSupported);
         }
-        let (member, m, vs) = self.serving_member(slot)?;
-        let mut vendor: CK_SESSION_HANDLE = 0;
-        m.vendor.open_session(vs, flags, &mut vendor)?;
-        let h = self.sessions.insert(SessionEntry { slot, member, vendor });
-        out.write(h);
-        Ok(())
+        let s = &self.slots[si as usize];
+        self.serving_member(si)?;
+        let mut excluded = 0u32;
+        loop {
+            let mi = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
+            let m = &s.members[mi as usize];
+            let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
+            let mut vendor: CK_SESSION_HANDLE = 0;
+            match m.track(|| m.vendor.open_session(vs, flags, &mut vendor)) {
+                Ok(()) => {}
+                Err(Error::Vendor(rv)) if router::is_failover(rv, false) && router::pick(&s.members, excluded | 1 << mi).is_some() => {
+                    self.member_down(s, mi, Some(rv));
+                    excluded |= 1 << mi;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            if s.members.len() > 1 {
+                if let Err(e) = self.ensure_login(s, m, vendor) {
+                    let _ = m.vendor.close_session(vendor);
+                    return Err(e);
+                }
+            }
+            m.session_opened();
+            let state = SessionState { member: mi, vendor, ops: Default::default() };
+            out.write(self.sessions.insert(Session { slot: si, flags, state: parking_lot::Mutex::new(state) }));
+            return Ok(());
+        }
     }
 
     pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let rv = v.close_session(s.vendor);
+        let sess = self.session(h)?;
+        let (m, vh) = sess.binding();
+        let slot = &self.slots[sess.slot as usize];
+        let member = &slot.members[m as usize];
+        let rv = if member.is_up() { member.vendor.close_session(vh) } else { Ok(()) };
         // The session is gone for the application whatever the vendor said
-        // (it may have lost it already).
+        // (a member that failed may have lost it already).
         if self.sessions.remove(h).is_some() {
-            let last = self.sessions.count_slot(s.slot) == 0;
-            self.objects.session_closed(s.slot, h, last);
+            member.session_closed();
+            let last = self.sessions.count_slot(sess.slot) == 0;
+            self.objects.session_closed(sess.slot, h, last);
+            if last {
+                self.slot_sessions_gone(slot);
+            }
         }
-        rv
+        match rv {
+            Err(Error::Vendor(rv)) if router::is_failover(rv, false) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The application has no session left on a slot: as on a token, it is
+    /// logged out, and p11shim closes its own sessions on the members.
+    fn slot_sessions_gone(&self, slot: &Slot) {
+        if slot.members.len() > 1 {
+            for m in &slot.members {
+                if let Some(cs) = m.set_control_session(None) {
+                    let _ = m.vendor.close_session(cs);
+                }
+                m.set_logged_in(false);
+            }
+        }
+        *slot.login.lock() = Default::default();
     }
 
     pub fn close_all_sessions(&self, slot: CK_SLOT_ID) -> Result<()> {
         let i = self.slot_index(slot)?;
+        let s = &self.slots[i as usize];
         let mut result = Ok(());
-        for m in &self.slots[i as usize].members {
-            if let Some(vs) = m.vendor_slot {
+        for m in &s.members {
+            if let (Some(vs), true) = (m.vendor_slot(), m.is_up()) {
+                let _ = m.set_control_session(None);
                 if let Err(e) = m.vendor.close_all_sessions(vs) {
                     result = Err(e);
                 }
             }
         }
-        for h in self.sessions.remove_slot(i) {
+        for (h, sess) in self.sessions.remove_slot(i) {
+            s.members[sess.binding().0 as usize].session_closed();
             self.objects.session_closed(i, h, true);
         }
+        self.slot_sessions_gone(s);
         result
     }
 
     pub fn get_session_info(&self, h: CK_SESSION_HANDLE, mut out: Out<'_, CK_SESSION_INFO>) -> Result<()> {
-        let (s, v) = self.session(h)?;
+        let sess = self.session(h)?;
         let mut info = CK_SESSION_INFO::default();
-        v.get_session_info(s.vendor, &mut info)?;
-        info.slotID = self.slots[s.slot as usize].cfg.id as CK_SLOT_ID;
+        self.on_session(&sess, None, |m, _, vh| m.vendor.get_session_info(vh, &mut info))?;
+        info.slotID = self.slots[sess.slot as usize].cfg.id as CK_SLOT_ID;
         out.write(info);
         Ok(())
     }
 
     /// `C_Login`: with a PIN source configured for the slot, the user PIN is
-    /// read from it and whatever the application passed is ignored.
+    /// read from it and whatever the application passed is ignored. On a
+    /// multi-member slot every member up is logged in, and the credential
+    /// is kept (wiped on logout) to log in members that come back.
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let slot = &self.slots[s.slot as usize];
-        match (&slot.cfg.pin, user) {
-            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => {
-                let secret = src.read().map_err(|e| {
-                    tracing::error!(slot = slot.cfg.id, source = %src, error = %e, "C_Login: PIN source unavailable");
-                    Error::PinSource(e)
-                })?;
-                v.login(s.vendor, user, Bytes::from_slice(&secret))
-            }
-            _ => v.login(s.vendor, user, pin),
+        let sess = self.session(h)?;
+        let slot = &self.slots[sess.slot as usize];
+        let source = match (&slot.cfg.pin, user) {
+            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(src.read().map_err(|e| {
+                tracing::error!(slot = slot.cfg.id, source = %src, error = %e, "C_Login: PIN source unavailable");
+                Error::PinSource(e)
+            })?),
+            _ => None,
+        };
+        let secret = match &source {
+            Some(s) => Bytes::from_slice(s),
+            None => pin,
+        };
+        self.on_session(&sess, None, |m, _, vh| m.vendor.login(vh, user, secret))?;
+        if user == CKU_CONTEXT_SPECIFIC {
+            return Ok(());
         }
+        {
+            let mut login = slot.login.lock();
+            login.user = Some(user);
+            login.pin = if source.is_none() { Some(Zeroizing::new(secret.as_slice().to_vec())) } else { None };
+        }
+        let (serving, _) = sess.binding();
+        slot.members[serving as usize].set_logged_in(true);
+        if slot.members.len() > 1 {
+            for (i, m) in slot.members.iter().enumerate() {
+                if i as u32 == serving || !m.is_up() {
+                    continue;
+                }
+                if let Err(e) = self.control_session(m).and_then(|cs| self.ensure_login(slot, m, cs)) {
+                    tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "login on member failed");
+                    self.member_down(slot, i as u32, None);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn login_user(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>, name: Bytes<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let slot = &self.slots[s.slot as usize];
-        match (&slot.cfg.pin, user) {
-            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => {
-                let secret = src.read().map_err(Error::PinSource)?;
-                v.login_user(s.vendor, user, Bytes::from_slice(&secret), name)
-            }
-            _ => v.login_user(s.vendor, user, pin, name),
-        }
+        let sess = self.session(h)?;
+        let slot = &self.slots[sess.slot as usize];
+        let source = match (&slot.cfg.pin, user) {
+            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(src.read().map_err(Error::PinSource)?),
+            _ => None,
+        };
+        let secret = match &source {
+            Some(s) => Bytes::from_slice(s),
+            None => pin,
+        };
+        self.on_session(&sess, None, |m, _, vh| m.vendor.login_user(vh, user, secret, name))
     }
 
     pub fn logout(&self, h: CK_SESSION_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.logout(s.vendor)
+        let sess = self.session(h)?;
+        let slot = &self.slots[sess.slot as usize];
+        let r = self.on_session(&sess, None, |m, _, vh| m.vendor.logout(vh));
+        let (serving, _) = sess.binding();
+        for (i, m) in slot.members.iter().enumerate() {
+            if i as u32 != serving && m.is_logged_in() {
+                if let Some(cs) = m.control_session() {
+                    let _ = m.vendor.logout(cs);
+                }
+            }
+            m.set_logged_in(false);
+        }
+        *slot.login.lock() = Default::default();
+        r
     }
 
     pub fn init_pin(&self, h: CK_SESSION_HANDLE, pin: Pin<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.init_pin(s.vendor, pin)
+        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.init_pin(vh, pin))
     }
 
     pub fn set_pin(&self, h: CK_SESSION_HANDLE, old: Pin<'_>, new: Pin<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.set_pin(s.vendor, old, new)
+        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.set_pin(vh, old, new))
     }
 
-    pub fn get_operation_state(&self, h: CK_SESSION_HANDLE, out: OutBytes<'_>) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        v.get_operation_state(s.vendor, out)
+    pub fn get_operation_state(&self, h: CK_SESSION_HANDLE, mut out: OutBytes<'_>) -> Result<()> {
+        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.get_operation_state(vh, out.reborrow()))
     }
 
     pub fn set_operation_state(&self, h: CK_SESSION_HANDLE, state: Bytes<'_>, enc: CK_OBJECT_HANDLE, auth: CK_OBJECT_HANDLE) -> Result<()> {
-        let (s, v) = self.session(h)?;
-        let map = |k| if k == CK_INVALID_HANDLE { k } else { self.vendor_object(&s, k) };
-        v.set_operation_state(s.vendor, state, map(enc), map(auth))
+        let sess = self.session(h)?;
+        let slot = sess.slot;
+        self.on_session(&sess, None, |m: &Member, mi, vh| {
+            let map = |k| if k == CK_INVALID_HANDLE { k } else { self.object_on(slot, mi, k) };
+            m.vendor.set_operation_state(vh, state, map(enc), map(auth))
+        })
     }
 }

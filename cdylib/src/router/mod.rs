@@ -1,0 +1,328 @@
+//! The HA router: the members of a virtual slot, their health, and the
+//! choice of the member that serves new work.
+//!
+//! A member is `Up` or `Down`. New sessions go to the healthy active member
+//! with the least outstanding work for its weight; standby members take
+//! work only when no active member is up. A failover-class result marks a
+//! member down (unless it is the last one up), and the session that saw it
+//! moves to another member (`dispatch` does the move, `replay` re-creates
+//! its operations there). The recovery thread (`recovery`) probes down
+//! members with backoff and returns them to service.
+
+pub mod recovery;
+pub mod replay;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use pkcs11_sys::*;
+
+use crate::backend::Vendor;
+use crate::config::MemberConfig;
+
+const NO_SLOT: u64 = u64::MAX;
+
+/// Health of a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    Up = 0,
+    Down = 1,
+}
+
+/// When a down member is probed next.
+#[derive(Debug)]
+struct Probe {
+    next: Instant,
+    backoff: Duration,
+    since: Instant,
+}
+
+/// One member partition of a virtual slot.
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub vendor: Arc<Vendor>,
+    pub cfg: MemberConfig,
+    vendor_slot: AtomicU64,
+    health: AtomicU8,
+    /// Calls running on the member now.
+    inflight: AtomicU32,
+    /// Sessions bound to the member.
+    sessions: AtomicU32,
+    /// Whether the member holds the slot's login.
+    logged_in: AtomicBool,
+    pub stats: MemberStats,
+    probe: Mutex<Probe>,
+    /// The member's own session (login, probes, replication).
+    control: Mutex<Option<CK_SESSION_HANDLE>>,
+}
+
+/// Counters of a member, for the status query and the logs.
+#[derive(Debug, Default)]
+pub struct MemberStats {
+    pub calls: AtomicU64,
+    pub errors: AtomicU64,
+    /// Sessions moved away from this member.
+    pub failovers: AtomicU64,
+    pub recoveries: AtomicU64,
+    /// Moving average of sampled call latency, in microseconds.
+    pub latency_us: AtomicU64,
+}
+
+impl Member {
+    pub fn new(name: String, vendor: Arc<Vendor>, cfg: MemberConfig, vendor_slot: Option<CK_SLOT_ID>) -> Member {
+        let now = Instant::now();
+        let m = Member {
+            name,
+            vendor,
+            cfg,
+            vendor_slot: AtomicU64::new(vendor_slot.map_or(NO_SLOT, |s| s as u64)),
+            health: AtomicU8::new(Health::Up as u8),
+            inflight: AtomicU32::new(0),
+            sessions: AtomicU32::new(0),
+            logged_in: AtomicBool::new(false),
+            stats: MemberStats::default(),
+            probe: Mutex::new(Probe { next: now, backoff: Duration::ZERO, since: now }),
+            control: Mutex::new(None),
+        };
+        if vendor_slot.is_none() {
+            m.health.store(Health::Down as u8, Ordering::Relaxed);
+        }
+        m
+    }
+
+    /// The member's slot in its vendor library, when its token was found.
+    #[inline]
+    pub fn vendor_slot(&self) -> Option<CK_SLOT_ID> {
+        match self.vendor_slot.load(Ordering::Relaxed) {
+            NO_SLOT => None,
+            s => Some(s as CK_SLOT_ID),
+        }
+    }
+
+    pub fn set_vendor_slot(&self, s: Option<CK_SLOT_ID>) {
+        self.vendor_slot.store(s.map_or(NO_SLOT, |s| s as u64), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn health(&self) -> Health {
+        if self.health.load(Ordering::Relaxed) == Health::Up as u8 { Health::Up } else { Health::Down }
+    }
+
+    #[inline]
+    pub fn is_up(&self) -> bool {
+        self.health() == Health::Up && self.vendor_slot().is_some()
+    }
+
+    pub fn is_logged_in(&self) -> bool {
+        self.logged_in.load(Ordering::Relaxed)
+    }
+
+    pub fn set_logged_in(&self, v: bool) {
+        self.logged_in.store(v, Ordering::Relaxed);
+    }
+
+    pub fn sessions(&self) -> u32 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn session_opened(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn session_closed(&self) {
+        let _ = self.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Marks the member down; returns `false` when it already was.
+    pub fn mark_down(&self, first_backoff: Duration) -> bool {
+        let was = self.health.swap(Health::Down as u8, Ordering::AcqRel);
+        self.logged_in.store(false, Ordering::Relaxed);
+        if was == Health::Down as u8 {
+            return false;
+        }
+        let now = Instant::now();
+        *self.probe.lock() = Probe { next: now + first_backoff, backoff: first_backoff, since: now };
+        true
+    }
+
+    /// Returns a down member to service.
+    pub fn mark_up(&self) {
+        self.health.store(Health::Up as u8, Ordering::Release);
+        self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a down member is due for a probe.
+    pub fn probe_due(&self, now: Instant) -> bool {
+        self.health() == Health::Down && self.probe.lock().next <= now
+    }
+
+    /// When the next probe of a down member is due.
+    pub fn next_probe(&self) -> Option<Instant> {
+        (self.health() == Health::Down).then(|| self.probe.lock().next)
+    }
+
+    /// How long the member has been down.
+    pub fn down_for(&self) -> Duration {
+        self.probe.lock().since.elapsed()
+    }
+
+    /// Schedules the next probe after a failed one (exponential backoff).
+    pub fn probe_failed(&self, max: Duration) {
+        let mut p = self.probe.lock();
+        p.backoff = (p.backoff * 2).clamp(Duration::from_millis(10), max);
+        p.next = Instant::now() + p.backoff;
+    }
+
+    /// The member's own session, if open.
+    pub fn control_session(&self) -> Option<CK_SESSION_HANDLE> {
+        *self.control.lock()
+    }
+
+    pub fn set_control_session(&self, s: Option<CK_SESSION_HANDLE>) -> Option<CK_SESSION_HANDLE> {
+        std::mem::replace(&mut *self.control.lock(), s)
+    }
+
+    /// Runs a vendor call on the member, counting it, and sampling its
+    /// latency once in 16 calls.
+    #[inline]
+    pub fn track<T>(&self, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+        let n = self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let sample = n % 16 == 0;
+        let start = sample.then(Instant::now);
+        let r = f();
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(start) = start {
+            let us = start.elapsed().as_micros() as u64;
+            let old = self.stats.latency_us.load(Ordering::Relaxed);
+            let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+            self.stats.latency_us.store(new, Ordering::Relaxed);
+        }
+        if r.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// Picks the member for new work: up, active before standby, least
+/// outstanding work for its weight. Members in the `exclude` bit set are
+/// never picked.
+pub fn pick(members: &[Member], exclude: u32) -> Option<u32> {
+    let score = |m: &Member| (u64::from(m.inflight()) * 1024 + u64::from(m.sessions())) * 1_000_000 / u64::from(m.cfg.weight.max(1));
+    let best = |standby: bool| {
+        members
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| exclude & (1 << i) == 0 && m.is_up() && m.cfg.standby == standby)
+            .min_by_key(|(_, m)| score(m))
+            .map(|(i, _)| i as u32)
+    };
+    best(false).or_else(|| best(true))
+}
+
+/// Whether a result from a member means the member (or its state for this
+/// session) is lost, so that the work must move. `USER_NOT_LOGGED_IN` counts
+/// only when the slot is logged in (a restarted member forgot the login).
+pub fn is_failover(rv: CK_RV, slot_logged_in: bool) -> bool {
+    match rv {
+        CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED | CKR_TOKEN_NOT_PRESENT | CKR_DEVICE_MEMORY | CKR_GENERAL_ERROR
+        | CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED => true,
+        CKR_USER_NOT_LOGGED_IN => slot_logged_in,
+        _ => false,
+    }
+}
+
+/// Whether a failover-class result says the member lost this session's
+/// state but still answers (it may serve again at once, after a new
+/// session and login).
+pub fn lost_state_only(rv: CK_RV) -> bool {
+    matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_USER_NOT_LOGGED_IN)
+}
+
+/// A member's state as the status query reports it.
+pub fn state_name(m: &Member) -> &'static str {
+    match (m.is_up(), m.cfg.standby) {
+        (true, false) => "active",
+        (true, true) => "standby",
+        (false, _) if m.vendor_slot().is_none() => "absent",
+        (false, _) => "down",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenSelector;
+
+    fn member(weight: u32, standby: bool) -> Member {
+        let cfg = MemberConfig { library: "/x.so".into(), selector: TokenSelector::Label("t".into()), weight, standby };
+        Member {
+            name: "m".into(),
+            vendor: Arc::new(Vendor::for_tests()),
+            cfg,
+            vendor_slot: AtomicU64::new(1),
+            health: AtomicU8::new(Health::Up as u8),
+            inflight: AtomicU32::new(0),
+            sessions: AtomicU32::new(0),
+            logged_in: AtomicBool::new(false),
+            stats: MemberStats::default(),
+            probe: Mutex::new(Probe { next: Instant::now(), backoff: Duration::ZERO, since: Instant::now() }),
+            control: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn least_loaded_active_member_wins() {
+        let ms = [member(1, false), member(1, false), member(1, true)];
+        ms[0].session_opened();
+        assert_eq!(pick(&ms, 0), Some(1));
+        ms[1].session_opened();
+        ms[1].session_opened();
+        assert_eq!(pick(&ms, 0), Some(0));
+        assert_eq!(pick(&ms, 1), Some(1));
+        assert_eq!(pick(&ms, 0b11), Some(2));
+    }
+
+    #[test]
+    fn weight_scales_the_share() {
+        let ms = [member(1, false), member(3, false)];
+        for _ in 0..2 {
+            ms[1].session_opened();
+        }
+        ms[0].session_opened();
+        // 1 session at weight 1 weighs more than 2 at weight 3.
+        assert_eq!(pick(&ms, 0), Some(1));
+    }
+
+    #[test]
+    fn standby_only_when_no_active_is_up() {
+        let ms = [member(1, false), member(1, true)];
+        assert_eq!(pick(&ms, 0), Some(0));
+        assert!(ms[0].mark_down(Duration::from_millis(10)));
+        assert!(!ms[0].mark_down(Duration::from_millis(10)));
+        assert_eq!(pick(&ms, 0), Some(1));
+        ms[1].mark_down(Duration::from_millis(10));
+        assert_eq!(pick(&ms, 0), None);
+        ms[0].mark_up();
+        assert_eq!(pick(&ms, 0), Some(0));
+    }
+
+    #[test]
+    fn failover_classes() {
+        assert!(is_failover(CKR_DEVICE_ERROR, false));
+        assert!(is_failover(CKR_SESSION_HANDLE_INVALID, false));
+        assert!(!is_failover(CKR_USER_NOT_LOGGED_IN, false));
+        assert!(is_failover(CKR_USER_NOT_LOGGED_IN, true));
+        assert!(!is_failover(CKR_SIGNATURE_INVALID, true));
+        assert!(!is_failover(CKR_PIN_INCORRECT, true));
+    }
+}
