@@ -266,10 +266,10 @@ pub struct OutHandles<'a> {
 
 impl OutHandles<'_> {
     /// # Safety
-    /// `ptr` points to `max` writable handles (or is NULL with `max == 0`),
-    /// and `count` is writable.
+    /// `ptr` points to `max` writable handles, and `count` is writable.
     pub unsafe fn new(ptr: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: CK_ULONG_PTR) -> Result<Self> {
-        if count.is_null() || (ptr.is_null() && max != 0) {
+        // A NULL array is refused even with `max == 0`, as vendors do.
+        if count.is_null() || ptr.is_null() {
             return Err(Error::ArgumentsBad("NULL handle array or count"));
         }
         Ok(OutHandles { ptr, max, count, _life: PhantomData })
