@@ -6,6 +6,7 @@
 //! this process at them, [`TestEnv::command`] a child process.
 
 pub mod abi;
+pub mod scenarios;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
