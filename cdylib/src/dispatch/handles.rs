@@ -141,6 +141,8 @@ struct ObjectMaps {
     by_handle: FxHashMap<CK_OBJECT_HANDLE, ObjectEntry>,
     by_vendor: FxHashMap<(u32, u32, CK_OBJECT_HANDLE), CK_OBJECT_HANDLE>,
     by_identity: FxHashMap<(u32, Arc<Identity>), CK_OBJECT_HANDLE>,
+    /// Identities shared by several objects of one member.
+    ambiguous: rustc_hash::FxHashSet<(u32, Arc<Identity>)>,
 }
 
 /// The objects the application has seen.
@@ -192,21 +194,34 @@ impl Objects {
             return *h;
         }
         let identity = identity.map(Arc::new);
+        let mut identity_free = true;
         if owner == Owner::Token {
             if let Some(id) = &identity {
                 if let Some(h) = maps.by_identity.get(&(slot, id.clone())).copied() {
-                    if let Some(e) = maps.by_handle.get_mut(&h) {
-                        e.handles[member as usize] = vendor;
-                        maps.by_vendor.insert((slot, member, vendor), h);
-                        return h;
+                    match maps.by_handle.get_mut(&h) {
+                        // The same object, first seen on another member.
+                        Some(e) if e.handles[member as usize] == CK_INVALID_HANDLE => {
+                            e.handles[member as usize] = vendor;
+                            maps.by_vendor.insert((slot, member, vendor), h);
+                            return h;
+                        }
+                        // Two objects on one member share the identity: it
+                        // singles out neither, so neither is matched by it.
+                        _ => {
+                            maps.by_identity.remove(&(slot, id.clone()));
+                            maps.ambiguous.insert((slot, id.clone()));
+                            identity_free = false;
+                        }
                     }
+                } else if maps.ambiguous.contains(&(slot, id.clone())) {
+                    identity_free = false;
                 }
             }
         }
         let h = next_handle();
         let mut handles = [CK_INVALID_HANDLE; MAX_MEMBERS];
         handles[member as usize] = vendor;
-        if let (Owner::Token, Some(id)) = (owner, &identity) {
+        if let (Owner::Token, Some(id), true) = (owner, &identity, identity_free) {
             maps.by_identity.insert((slot, id.clone()), h);
         }
         maps.by_handle.insert(h, ObjectEntry { slot, owner, identity, handles });
@@ -217,18 +232,20 @@ impl Objects {
     pub fn remove(&self, h: CK_OBJECT_HANDLE) {
         let mut maps = self.maps.write();
         if let Some(e) = maps.by_handle.remove(&h) {
-            Self::unlink(&mut maps, &e);
+            Self::unlink(&mut maps, h, &e);
         }
     }
 
-    fn unlink(maps: &mut ObjectMaps, e: &ObjectEntry) {
+    fn unlink(maps: &mut ObjectMaps, h: CK_OBJECT_HANDLE, e: &ObjectEntry) {
         for (m, v) in e.handles.iter().enumerate() {
             if *v != CK_INVALID_HANDLE {
                 maps.by_vendor.remove(&(e.slot, m as u32, *v));
             }
         }
         if let Some(id) = &e.identity {
-            maps.by_identity.remove(&(e.slot, id.clone()));
+            if maps.by_identity.get(&(e.slot, id.clone())) == Some(&h) {
+                maps.by_identity.remove(&(e.slot, id.clone()));
+            }
         }
     }
 
@@ -248,7 +265,7 @@ impl Objects {
             .collect();
         for h in dead {
             if let Some(e) = maps.by_handle.remove(&h) {
-                Self::unlink(&mut maps, &e);
+                Self::unlink(&mut maps, h, &e);
             }
         }
     }
@@ -295,6 +312,11 @@ mod tests {
         assert_eq!(o.on_member(h, 1, 0), None, "another slot's handle");
         // Another identity: another handle.
         assert_ne!(o.insert(0, 1, 10, Owner::Token, id("other")), h);
+        // A second object with the same identity on one member: its own
+        // handle, and the identity no longer matches across members.
+        let twin = o.insert(0, 0, 8, Owner::Token, id("k"));
+        assert_ne!(twin, h);
+        assert_ne!(o.insert(0, 2, 12, Owner::Token, id("k")), h);
         o.forget_member(0, 1);
         assert_eq!(o.on_member(h, 0, 1), None);
         o.set_on_member(h, 1, 11);

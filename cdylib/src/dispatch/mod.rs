@@ -450,11 +450,12 @@ impl Library {
                     }
                 }
             }
-            if let Some(find) = &st.ops.find {
+            if let Some(find) = &mut st.ops.find {
                 match &find.template {
                     Some(t) => {
                         let mut raw = t.to_raw();
                         member.vendor.find_objects_init(vh, Template::from_slice(&mut raw))?;
+                        find.restarted = true;
                     }
                     None => st.ops.find = None,
                 }

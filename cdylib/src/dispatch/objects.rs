@@ -134,7 +134,7 @@ impl Library {
     pub fn find_objects_init(&self, h: CK_SESSION_HANDLE, t: Template<'_>) -> Result<()> {
         let sess = self.session(h)?;
         self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_init(vh, t))?;
-        sess.state.lock().ops.find = Some(FindRecord { template: t.save(), returned: Vec::new() });
+        sess.state.lock().ops.find = Some(FindRecord { template: t.save(), returned: Vec::new(), restarted: false });
         Ok(())
     }
 
@@ -146,7 +146,7 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         loop {
-            let (n, served_by) = self.on_session(&sess, None, |m, mi, vh| {
+            let n = self.on_session(&sess, None, |m, mi, vh| {
                 let found = out.as_mut_slice();
                 let mut n: CK_ULONG = 0;
                 m.vendor.find_objects(vh, found, &mut n)?;
@@ -154,21 +154,23 @@ impl Library {
                 for slot_h in &mut found[..n] {
                     *slot_h = self.app_object(slot, mi, &m.vendor, vh, None, *slot_h);
                 }
-                Ok((n, mi))
+                Ok(n)
             })?;
             let mut st = sess.state.lock();
-            let moved = st.member != served_by;
             let Some(rec) = st.ops.find.as_mut() else {
                 drop(st);
                 out.set_count(n as CK_ULONG);
                 return Ok(());
             };
             let found = &mut out.as_mut_slice()[..n];
-            let mut kept = 0;
-            for i in 0..n {
-                if moved || !rec.returned.contains(&found[i]) || rec.returned.is_empty() {
-                    found[kept] = found[i];
-                    kept += 1;
+            let mut kept = n;
+            if rec.restarted {
+                kept = 0;
+                for i in 0..n {
+                    if !rec.returned.contains(&found[i]) {
+                        found[kept] = found[i];
+                        kept += 1;
+                    }
                 }
             }
             rec.returned.extend_from_slice(&found[..kept]);

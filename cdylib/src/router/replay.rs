@@ -60,6 +60,9 @@ pub struct FindRecord {
     pub template: Option<SavedTemplate>,
     /// Handles already returned to the application.
     pub returned: Vec<CK_OBJECT_HANDLE>,
+    /// The search was started again on another member: what it returns
+    /// again is skipped.
+    pub restarted: bool,
 }
 
 /// The active operations of a session.
