@@ -54,6 +54,55 @@ pub fn p11shim_lib() -> PathBuf {
     p
 }
 
+/// The fault-injecting module built from `tests/faultmod`
+/// (`cargo build -p p11shim-faultmod`; `make test` does).
+pub fn faultmod_lib() -> PathBuf {
+    let p = target_dir().join("libp11faultmod.so");
+    assert!(p.exists(), "{} is missing: run `cargo build -p p11shim-faultmod` (make test does)", p.display());
+    p
+}
+
+/// One HA member behind its own copy of the fault module: writing its
+/// control file injects faults into that member only.
+#[derive(Debug, Clone)]
+pub struct FaultyMember {
+    /// The copy of the fault module the member is loaded through.
+    pub library: PathBuf,
+    /// The member's token label.
+    pub token: String,
+}
+
+impl FaultyMember {
+    fn control(&self) -> PathBuf {
+        let mut p = self.library.clone().into_os_string();
+        p.push(".ctl");
+        PathBuf::from(p)
+    }
+
+    /// Replaces the member's fault rules (see `tests/faultmod/src/lib.rs`).
+    pub fn set(&self, rules: &str) {
+        let tmp = self.control().with_extension("ctl.tmp");
+        std::fs::write(&tmp, rules).expect("write fault rules");
+        std::fs::rename(&tmp, self.control()).expect("install fault rules");
+    }
+
+    /// Removes every fault.
+    pub fn heal(&self) {
+        self.set("");
+    }
+
+    /// Calls per function seen by the member, as of its last dump.
+    pub fn calls(&self) -> std::collections::HashMap<String, u64> {
+        let mut p = self.library.clone().into_os_string();
+        p.push(".calls");
+        std::fs::read_to_string(PathBuf::from(p))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' ').and_then(|(f, n)| Some((f.to_owned(), n.parse().ok()?))))
+            .collect()
+    }
+}
+
 /// Which module a scenario talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -135,6 +184,51 @@ impl TestEnv {
             .output()
             .expect("softhsm2-util (apt-get install softhsm2)");
         assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Imports a PEM private key (PKCS#8) into a token, with its public key.
+    pub fn import_key(&self, token: &str, pem: &Path, label: &str, id_hex: &str) {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", self.softhsm_conf())
+            .args(["--import"])
+            .arg(pem)
+            .args(["--token", token, "--label", label, "--id", id_hex, "--pin", USER_PIN])
+            .output()
+            .expect("softhsm2-util");
+        assert!(out.status.success(), "softhsm2-util --import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `n` members named `ha-a`, `ha-b`, ...: a token each, holding the
+    /// same RSA-2048 key pair (`rsa`, id 01), each loaded through its own
+    /// copy of the fault module. Returns the members.
+    pub fn ha_members(&self, n: usize) -> Vec<FaultyMember> {
+        let pem = self.path().join("rsa.pem");
+        run_ok(Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"]).arg(&pem));
+        (0..n)
+            .map(|i| {
+                let token = format!("ha-{}", (b'a' + i as u8) as char);
+                self.init_token(&token);
+                self.import_key(&token, &pem, "rsa", "01");
+                let library = self.path().join(format!("member-{}.so", (b'a' + i as u8) as char));
+                std::fs::copy(faultmod_lib(), &library).expect("copy the fault module");
+                FaultyMember { library, token }
+            })
+            .collect()
+    }
+
+    /// A one-slot configuration over HA members; `extra` is appended to the
+    /// `[[slot]]` table.
+    pub fn ha_config(&self, members: &[FaultyMember], extra: &str) -> PathBuf {
+        let mut toml = format!("[log]\nlevel = \"info\"\nfile = \"{}\"\n\n[[slot]]\nid = 0\nlabel = \"ha\"\n{extra}\n", self.path().join("p11shim.log").display());
+        for m in members {
+            toml.push_str(&format!("\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{}\"\n", m.library.display(), m.token));
+        }
+        self.write_config(&toml)
+    }
+
+    /// The module's diagnostic log written by [`TestEnv::ha_config`].
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("p11shim.log")).unwrap_or_default()
     }
 
     /// Writes the p11shim configuration.

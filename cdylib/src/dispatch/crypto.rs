@@ -24,7 +24,7 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |mem, mi, vh| {
-            let k = if key == CK_INVALID_HANDLE { key } else { self.object_on(slot, mi, key) };
+            let k = if key == CK_INVALID_HANDLE { key } else { self.object_on(slot, mi, key)? };
             init(&mem.vendor, vh, m, k)
         })?;
         sess.state.lock().ops.start(kind, m.save(), key);
@@ -42,15 +42,16 @@ impl Library {
         r
     }
 
-    /// `*Update`: records the input for replay, or ends the operation on
-    /// failure.
-    fn op_update(&self, h: Sh, kind: OpKind, input: Bytes<'_>, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+    /// `*Update`: records the input for replay (a size query consumes
+    /// none), or ends the operation on failure.
+    fn op_update(&self, h: Sh, kind: OpKind, input: Bytes<'_>, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
         let limit = self.slots[sess.slot as usize].cfg.replay_limit;
         let mut st = sess.state.lock();
         match &r {
-            Ok(()) => st.ops.add_input(kind, input.as_slice(), limit),
+            Ok(()) if !size_query => st.ops.add_input(kind, input.as_slice(), limit),
+            Ok(()) => {}
             Err(Error::Vendor(CKR_BUFFER_TOO_SMALL)) => {}
             Err(_) => st.ops.end(kind),
         }
@@ -100,7 +101,7 @@ impl Library {
         self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt(s, d, out.reborrow()))
     }
     pub fn encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Encrypt, d, |v, s| v.encrypt_update(s, d, out.reborrow()))
+        self.op_update(h, OpKind::Encrypt, d, out.is_size_query(), |v, s| v.encrypt_update(s, d, out.reborrow()))
     }
     pub fn encrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt_final(s, out.reborrow()))
@@ -109,7 +110,7 @@ impl Library {
         self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt(s, d, out.reborrow()))
     }
     pub fn decrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Decrypt, d, |v, s| v.decrypt_update(s, d, out.reborrow()))
+        self.op_update(h, OpKind::Decrypt, d, out.is_size_query(), |v, s| v.decrypt_update(s, d, out.reborrow()))
     }
     pub fn decrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt_final(s, out.reborrow()))
@@ -118,7 +119,7 @@ impl Library {
         self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest(s, d, out.reborrow()))
     }
     pub fn digest_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Digest, d, |v, s| v.digest_update(s, d))
+        self.op_update(h, OpKind::Digest, d, false, |v, s| v.digest_update(s, d))
     }
     pub fn digest_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest_final(s, out.reborrow()))
@@ -127,7 +128,7 @@ impl Library {
         self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign(s, d, out.reborrow()))
     }
     pub fn sign_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Sign, d, |v, s| v.sign_update(s, d))
+        self.op_update(h, OpKind::Sign, d, false, |v, s| v.sign_update(s, d))
     }
     pub fn sign_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign_final(s, out.reborrow()))
@@ -139,7 +140,7 @@ impl Library {
         self.op_last(h, OpKind::Verify, false, |v, s| v.verify(s, d, sig))
     }
     pub fn verify_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Verify, d, |v, s| v.verify_update(s, d))
+        self.op_update(h, OpKind::Verify, d, false, |v, s| v.verify_update(s, d))
     }
     pub fn verify_final(&self, h: Sh, sig: Bytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Verify, false, |v, s| v.verify_final(s, sig))
@@ -151,7 +152,7 @@ impl Library {
     pub fn digest_key(&self, h: Sh, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| m.vendor.digest_key(vh, self.object_on(slot, mi, key)));
+        let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| m.vendor.digest_key(vh, self.object_on(slot, mi, key)?));
         let mut st = sess.state.lock();
         match r {
             Ok(()) => st.ops.taint(OpKind::Digest),
@@ -229,7 +230,7 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor.wrap_key(vh, m, self.object_on(slot, mi, wrapping), self.object_on(slot, mi, key), out.reborrow())
+            mem.vendor.wrap_key(vh, m, self.object_on(slot, mi, wrapping)?, self.object_on(slot, mi, key)?, out.reborrow())
         })
     }
 
@@ -240,13 +241,13 @@ impl Library {
         let slot = sess.slot;
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
             let mut k = CK_INVALID_HANDLE;
-            mem.vendor.unwrap_key(vh, m, self.object_on(slot, mi, unwrapping), wrapped, t, &mut k)?;
+            mem.vendor.unwrap_key(vh, m, self.object_on(slot, mi, unwrapping)?, wrapped, t, &mut k)?;
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         })?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             self.replicate(&sess, made_on, o, "C_UnwrapKey", |mem, mi, cs| {
                 let mut k = CK_INVALID_HANDLE;
-                mem.vendor.unwrap_key(cs, m, self.object_on(slot, mi, unwrapping), wrapped, t, &mut k).map(|_| k)
+                mem.vendor.unwrap_key(cs, m, self.object_on(slot, mi, unwrapping)?, wrapped, t, &mut k).map(|_| k)
             });
         }
         out.write(o);
@@ -266,13 +267,13 @@ impl Library {
             let translated;
             let m = match m.handle_param() {
                 Some(app) => {
-                    other_key = self.object_on(slot, mi, app);
+                    other_key = self.object_on(slot, mi, app)?;
                     translated = m.with_handle_param(&mut other_key);
                     translated.view()
                 }
                 None => m,
             };
-            mem.vendor.derive_key(vh, m, self.object_on(slot, mi, base), t, &mut k)?;
+            mem.vendor.derive_key(vh, m, self.object_on(slot, mi, base)?, t, &mut k)?;
             Ok(k)
         };
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
@@ -331,18 +332,18 @@ impl Library {
     }
     pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)))
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)?))
     }
     pub fn message_decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)))
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)?))
     }
     pub fn message_sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_sign_init(vh, m, self.object_on(sess.slot, mi, key)))
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_sign_init(vh, m, self.object_on(sess.slot, mi, key)?))
     }
     pub fn message_verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_verify_init(vh, m, self.object_on(sess.slot, mi, key)))
+        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_verify_init(vh, m, self.object_on(sess.slot, mi, key)?))
     }
 }

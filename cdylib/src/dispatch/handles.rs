@@ -229,6 +229,25 @@ impl Objects {
         h
     }
 
+    /// Replaces an object's identity (its `CKA_LABEL` or `CKA_ID` changed).
+    pub fn set_identity(&self, h: CK_OBJECT_HANDLE, identity: Option<Identity>) {
+        let mut maps = self.maps.write();
+        let Some(e) = maps.by_handle.get_mut(&h) else { return };
+        let (slot, owner) = (e.slot, e.owner);
+        let old = std::mem::replace(&mut e.identity, identity.map(Arc::new));
+        let new = e.identity.clone();
+        if let Some(id) = old {
+            if maps.by_identity.get(&(slot, id.clone())) == Some(&h) {
+                maps.by_identity.remove(&(slot, id));
+            }
+        }
+        if let (Owner::Token, Some(id)) = (owner, new) {
+            if !maps.ambiguous.contains(&(slot, id.clone())) {
+                maps.by_identity.entry((slot, id)).or_insert(h);
+            }
+        }
+    }
+
     pub fn remove(&self, h: CK_OBJECT_HANDLE) {
         let mut maps = self.maps.write();
         if let Some(e) = maps.by_handle.remove(&h) {

@@ -387,8 +387,11 @@ impl Library {
             if to != from {
                 self.member_down(slot, from, rv);
             } else {
-                // The member forgot this session: log it in again.
+                // The member forgot this session, and maybe everything (a
+                // restart): log it in again, find its objects again.
                 failed.set_logged_in(false);
+                failed.drop_control();
+                self.objects.forget_member(sess.slot, from);
             }
             match self.rebind(sess, &mut st, to) {
                 Ok(()) => {
@@ -491,7 +494,7 @@ impl Library {
         let Some(mech) = &rec.mechanism else { return Err(Error::OperationLost) };
         let raw = RawMechanism(mech.to_raw());
         let mech = raw.view();
-        let key = if rec.key == CK_INVALID_HANDLE { CK_INVALID_HANDLE } else { self.object_on(slot, m, rec.key) };
+        let key = if rec.key == CK_INVALID_HANDLE { CK_INVALID_HANDLE } else { self.object_on(slot, m, rec.key)? };
         let v = &member.vendor;
         match kind {
             OpKind::Encrypt => v.encrypt_init(vh, mech, key)?,
@@ -536,56 +539,44 @@ impl Library {
         }
     }
 
-    /// The member's own session, opened when first needed.
-    fn control_session(&self, member: &Member) -> Result<CK_SESSION_HANDLE> {
-        if let Some(s) = member.control_session() {
-            return Ok(s);
-        }
-        let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
-        let mut s: CK_SESSION_HANDLE = 0;
-        member.vendor.open_session(vs, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut s)?;
-        if let Some(old) = member.set_control_session(Some(s)) {
-            let _ = member.vendor.close_session(old);
-        }
-        Ok(s)
-    }
-
     /// The vendor handle of an object on a member. An object not known
     /// there is looked up by its identity (through the member's own
     /// session); an unknown handle becomes `CK_INVALID_HANDLE`, so that the
     /// vendor answers with its own code for an invalid handle, in its own
-    /// order of checks.
+    /// order of checks. A member failing during the lookup is an error (the
+    /// session then moves).
     #[inline]
-    fn object_on(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+    fn object_on(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Result<CK_OBJECT_HANDLE> {
         match self.objects.on_member(h, slot, m) {
-            Some(v) => v,
-            None => self.resolve(slot, m, h).unwrap_or(CK_INVALID_HANDLE),
+            Some(v) => Ok(v),
+            None => Ok(self.resolve(slot, m, h)?.unwrap_or(CK_INVALID_HANDLE)),
         }
     }
 
     /// Finds an object on a member by its identity.
-    fn resolve(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
-        let e = self.objects.get(h)?;
-        if e.slot != slot || e.owner != Owner::Token {
-            return None;
-        }
-        let id = e.identity?;
+    fn resolve(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Result<Option<CK_OBJECT_HANDLE>> {
+        let Some(e) = self.objects.get(h) else { return Ok(None) };
+        let (true, Owner::Token, Some(id)) = (e.slot == slot, e.owner, e.identity) else { return Ok(None) };
         let member = &self.slots[slot as usize].members[m as usize];
-        let cs = self.control_session(member).ok()?;
         let mut template = identity_template(&id);
-        let mut raw = template.iter_mut().map(|(t, v)| CK_ATTRIBUTE { type_: *t, pValue: v.as_mut_ptr().cast(), ulValueLen: v.len() as CK_ULONG }).collect::<Vec<_>>();
-        member.vendor.find_objects_init(cs, Template::from_slice(&mut raw)).ok()?;
-        let mut found = [CK_INVALID_HANDLE; 2];
-        let mut n: CK_ULONG = 0;
-        let r = member.vendor.find_objects(cs, &mut found, &mut n);
-        let _ = member.vendor.find_objects_final(cs);
-        r.ok()?;
-        if n != 1 {
-            tracing::debug!(member = %member.name, matches = n, "object identity is not unique on this member");
-            return None;
+        let found = member.with_control(|cs| {
+            let mut raw = template
+                .iter_mut()
+                .map(|(t, v)| CK_ATTRIBUTE { type_: *t, pValue: v.as_mut_ptr().cast(), ulValueLen: v.len() as CK_ULONG })
+                .collect::<Vec<_>>();
+            member.vendor.find_objects_init(cs, Template::from_slice(&mut raw))?;
+            let mut found = [CK_INVALID_HANDLE; 2];
+            let mut n: CK_ULONG = 0;
+            let r = member.vendor.find_objects(cs, &mut found, &mut n);
+            let _ = member.vendor.find_objects_final(cs);
+            r.map(|_| found[..n as usize].to_vec())
+        })?;
+        if found.len() != 1 {
+            tracing::debug!(member = %member.name, matches = found.len(), "object identity does not single out one object on this member");
+            return Ok(None);
         }
         self.objects.set_on_member(h, m, found[0]);
-        Some(found[0])
+        Ok(Some(found[0]))
     }
 
     /// The application's handle for a vendor object, issued on first sight.
@@ -622,10 +613,8 @@ impl Library {
             return;
         };
         member.set_vendor_slot(Some(vs));
-        if let Some(old) = member.set_control_session(None) {
-            let _ = member.vendor.close_session(old);
-        }
-        let result = self.control_session(member).and_then(|cs| self.ensure_login(slot, member, cs));
+        member.close_control();
+        let result = member.with_control(|cs| self.ensure_login(slot, member, cs));
         match result {
             Ok(()) => {
                 self.objects.forget_member(si, mi);
@@ -635,9 +624,7 @@ impl Library {
             }
             Err(e) => {
                 tracing::debug!(slot = slot.cfg.id, member = %member.name, error = %e, "probe failed");
-                if let Some(old) = member.set_control_session(None) {
-                    let _ = member.vendor.close_session(old);
-                }
+                member.close_control();
                 member.probe_failed(max);
             }
         }
@@ -680,7 +667,7 @@ fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
 }
 
 /// Reads whether an object is a token object, and its identity, in one call.
-fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> (Option<bool>, Option<Identity>) {
+pub(super) fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> (Option<bool>, Option<Identity>) {
     let mut token: CK_BBOOL = CK_FALSE;
     let mut class: CK_ULONG = 0;
     let mut key_type: CK_ULONG = 0;

@@ -33,7 +33,7 @@ impl Library {
                 tracing::warn!(slot = slot.cfg.id, member = %m.name, what, "member is down and misses a token object");
                 continue;
             }
-            match self.control_session(m).and_then(|cs| m.track(|| make(m, i, cs))) {
+            match m.with_control(|cs| m.track(|| make(m, i, cs))) {
                 Ok(v) => self.objects.set_on_member(h, i, v),
                 Err(e) => {
                     tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "replication to member failed");
@@ -54,11 +54,16 @@ impl Library {
             if i == done_on || !m.is_up() {
                 continue;
             }
-            let v = self.object_on(sess.slot, i, h);
-            if v == CK_INVALID_HANDLE {
-                continue;
-            }
-            if let Err(e) = self.control_session(m).and_then(|cs| m.track(|| f(m, cs, v))) {
+            let v = match self.object_on(sess.slot, i, h) {
+                Ok(CK_INVALID_HANDLE) => continue,
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "member failed");
+                    self.member_down(slot, i, None);
+                    continue;
+                }
+            };
+            if let Err(e) = m.with_control(|cs| m.track(|| f(m, cs, v))) {
                 tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "change on member failed");
                 self.member_down(slot, i, None);
             }
@@ -91,13 +96,13 @@ impl Library {
         let slot = sess.slot;
         let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
-            m.vendor.copy_object(vh, self.object_on(slot, mi, src), t, &mut o)?;
+            m.vendor.copy_object(vh, self.object_on(slot, mi, src)?, t, &mut o)?;
             Ok((self.app_object(slot, mi, &m.vendor, vh, Some(h), o), mi))
         })?;
         if self.multi(&sess) && self.objects.get(o).is_some_and(|e| e.owner == super::Owner::Token) {
             self.replicate(&sess, m, o, "C_CopyObject", |mem, mi, cs| {
                 let mut v = CK_INVALID_HANDLE;
-                mem.vendor.copy_object(cs, self.object_on(slot, mi, src), t, &mut v).map(|_| v)
+                mem.vendor.copy_object(cs, self.object_on(slot, mi, src)?, t, &mut v).map(|_| v)
             });
         }
         out.write(o);
@@ -107,7 +112,7 @@ impl Library {
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.destroy_object(vh, self.object_on(slot, mi, o)).map(|_| mi))?;
+        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.destroy_object(vh, self.object_on(slot, mi, o)?).map(|_| mi))?;
         self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.destroy_object(cs, v));
         self.objects.remove(o);
         Ok(())
@@ -115,18 +120,26 @@ impl Library {
 
     pub fn get_object_size(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, mut out: Out<'_, CK_ULONG>) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_object_size(vh, self.object_on(sess.slot, mi, o), out.reborrow()))
+        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_object_size(vh, self.object_on(sess.slot, mi, o)?, out.reborrow()))
     }
 
     pub fn get_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_attribute_value(vh, self.object_on(sess.slot, mi, o), t))
+        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_attribute_value(vh, self.object_on(sess.slot, mi, o)?, t))
     }
 
     pub fn set_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.set_attribute_value(vh, self.object_on(slot, mi, o), t).map(|_| mi))?;
+        let changes_identity = t.attrs().iter().any(|a| a.type_ == CKA_LABEL || a.type_ == CKA_ID);
+        let done_on = self.on_session(&sess, None, |m, mi, vh| {
+            let v = self.object_on(slot, mi, o)?;
+            m.vendor.set_attribute_value(vh, v, t)?;
+            if changes_identity {
+                self.objects.set_identity(o, super::read_identity(&m.vendor, vh, v).1);
+            }
+            Ok(mi)
+        })?;
         self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.set_attribute_value(cs, v, t));
         Ok(())
     }

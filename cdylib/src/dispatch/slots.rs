@@ -184,9 +184,7 @@ impl Library {
     fn slot_sessions_gone(&self, slot: &Slot) {
         if slot.members.len() > 1 {
             for m in &slot.members {
-                if let Some(cs) = m.set_control_session(None) {
-                    let _ = m.vendor.close_session(cs);
-                }
+                m.close_control();
                 m.set_logged_in(false);
             }
         }
@@ -199,7 +197,7 @@ impl Library {
         let mut result = Ok(());
         for m in &s.members {
             if let (Some(vs), true) = (m.vendor_slot(), m.is_up()) {
-                let _ = m.set_control_session(None);
+                m.drop_control();
                 if let Err(e) = m.vendor.close_all_sessions(vs) {
                     result = Err(e);
                 }
@@ -256,7 +254,7 @@ impl Library {
                 if i as u32 == serving || !m.is_up() {
                     continue;
                 }
-                if let Err(e) = self.control_session(m).and_then(|cs| self.ensure_login(slot, m, cs)) {
+                if let Err(e) = m.with_control(|cs| self.ensure_login(slot, m, cs)) {
                     tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "login on member failed");
                     self.member_down(slot, i as u32, None);
                 }
@@ -286,9 +284,7 @@ impl Library {
         let (serving, _) = sess.binding();
         for (i, m) in slot.members.iter().enumerate() {
             if i as u32 != serving && m.is_logged_in() {
-                if let Some(cs) = m.control_session() {
-                    let _ = m.vendor.logout(cs);
-                }
+                let _ = m.with_control(|cs| m.vendor.logout(cs));
             }
             m.set_logged_in(false);
         }
@@ -312,8 +308,8 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |m: &Member, mi, vh| {
-            let map = |k| if k == CK_INVALID_HANDLE { k } else { self.object_on(slot, mi, k) };
-            m.vendor.set_operation_state(vh, state, map(enc), map(auth))
+            let map = |k| if k == CK_INVALID_HANDLE { Ok(k) } else { self.object_on(slot, mi, k) };
+            m.vendor.set_operation_state(vh, state, map(enc)?, map(auth)?)
         })
     }
 }

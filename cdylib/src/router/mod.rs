@@ -181,13 +181,43 @@ impl Member {
         p.next = Instant::now() + p.backoff;
     }
 
-    /// The member's own session, if open.
-    pub fn control_session(&self) -> Option<CK_SESSION_HANDLE> {
-        *self.control.lock()
+    /// Runs `f` on the member's own session, opening it when needed and
+    /// once more when the member lost it. The session is used by one caller
+    /// at a time (its lock is held across the vendor calls of `f`: this is
+    /// the slow path of logins, lookups and replication, never an
+    /// application's call).
+    pub fn with_control<T>(&self, mut f: impl FnMut(CK_SESSION_HANDLE) -> crate::Result<T>) -> crate::Result<T> {
+        let mut control = self.control.lock();
+        for attempt in 0..2 {
+            let cs = match *control {
+                Some(cs) => cs,
+                None => {
+                    let vs = self.vendor_slot().ok_or(crate::Error::TokenNotPresent)?;
+                    let mut cs: CK_SESSION_HANDLE = 0;
+                    self.vendor.open_session(vs, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut cs)?;
+                    *control = Some(cs);
+                    cs
+                }
+            };
+            match f(cs) {
+                Err(crate::Error::Vendor(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED)) if attempt == 0 => *control = None,
+                other => return other,
+            }
+        }
+        Err(crate::Error::Vendor(CKR_SESSION_HANDLE_INVALID))
     }
 
-    pub fn set_control_session(&self, s: Option<CK_SESSION_HANDLE>) -> Option<CK_SESSION_HANDLE> {
-        std::mem::replace(&mut *self.control.lock(), s)
+    /// Closes the member's own session (best effort).
+    pub fn close_control(&self) {
+        if let Some(cs) = self.control.lock().take() {
+            let _ = self.vendor.close_session(cs);
+        }
+    }
+
+    /// Forgets the member's own session without closing it (the member
+    /// lost it already).
+    pub fn drop_control(&self) {
+        self.control.lock().take();
     }
 
     /// Runs a vendor call on the member, counting it, and sampling its

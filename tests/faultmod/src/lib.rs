@@ -86,7 +86,48 @@ struct Control {
     restart: Option<String>,
     dump: Option<String>,
     calls: HashMap<&'static str, u64>,
-    sessions: HashSet<CK_SESSION_HANDLE>,
+    /// Sessions opened through this copy: calls running on each, and
+    /// whether a `restart` killed it.
+    sessions: HashMap<CK_SESSION_HANDLE, (u32, bool)>,
+}
+
+/// Notes a call starting on a session; `false` when the session is dead.
+fn enter(s: CK_SESSION_HANDLE) -> bool {
+    let mut guard = CONTROL.lock();
+    let c = guard.get_or_insert_with(Control::default);
+    match c.sessions.get_mut(&s) {
+        Some((_, true)) => false,
+        Some((n, false)) => {
+            *n += 1;
+            true
+        }
+        None => true,
+    }
+}
+
+/// Notes a call ending on a session; closes a dead session nobody uses.
+fn leave(s: CK_SESSION_HANDLE) {
+    let close = {
+        let mut guard = CONTROL.lock();
+        let c = guard.get_or_insert_with(Control::default);
+        match c.sessions.get_mut(&s) {
+            Some((n, dead)) => {
+                *n = n.saturating_sub(1);
+                if *dead && *n == 0 {
+                    c.sessions.remove(&s);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
+        }
+    };
+    if close {
+        if let Some(fl) = target() {
+            unsafe { (fl.C_CloseSession.unwrap())(s) };
+        }
+    }
 }
 
 static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
@@ -145,7 +186,7 @@ fn parse_rv(s: &str) -> CK_RV {
 fn reload(c: &mut Control) -> (bool, bool) {
     let path = with_suffix(".ctl");
     let meta = std::fs::metadata(&path).ok();
-    let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+    let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len() ^ (std::os::unix::fs::MetadataExt::ino(m) << 32)));
     if stamp == c.stamp {
         return (false, false);
     }
@@ -214,7 +255,20 @@ fn fault(function: &'static str) -> Option<CK_RV> {
         if dump {
             dump_calls(c);
         }
-        let sessions: Vec<CK_SESSION_HANDLE> = if restart { c.sessions.drain().collect() } else { Vec::new() };
+        // A restart kills every session: idle ones are closed now (which logs
+        // the token out), busy ones when their call returns.
+        let mut sessions = Vec::new();
+        if restart {
+            c.sessions.retain(|s, (n, dead)| {
+                *dead = true;
+                if *n == 0 {
+                    sessions.push(*s);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
         let delay = c.latency_all + c.latency.get(function).copied().unwrap_or_default();
         (delay, sessions)
     };
@@ -258,6 +312,28 @@ fn removed() -> bool {
     c.removed
 }
 
+/// Forwards a function whose first argument is a session: a session that a
+/// `restart` killed answers CKR_SESSION_HANDLE_INVALID, and is closed in the
+/// wrapped module once no call is running on it.
+macro_rules! forward_session {
+    ($( fn $name:ident(hSession: CK_SESSION_HANDLE $(, $arg:ident: $ty:ty)*) => (hSession $(, $a:ident)*); )*) => {$(
+        pub unsafe extern "C" fn $name(hSession: CK_SESSION_HANDLE $(, $arg: $ty)*) -> CK_RV {
+            if let Some(rv) = fault(stringify!($name)) {
+                return rv;
+            }
+            if !enter(hSession) {
+                return CKR_SESSION_HANDLE_INVALID;
+            }
+            let rv = match target().and_then(|fl| fl.$name) {
+                Some(f) => unsafe { f(hSession $(, $a)*) },
+                None => CKR_FUNCTION_NOT_SUPPORTED,
+            };
+            leave(hSession);
+            rv
+        }
+    )*};
+}
+
 macro_rules! forward {
     ($( fn $name:ident($($arg:ident: $ty:ty),*) => ($($a:ident),*); )*) => {$(
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
@@ -277,11 +353,14 @@ forward! {
     fn C_GetMechanismList(slotID: CK_SLOT_ID, pMechanismList: CK_MECHANISM_TYPE_PTR, pulCount: CK_ULONG_PTR) => (slotID, pMechanismList, pulCount);
     fn C_GetMechanismInfo(slotID: CK_SLOT_ID, type_: CK_MECHANISM_TYPE, pInfo: CK_MECHANISM_INFO_PTR) => (slotID, type_, pInfo);
     fn C_InitToken(slotID: CK_SLOT_ID, pPin: CK_UTF8CHAR_PTR, ulPinLen: CK_ULONG, pLabel: CK_UTF8CHAR_PTR) => (slotID, pPin, ulPinLen, pLabel);
+    fn C_OpenSession(slotID: CK_SLOT_ID, flags: CK_FLAGS, pApplication: CK_VOID_PTR, Notify: CK_NOTIFY, phSession: CK_SESSION_HANDLE_PTR) => (slotID, flags, pApplication, Notify, phSession);
+    fn C_CloseAllSessions(slotID: CK_SLOT_ID) => (slotID);
+    fn C_WaitForSlotEvent(flags: CK_FLAGS, pSlot: CK_SLOT_ID_PTR, pRserved: CK_VOID_PTR) => (flags, pSlot, pRserved);
+}
+
+forward_session! {
     fn C_InitPIN(hSession: CK_SESSION_HANDLE, pPin: CK_UTF8CHAR_PTR, ulPinLen: CK_ULONG) => (hSession, pPin, ulPinLen);
     fn C_SetPIN(hSession: CK_SESSION_HANDLE, pOldPin: CK_UTF8CHAR_PTR, ulOldLen: CK_ULONG, pNewPin: CK_UTF8CHAR_PTR, ulNewLen: CK_ULONG) => (hSession, pOldPin, ulOldLen, pNewPin, ulNewLen);
-    fn C_OpenSession(slotID: CK_SLOT_ID, flags: CK_FLAGS, pApplication: CK_VOID_PTR, Notify: CK_NOTIFY, phSession: CK_SESSION_HANDLE_PTR) => (slotID, flags, pApplication, Notify, phSession);
-    fn C_CloseSession(hSession: CK_SESSION_HANDLE) => (hSession);
-    fn C_CloseAllSessions(slotID: CK_SLOT_ID) => (slotID);
     fn C_GetSessionInfo(hSession: CK_SESSION_HANDLE, pInfo: CK_SESSION_INFO_PTR) => (hSession, pInfo);
     fn C_GetOperationState(hSession: CK_SESSION_HANDLE, pOperationState: CK_BYTE_PTR, pulOperationStateLen: CK_ULONG_PTR) => (hSession, pOperationState, pulOperationStateLen);
     fn C_SetOperationState(hSession: CK_SESSION_HANDLE, pOperationState: CK_BYTE_PTR, ulOperationStateLen: CK_ULONG, hEncryptionKey: CK_OBJECT_HANDLE, hAuthenticationKey: CK_OBJECT_HANDLE) => (hSession, pOperationState, ulOperationStateLen, hEncryptionKey, hAuthenticationKey);
@@ -334,7 +413,6 @@ forward! {
     fn C_GenerateRandom(hSession: CK_SESSION_HANDLE, RandomData: CK_BYTE_PTR, ulRandomLen: CK_ULONG) => (hSession, RandomData, ulRandomLen);
     fn C_GetFunctionStatus(hSession: CK_SESSION_HANDLE) => (hSession);
     fn C_CancelFunction(hSession: CK_SESSION_HANDLE) => (hSession);
-    fn C_WaitForSlotEvent(flags: CK_FLAGS, pSlot: CK_SLOT_ID_PTR, pRserved: CK_VOID_PTR) => (flags, pSlot, pRserved);
 }
 
 pub unsafe extern "C" fn C_Initialize(args: CK_VOID_PTR) -> CK_RV {
@@ -353,8 +431,10 @@ pub unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
     if let Some(c) = CONTROL.lock().as_mut() {
         dump_calls(c);
         if let Some(fl) = target() {
-            for s in c.sessions.drain() {
-                unsafe { (fl.C_CloseSession.unwrap())(s) };
+            for (s, (n, _)) in c.sessions.drain() {
+                if n == 0 {
+                    unsafe { (fl.C_CloseSession.unwrap())(s) };
+                }
             }
         }
     }
@@ -401,12 +481,27 @@ pub unsafe extern "C" fn C_GetTokenInfo(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PT
     }
 }
 
+/// Closes a session and forgets it.
+unsafe extern "C" fn close_session(s: CK_SESSION_HANDLE) -> CK_RV {
+    if let Some(rv) = fault("C_CloseSession") {
+        return rv;
+    }
+    let known = CONTROL.lock().as_mut().and_then(|c| c.sessions.remove(&s));
+    if let Some((_, true)) = known {
+        return CKR_SESSION_HANDLE_INVALID;
+    }
+    match target() {
+        Some(fl) => unsafe { (fl.C_CloseSession.unwrap())(s) },
+        None => CKR_GENERAL_ERROR,
+    }
+}
+
 /// Records the sessions opened through this copy, for `restart`.
 unsafe extern "C" fn open_session(slot: CK_SLOT_ID, flags: CK_FLAGS, app: CK_VOID_PTR, notify: CK_NOTIFY, out: CK_SESSION_HANDLE_PTR) -> CK_RV {
     let rv = unsafe { C_OpenSession(slot, flags, app, notify, out) };
     if rv == CKR_OK && !out.is_null() {
         if let Some(c) = CONTROL.lock().as_mut() {
-            c.sessions.insert(unsafe { *out });
+            c.sessions.insert(unsafe { *out }, (0, false));
         }
     }
     rv
@@ -427,7 +522,7 @@ static LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_InitPIN: Some(C_InitPIN),
     C_SetPIN: Some(C_SetPIN),
     C_OpenSession: Some(open_session),
-    C_CloseSession: Some(C_CloseSession),
+    C_CloseSession: Some(close_session),
     C_CloseAllSessions: Some(C_CloseAllSessions),
     C_GetSessionInfo: Some(C_GetSessionInfo),
     C_GetOperationState: Some(C_GetOperationState),

@@ -1,0 +1,310 @@
+//! HA slots: one virtual slot over three SoftHSM2 tokens holding the same
+//! keys, each member behind its own copy of the fault module. Members fail
+//! (device errors, a token that disappears, a restart that loses sessions
+//! and login) and come back while the application keeps working.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use p11shim_tests::{FaultyMember, TestEnv, USER_PIN, p11shim_lib};
+
+const IV: [u8; 16] = [7; 16];
+
+struct Ha {
+    env: TestEnv,
+    members: Vec<FaultyMember>,
+    pkcs11: Pkcs11,
+    slot: Slot,
+}
+
+/// Three members, a config with fast recovery, the module initialized.
+fn ha(n: usize, extra: &str) -> Ha {
+    let env = TestEnv::new();
+    let members = env.ha_members(n);
+    env.ha_config(&members, &format!("recovery_interval_ms = 20\nrecovery_max_interval_ms = 100\n{extra}"));
+    env.apply();
+    let pkcs11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
+    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    let slot = pkcs11.get_slots_with_token().expect("slots")[0];
+    // An AES key made through the virtual slot reaches every member.
+    let s = pkcs11.open_rw_session(slot).expect("session");
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("login");
+    s.create_object(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Label(b"aes".to_vec()),
+        Attribute::Id(vec![2]),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Value((0u8..32).collect()),
+    ])
+    .expect("create the AES key");
+    drop(s);
+    Ha { env, members, pkcs11, slot }
+}
+
+impl Ha {
+    fn session(&self) -> Session {
+        self.pkcs11.open_rw_session(self.slot).expect("open session")
+    }
+
+    fn login(&self, s: &Session) {
+        s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("login");
+    }
+
+    /// Waits (bounded) until every member marked down has recovered, and
+    /// at least `n` recoveries happened.
+    fn wait_recoveries(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let log = self.env.log();
+            let (down, up) = (log.matches("member marked down").count(), log.matches("member recovered").count());
+            if up >= n && up >= down {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no recovery within 10 s:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn key(s: &Session, label: &str) -> ObjectHandle {
+    let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())]).expect("find");
+    *found.iter().find(|&&h| {
+        s.get_attributes(h, &[cryptoki::object::AttributeType::Class])
+            .map(|a| matches!(a.first(), Some(Attribute::Class(c)) if *c != ObjectClass::PUBLIC_KEY))
+            .unwrap_or(false)
+    })
+    .expect("the private or secret key")
+}
+
+fn rv(e: &CkError) -> Option<RvError> {
+    match e {
+        CkError::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+/// A single-part sign and an encryption on a session whose member fails
+/// move to another member and give the same bytes.
+#[test]
+fn single_part_operations_move_to_another_member() {
+    let ha = ha(3, "");
+    let s = ha.session();
+    ha.login(&s);
+    let (rsa, aes) = (key(&s, "rsa"), key(&s, "aes"));
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap();
+    let ct = s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext").unwrap();
+
+    // The first session went to member a; it fails every call now.
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap(), sig);
+    assert_eq!(s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext").unwrap(), ct);
+    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(), b"secret plaintext");
+    let log = ha.env.log();
+    assert!(log.contains("member marked down") && log.contains("session moved"), "{log}");
+
+    ha.members[0].heal();
+    ha.wait_recoveries(1);
+}
+
+/// Multi-part sign and encrypt with the member failing between updates:
+/// the input given so far is replayed on the new member, and the result is
+/// the one the single-part operation gives.
+#[test]
+fn multi_part_operations_survive_a_failure_between_updates() {
+    let ha = ha(3, "");
+    let s = ha.session();
+    ha.login(&s);
+    let (rsa, aes) = (key(&s, "rsa"), key(&s, "aes"));
+    let (p1, p2) = (vec![1u8; 1000], vec![2u8; 777]);
+    let whole: Vec<u8> = [p1.clone(), p2.clone()].concat();
+    let want_sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, &whole).unwrap();
+    let want_ct = s.encrypt(&Mechanism::AesCbcPad(IV), aes, &whole).unwrap();
+
+    s.sign_init(&Mechanism::Sha256RsaPkcs, rsa).unwrap();
+    s.sign_update(&p1).unwrap();
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    s.sign_update(&p2).unwrap();
+    assert_eq!(s.sign_final().unwrap(), want_sig);
+
+    // Now on member b: fail it mid-encryption.
+    s.encrypt_init(&Mechanism::AesCbcPad(IV), aes).unwrap();
+    let mut ct = s.encrypt_update(&p1).unwrap();
+    ha.members[1].set("fail all CKR_DEVICE_REMOVED\n");
+    ct.extend(s.encrypt_update(&p2).unwrap());
+    ct.extend(s.encrypt_final().unwrap());
+    assert!(ct == want_ct, "ciphertexts differ");
+    assert!(ha.env.log().matches("session moved").count() >= 2);
+}
+
+/// Past the replay limit, a failure mid-operation is reported with
+/// CKR_P11SHIM_OPERATION_LOST, never a wrong result; the session goes on.
+#[test]
+fn an_operation_past_the_replay_limit_is_lost_not_wrong() {
+    let ha = ha(2, "replay_limit = 100");
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    s.sign_init(&Mechanism::Sha256RsaPkcs, rsa).unwrap();
+    s.sign_update(&[1u8; 150]).unwrap();
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    let e = s.sign_update(&[2u8; 10]).unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0004)), "{e}");
+    // A new operation works on the other member.
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"again").unwrap();
+    assert_eq!(sig.len(), 256);
+}
+
+/// Logged in once: the session stays logged in when its member fails, and
+/// a member that comes back is logged in again before it takes work.
+#[test]
+fn login_survives_failover_and_recovered_members_are_logged_in() {
+    let ha = ha(3, "");
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
+    ha.members[0].set("remove\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+    ha.members[0].heal();
+    ha.wait_recoveries(1);
+    // Only member a is left: it must be logged in to sign.
+    ha.members[1].set("fail all CKR_DEVICE_ERROR\n");
+    ha.members[2].set("fail all CKR_DEVICE_ERROR\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+}
+
+/// A member that restarts (its sessions and login gone) is used again at
+/// once when it is the only member: the session is reopened and logged in.
+#[test]
+fn a_restarted_single_member_is_logged_in_again() {
+    let ha = ha(1, "");
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
+    ha.members[0].set("restart 1\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+    assert!(ha.env.log().contains("session moved"), "{}", ha.env.log());
+}
+
+/// Token objects created through the slot reach every member; a token key
+/// generated on one member only is refused with CKR_P11SHIM_NOT_REPLICATED.
+#[test]
+fn token_objects_reach_every_member() {
+    let ha = ha(3, "");
+    let s = ha.session();
+    ha.login(&s);
+    let data = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(b"shared".to_vec()),
+            Attribute::Value(b"payload".to_vec()),
+        ])
+        .unwrap();
+    s.update_attributes(data, &[Attribute::Label(b"shared-v2".to_vec())]).unwrap();
+    // Each member alone holds it, changed.
+    for alive in 0..3 {
+        for (i, m) in ha.members.iter().enumerate() {
+            m.set(if i == alive { "" } else { "fail all CKR_DEVICE_ERROR\n" });
+        }
+        assert!(s.find_objects(&[Attribute::Label(b"shared".to_vec())]).unwrap().is_empty(), "member {alive}");
+        let found = s.find_objects(&[Attribute::Label(b"shared-v2".to_vec())]).unwrap();
+        assert_eq!(found, vec![data], "member {alive}: the same object, under the same handle");
+        let v = s.get_attributes(data, &[cryptoki::object::AttributeType::Value]).unwrap();
+        assert_eq!(v, vec![Attribute::Value(b"payload".to_vec())], "member {alive}");
+        for m in &ha.members {
+            m.heal();
+        }
+        ha.wait_recoveries(0);
+    }
+    let e = s
+        .generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(true), Attribute::ValueLen(32.into())])
+        .unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0005)), "{e}");
+    s.generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(false), Attribute::ValueLen(32.into())]).unwrap();
+}
+
+/// 16 threads sign, encrypt and decrypt through one virtual slot for a
+/// bounded time while the three members fail and recover in turn (device
+/// errors, a token that disappears, a restart): every operation succeeds
+/// with the expected bytes.
+#[test]
+fn sixteen_threads_while_members_fail_and_recover_in_turn() {
+    let ha = Arc::new(ha(3, ""));
+    let admin = ha.session();
+    ha.login(&admin);
+    let (rsa, aes) = (key(&admin, "rsa"), key(&admin, "aes"));
+    let msgs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 64]).collect();
+    let sigs: Vec<Vec<u8>> = msgs.iter().map(|m| admin.sign(&Mechanism::Sha256RsaPkcs, rsa, m).unwrap()).collect();
+    let cts: Vec<Vec<u8>> = msgs.iter().map(|m| admin.encrypt(&Mechanism::AesCbcPad(IV), aes, m).unwrap()).collect();
+    let (msgs, sigs, cts) = (Arc::new(msgs), Arc::new(sigs), Arc::new(cts));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed, wrong) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..16)
+        .map(|t| {
+            let (ha, stop, ok, failed, wrong) = (ha.clone(), stop.clone(), ok.clone(), failed.clone(), wrong.clone());
+            let (msgs, sigs, cts) = (msgs.clone(), sigs.clone(), cts.clone());
+            std::thread::spawn(move || {
+                let s = ha.session();
+                let mut i = t;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = i % msgs.len();
+                    let result = match i % 3 {
+                        0 => s.sign(&Mechanism::Sha256RsaPkcs, rsa, &msgs[k]).map(|v| v == sigs[k]),
+                        1 => s.encrypt(&Mechanism::AesCbcPad(IV), aes, &msgs[k]).map(|v| v == cts[k]),
+                        _ => s.decrypt(&Mechanism::AesCbcPad(IV), aes, &cts[k]).map(|v| v == msgs[k]),
+                    };
+                    match result {
+                        Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(false) => wrong.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("thread {t}: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+
+    let faults = ["fail all CKR_DEVICE_ERROR\n", "remove\n", "restart 1\n", "fail C_Sign CKR_GENERAL_ERROR\n"];
+    let start = Instant::now();
+    let mut round = 0;
+    while start.elapsed() < Duration::from_secs(4) {
+        let m = &ha.members[round % 3];
+        m.set(faults[round % faults.len()]);
+        std::thread::sleep(Duration::from_millis(250));
+        m.heal();
+        std::thread::sleep(Duration::from_millis(250));
+        round += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let (ok, failed, wrong) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed));
+    let log = ha.env.log();
+    println!(
+        "{ok} operations verified, {failed} failed, {wrong} wrong; {round} fault rounds, {} sessions moved, {} recoveries",
+        log.matches("session moved").count(),
+        log.matches("member recovered").count()
+    );
+    assert_eq!(wrong, 0, "wrong results");
+    assert_eq!(failed, 0, "failed operations");
+    assert!(ok > 100, "too little work done: {ok}");
+    assert!(log.matches("session moved").count() > 0);
+}
