@@ -28,8 +28,15 @@ test: deps
 demo: deps build-release
 	@scripts/demo.sh
 
+# Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a
+# short run, --markdown for Markdown); bench-callgrind counts instructions
+# per call, also against p11-kit's proxy. See docs/performance.md.
+.PHONY: bench-callgrind
 bench: deps build-release
-	$(CARGO) run --release -p p11shim-bench
+	$(CARGO) run --release -p p11shim-bench -- $(BENCH_ARGS)
+
+bench-callgrind: deps build-release
+	$(CARGO) run --release -p p11shim-bench -- --callgrind $(BENCH_ARGS)
 
 install: build-release
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/p11shim

@@ -1,0 +1,222 @@
+//! p11shim-bench: what p11shim costs over calling SoftHSM2 directly.
+//!
+//! ```text
+//! p11shim-bench [--quick] [--markdown]     timed comparison, 1 and 2 threads
+//! p11shim-bench --callgrind [--markdown]   instructions per operation, also vs p11-kit
+//! ```
+//!
+//! The parent process creates a temporary SoftHSM2 token with the keys and
+//! objects, a p11shim configuration over it, and runs every measurement in
+//! a worker child (`--worker <target> ...`): SoftHSM2 is a singleton per
+//! process, and p11shim loads it itself, so each target gets a process of
+//! its own. Workers call the modules' function lists directly, with no
+//! wrapper in between. See docs/performance.md.
+
+mod callgrind;
+mod env;
+mod p11;
+mod stats;
+mod timing;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use callgrind::CallgrindOpts;
+use env::BenchEnv;
+use p11::die;
+use timing::TimingOpts;
+use worker::{Case, Job, Plan, WorkerArgs};
+
+const USAGE: &str = "\
+usage: p11shim-bench [options]
+
+Timed comparison of SoftHSM2 called directly and through p11shim
+(ops/s, p50 and p99 latency, on 1 and 2 threads):
+  --quick            a short run (about 20 s instead of about 1.5 minutes)
+  --secs S           measured seconds per round and target (default 0.6)
+  --rounds R         rounds per case, alternating the order (default 4)
+  --threads 1,2      thread counts (default 1,2)
+  --cases a,b,...    cases (default all: digest, rsa-sign, ecdsa-sign,
+                     aes-gcm, find, session, get-attr)
+  --markdown         print the tables as Markdown
+
+Instruction counts under valgrind's callgrind, SoftHSM2 directly, through
+p11shim and through p11-kit's proxy:
+  --callgrind        count instead of timing (cases: digest, session)
+  --iters N          the runs do N and 2N operations (default 2000)
+  --out DIR          keep callgrind's files there (default target/callgrind)
+
+Environment: P11SHIM_LIB, SOFTHSM2_LIB, P11KIT_PROXY_LIB name the modules.
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--worker") {
+        worker::run(parse_worker(&args));
+        return;
+    }
+    parent(&args);
+}
+
+fn value<'a>(args: &'a [String], i: &mut usize, flag: &str) -> &'a str {
+    *i += 1;
+    args.get(*i).map(String::as_str).unwrap_or_else(|| die(format_args!("{flag} needs a value\n\n{USAGE}")))
+}
+
+fn number<T: std::str::FromStr>(s: &str, flag: &str) -> T {
+    s.parse().unwrap_or_else(|_| die(format_args!("{flag}: not a number: {s:?}")))
+}
+
+fn secs(s: &str, flag: &str) -> Duration {
+    let v: f64 = number(s, flag);
+    if !(v.is_finite() && v > 0.0) {
+        die(format_args!("{flag}: must be a positive number of seconds"));
+    }
+    Duration::from_secs_f64(v)
+}
+
+fn cases(s: &str) -> Vec<Case> {
+    s.split(',').map(|c| Case::parse(c.trim()).unwrap_or_else(|| die(format_args!("unknown case {c:?}\n\n{USAGE}")))).collect()
+}
+
+fn parse_worker(args: &[String]) -> WorkerArgs {
+    let (mut target, mut lib, mut setup, mut list) = (None, None, false, false);
+    let (mut case, mut threads, mut count, mut measure, mut warmup) = (None, 1usize, None, None, Duration::ZERO);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "--worker" => target = Some(value(args, &mut i, a).to_string()),
+            "--lib" => lib = Some(PathBuf::from(value(args, &mut i, a))),
+            "--setup" => setup = true,
+            "--list-slots" => list = true,
+            "--case" => case = Some(cases(value(args, &mut i, a))[0]),
+            "--threads" => threads = number(value(args, &mut i, a), a),
+            "--count" => count = Some(number(value(args, &mut i, a), a)),
+            "--secs" => measure = Some(secs(value(args, &mut i, a), a)),
+            "--warmup" => warmup = Duration::from_secs_f64(number(value(args, &mut i, a), a)),
+            _ => die(format_args!("worker: unknown argument {a:?}")),
+        }
+        i += 1;
+    }
+    let target = target.unwrap_or_else(|| die("worker: --worker needs a target"));
+    let lib = lib.unwrap_or_else(|| die("worker: --lib is required"));
+    let job = if setup {
+        Job::Setup
+    } else if list {
+        Job::ListSlots
+    } else {
+        let case = case.unwrap_or_else(|| die("worker: --case is required"));
+        let plan = match (count, measure) {
+            (Some(n), None) => Plan::Count(n),
+            (None, Some(measure)) => Plan::Timed { warmup, measure },
+            _ => die("worker: exactly one of --count and --secs"),
+        };
+        if threads == 0 {
+            die("worker: --threads must be at least 1");
+        }
+        Job::Run { case, threads, plan }
+    };
+    WorkerArgs { target, lib, job }
+}
+
+fn parent(args: &[String]) {
+    let (mut quick, mut markdown, mut cg) = (false, false, false);
+    let (mut measure, mut rounds, mut threads, mut chosen) = (None, None, vec![1usize, 2], None);
+    let (mut iters, mut out_dir) = (2000u64, None);
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        match a {
+            "--quick" => quick = true,
+            "--markdown" => markdown = true,
+            "--callgrind" => cg = true,
+            "--secs" => measure = Some(secs(value(args, &mut i, a), a)),
+            "--rounds" => rounds = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
+            "--threads" => threads = value(args, &mut i, a).split(',').map(|t| number::<usize>(t.trim(), a).max(1)).collect(),
+            "--cases" => chosen = Some(cases(value(args, &mut i, a))),
+            "--iters" => iters = number::<u64>(value(args, &mut i, a), a).max(1),
+            "--out" => out_dir = Some(PathBuf::from(value(args, &mut i, a))),
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                return;
+            }
+            _ => die(format_args!("unknown argument {a:?}\n\n{USAGE}")),
+        }
+        i += 1;
+    }
+
+    print_machine(markdown);
+    eprintln!("Creating the token and its keys (RSA-2048, EC P-256, AES-256, data objects)...");
+    let mut env = BenchEnv::create();
+
+    if cg {
+        let out_dir = out_dir.unwrap_or_else(default_callgrind_dir);
+        let opts = CallgrindOpts { iters, out_dir, cases: chosen.unwrap_or_else(|| callgrind::DEFAULT_CASES.to_vec()) };
+        let rows = callgrind::run_all(&mut env, &opts);
+        println!();
+        callgrind::print(&rows, &opts, markdown);
+        return;
+    }
+
+    let opts = TimingOpts {
+        cases: chosen.unwrap_or_else(|| Case::ALL.to_vec()),
+        threads,
+        measure: measure.unwrap_or(if quick { Duration::from_millis(250) } else { Duration::from_millis(600) }),
+        warmup: if quick { Duration::from_millis(50) } else { Duration::from_millis(150) },
+        rounds: rounds.unwrap_or(if quick { 2 } else { 4 }),
+    };
+    eprintln!(
+        "Measuring: {} round(s) of {:.2} s (after {:.2} s of warm-up) per case, thread count and target",
+        opts.rounds,
+        opts.measure.as_secs_f64(),
+        opts.warmup.as_secs_f64()
+    );
+    let load_before = loadavg();
+    let rows = timing::run(&env, &opts);
+    println!();
+    timing::print(&rows, markdown);
+    println!();
+    println!("Load average (1 min) before and after the run: {load_before} / {}", loadavg());
+}
+
+/// target/callgrind, next to the profile directory holding this binary.
+fn default_callgrind_dir() -> PathBuf {
+    let exe = env::exe();
+    exe.parent().and_then(|d| d.parent()).map(|t| t.join("callgrind")).unwrap_or_else(|| PathBuf::from("callgrind"))
+}
+
+/// The 1-minute load average: other work on the machine skews timings.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_default()
+}
+
+/// The machine, for the record.
+fn print_machine(markdown: bool) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let softhsm = std::process::Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let lines = [
+        format!("CPUs: {cpus} x {cpu}"),
+        format!("Kernel: {kernel}"),
+        format!("SoftHSM2: {softhsm} ({})", env::softhsm_lib().display()),
+        format!("p11shim: {}", env::shim_lib().display()),
+    ];
+    for l in lines {
+        if markdown {
+            println!("- {l}");
+        } else {
+            println!("{l}");
+        }
+    }
+    println!();
+}

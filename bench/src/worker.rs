@@ -1,0 +1,464 @@
+//! The worker: one child process that loads one module (SoftHSM2, p11shim
+//! or p11-kit's proxy) and either creates the benchmark's objects, lists its
+//! slots, or runs one case on N threads, timed or for a fixed count, and
+//! prints one `RESULT` line for the parent.
+//!
+//! Each thread has its own session; a base session stays open (and logged
+//! in) for the whole run, so that closing a session never logs out or
+//! empties the module's session table.
+
+use std::path::PathBuf;
+use std::ptr;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use pkcs11_sys::*;
+
+use crate::p11::{Module, attr, attr_bytes, check, die, set_who};
+use crate::stats::Histogram;
+
+pub const TOKEN_LABEL: &str = "bench";
+pub const SO_PIN: &str = "5678";
+pub const USER_PIN: &str = "1234";
+/// Labels of the keys and of the data objects the setup creates.
+pub const RSA_LABEL: &str = "bench-rsa";
+pub const EC_LABEL: &str = "bench-ec";
+pub const AES_LABEL: &str = "bench-aes";
+pub const DATA_OBJECTS: usize = 8;
+/// The data object searched for by label.
+pub const FIND_LABEL: &str = "bench-data-3";
+
+/// DER of the OID of P-256 (prime256v1).
+const P256_OID: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// One measured operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    Digest,
+    RsaSign,
+    EcdsaSign,
+    AesGcm,
+    Find,
+    Session,
+    GetAttr,
+}
+
+impl Case {
+    pub const ALL: [Case; 7] = [Case::Digest, Case::RsaSign, Case::EcdsaSign, Case::AesGcm, Case::Find, Case::Session, Case::GetAttr];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Case::Digest => "digest",
+            Case::RsaSign => "rsa-sign",
+            Case::EcdsaSign => "ecdsa-sign",
+            Case::AesGcm => "aes-gcm",
+            Case::Find => "find",
+            Case::Session => "session",
+            Case::GetAttr => "get-attr",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Case::Digest => "SHA-256, 64 B (DigestInit+Digest)",
+            Case::RsaSign => "RSA-2048 sign, PKCS#1 v1.5 SHA-256",
+            Case::EcdsaSign => "ECDSA P-256 sign",
+            Case::AesGcm => "AES-256-GCM encrypt, 4 KiB",
+            Case::Find => "FindObjects by label (Init+Find+Final)",
+            Case::Session => "OpenSession+CloseSession",
+            Case::GetAttr => "GetAttributeValue (CKA_LABEL)",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Case> {
+        Case::ALL.into_iter().find(|c| c.name() == s)
+    }
+}
+
+/// How long a case runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan {
+    /// Warm up, then measure for a fixed time.
+    Timed { warmup: Duration, measure: Duration },
+    /// A fixed number of operations, untimed (for instruction counts).
+    Count(u64),
+}
+
+/// What the parent asked of the worker.
+#[derive(Debug)]
+pub enum Job {
+    Setup,
+    ListSlots,
+    Run { case: Case, threads: usize, plan: Plan },
+}
+
+#[derive(Debug)]
+pub struct WorkerArgs {
+    pub target: String,
+    pub lib: PathBuf,
+    pub job: Job,
+}
+
+/// The objects the cases use, as this module's handles.
+#[derive(Debug, Clone, Copy)]
+struct Keys {
+    rsa: CK_OBJECT_HANDLE,
+    ec: CK_OBJECT_HANDLE,
+    aes: CK_OBJECT_HANDLE,
+    rsa_pub: CK_OBJECT_HANDLE,
+}
+
+pub fn run(args: WorkerArgs) {
+    set_who(format!("{} worker", args.target));
+    let m = Module::load(&args.lib);
+    m.initialize();
+    match args.job {
+        Job::ListSlots => {
+            for (id, description, manufacturer) in m.slots() {
+                println!("SLOT\t{id}\t{description}\t{manufacturer}");
+            }
+            for t in m.tokens() {
+                println!("TOKEN\t{}\t{}\t{}\t{}", t.id, t.label, t.manufacturer, t.model);
+            }
+        }
+        Job::Setup => {
+            let slot = m.find_slot(TOKEN_LABEL);
+            create_objects(&m, slot);
+            println!("RESULT setup=ok");
+        }
+        Job::Run { case, threads, plan } => {
+            let slot = m.find_slot(TOKEN_LABEL);
+            let base = m.open_session(slot, CKF_SERIAL_SESSION);
+            m.login_user(base, USER_PIN);
+            let keys = Keys {
+                rsa: m.find_one(base, CKO_PRIVATE_KEY, RSA_LABEL),
+                ec: m.find_one(base, CKO_PRIVATE_KEY, EC_LABEL),
+                aes: m.find_one(base, CKO_SECRET_KEY, AES_LABEL),
+                rsa_pub: m.find_one(base, CKO_PUBLIC_KEY, RSA_LABEL),
+            };
+            let results = run_threads(&m, slot, keys, case, threads, plan);
+            report(&results, plan);
+            m.logout(base);
+            m.close_session(base);
+        }
+    }
+    m.finalize();
+}
+
+/// What one thread measured.
+#[derive(Debug)]
+struct ThreadResult {
+    ops: u64,
+    elapsed: Duration,
+    hist: Histogram,
+}
+
+fn run_threads(m: &Module, slot: CK_SLOT_ID, keys: Keys, case: Case, threads: usize, plan: Plan) -> Vec<ThreadResult> {
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let barrier = &barrier;
+                sc.spawn(move || {
+                    let mut ctx = Ctx::new(*m, slot, keys);
+                    barrier.wait();
+                    let r = match case {
+                        Case::Digest => drive(plan, || ctx.digest()),
+                        Case::RsaSign => drive(plan, || ctx.rsa_sign()),
+                        Case::EcdsaSign => drive(plan, || ctx.ecdsa_sign()),
+                        Case::AesGcm => drive(plan, || ctx.aes_gcm()),
+                        Case::Find => drive(plan, || ctx.find()),
+                        Case::Session => drive(plan, || ctx.open_close()),
+                        Case::GetAttr => drive(plan, || ctx.get_label()),
+                    };
+                    ctx.close();
+                    r
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| die("a benchmark thread panicked"))).collect()
+    })
+}
+
+/// Runs `op` as the plan says. Timed: one clock read per operation; the
+/// latency of an operation is the time between two reads.
+fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
+    match plan {
+        Plan::Count(n) => {
+            for _ in 0..n {
+                op();
+            }
+            ThreadResult { ops: n, elapsed: Duration::ZERO, hist: Histogram::new() }
+        }
+        Plan::Timed { warmup, measure } => {
+            let start = Instant::now();
+            let (warm_end, end) = (start + warmup, start + warmup + measure);
+            let mut now = start;
+            while now < warm_end {
+                op();
+                now = Instant::now();
+            }
+            let first = now;
+            let mut hist = Histogram::new();
+            let mut ops = 0u64;
+            while now < end {
+                op();
+                let t = Instant::now();
+                hist.record((t - now).as_nanos() as u64);
+                ops += 1;
+                now = t;
+            }
+            ThreadResult { ops, elapsed: now - first, hist }
+        }
+    }
+}
+
+/// `RESULT ops=<n> rate=<ops/s> hist=<histogram>`; the rate is the sum of
+/// the threads' rates.
+fn report(results: &[ThreadResult], plan: Plan) {
+    let ops: u64 = results.iter().map(|r| r.ops).sum();
+    match plan {
+        Plan::Count(_) => println!("RESULT ops={ops}"),
+        Plan::Timed { .. } => {
+            let rate: f64 = results.iter().map(|r| r.ops as f64 / r.elapsed.as_secs_f64().max(1e-9)).sum();
+            let mut hist = Histogram::new();
+            for r in results {
+                hist.merge(&r.hist);
+            }
+            println!("RESULT ops={ops} rate={rate:.3} hist={}", hist.encode());
+        }
+    }
+}
+
+const MSG: [u8; 64] = [0x5a; 64];
+const GCM_IN: usize = 4096;
+const GCM_TAG: usize = 16;
+
+/// One thread's session and buffers.
+struct Ctx {
+    m: Module,
+    slot: CK_SLOT_ID,
+    keys: Keys,
+    s: CK_SESSION_HANDLE,
+    data: [u8; 64],
+    out: Vec<u8>,
+    gcm_in: Vec<u8>,
+    iv: [u8; 12],
+    counter: u64,
+    label: [u8; 64],
+}
+
+impl Ctx {
+    fn new(m: Module, slot: CK_SLOT_ID, keys: Keys) -> Ctx {
+        let s = m.open_session(slot, CKF_SERIAL_SESSION);
+        Ctx {
+            m,
+            slot,
+            keys,
+            s,
+            data: MSG,
+            out: vec![0; GCM_IN + GCM_TAG],
+            gcm_in: vec![0xa5; GCM_IN],
+            iv: [0; 12],
+            counter: 0,
+            label: [0; 64],
+        }
+    }
+
+    fn close(&self) {
+        self.m.close_session(self.s);
+    }
+
+    #[inline]
+    fn expect_len(what: &str, got: CK_ULONG, want: usize) {
+        if got as usize != want {
+            die(format_args!("{what} gave {got} bytes, expected {want}"));
+        }
+    }
+
+    fn digest(&mut self) {
+        let f = &self.m.f;
+        let mut mech = CK_MECHANISM { mechanism: CKM_SHA256, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+        // SAFETY: a valid mechanism for the call.
+        check(unsafe { (f.digest_init)(self.s, &mut mech) }, "C_DigestInit");
+        let mut n = self.out.len() as CK_ULONG;
+        // SAFETY: input and output buffers of the lengths given.
+        check(unsafe { (f.digest)(self.s, self.data.as_mut_ptr(), 64, self.out.as_mut_ptr(), &mut n) }, "C_Digest");
+        Self::expect_len("C_Digest", n, 32);
+    }
+
+    fn sign(&mut self, mechanism: CK_MECHANISM_TYPE, key: CK_OBJECT_HANDLE, input: usize, sig: usize) {
+        let f = &self.m.f;
+        let mut mech = CK_MECHANISM { mechanism, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+        // SAFETY: a valid mechanism for the call.
+        check(unsafe { (f.sign_init)(self.s, &mut mech, key) }, "C_SignInit");
+        let mut n = self.out.len() as CK_ULONG;
+        // SAFETY: input and output buffers of the lengths given.
+        check(unsafe { (f.sign)(self.s, self.data.as_mut_ptr(), input as CK_ULONG, self.out.as_mut_ptr(), &mut n) }, "C_Sign");
+        Self::expect_len("C_Sign", n, sig);
+    }
+
+    fn rsa_sign(&mut self) {
+        self.sign(CKM_SHA256_RSA_PKCS, self.keys.rsa, 64, 256);
+    }
+
+    /// ECDSA over a 32-byte hash.
+    fn ecdsa_sign(&mut self) {
+        self.sign(CKM_ECDSA, self.keys.ec, 32, 64);
+    }
+
+    fn aes_gcm(&mut self) {
+        let f = &self.m.f;
+        // A fresh IV for every message, as GCM requires.
+        self.counter += 1;
+        self.iv[4..].copy_from_slice(&self.counter.to_be_bytes());
+        let mut params = CK_GCM_PARAMS {
+            pIv: self.iv.as_mut_ptr(),
+            ulIvLen: 12,
+            ulIvBits: 96,
+            pAAD: ptr::null_mut(),
+            ulAADLen: 0,
+            ulTagBits: (GCM_TAG * 8) as CK_ULONG,
+        };
+        let mut mech = CK_MECHANISM {
+            mechanism: CKM_AES_GCM,
+            pParameter: (&mut params as *mut CK_GCM_PARAMS).cast(),
+            ulParameterLen: std::mem::size_of::<CK_GCM_PARAMS>() as CK_ULONG,
+        };
+        // SAFETY: the mechanism and its parameters live across the call.
+        check(unsafe { (f.encrypt_init)(self.s, &mut mech, self.keys.aes) }, "C_EncryptInit");
+        let mut n = self.out.len() as CK_ULONG;
+        // SAFETY: input and output buffers of the lengths given.
+        check(unsafe { (f.encrypt)(self.s, self.gcm_in.as_mut_ptr(), GCM_IN as CK_ULONG, self.out.as_mut_ptr(), &mut n) }, "C_Encrypt");
+        Self::expect_len("C_Encrypt", n, GCM_IN + GCM_TAG);
+    }
+
+    fn find(&mut self) {
+        let f = &self.m.f;
+        let mut t = [attr_bytes(CKA_LABEL, FIND_LABEL.as_bytes())];
+        // SAFETY: the template points to live values for the call.
+        check(unsafe { (f.find_objects_init)(self.s, t.as_mut_ptr(), 1) }, "C_FindObjectsInit");
+        let mut found = [CK_INVALID_HANDLE; 4];
+        let mut n: CK_ULONG = 0;
+        // SAFETY: `found` holds 4 handles.
+        check(unsafe { (f.find_objects)(self.s, found.as_mut_ptr(), 4, &mut n) }, "C_FindObjects");
+        // SAFETY: no pointers.
+        check(unsafe { (f.find_objects_final)(self.s) }, "C_FindObjectsFinal");
+        if n != 1 {
+            die(format_args!("C_FindObjects found {n} objects labelled {FIND_LABEL:?}, expected 1"));
+        }
+    }
+
+    fn open_close(&mut self) {
+        let f = &self.m.f;
+        let mut h: CK_SESSION_HANDLE = 0;
+        // SAFETY: no application pointer nor callback; a writable handle.
+        check(unsafe { (f.open_session)(self.slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut h) }, "C_OpenSession");
+        // SAFETY: no pointers.
+        check(unsafe { (f.close_session)(h) }, "C_CloseSession");
+    }
+
+    fn get_label(&mut self) {
+        let f = &self.m.f;
+        let mut a = [CK_ATTRIBUTE { type_: CKA_LABEL, pValue: self.label.as_mut_ptr().cast(), ulValueLen: self.label.len() as CK_ULONG }];
+        // SAFETY: the template's buffer is writable for its length.
+        check(unsafe { (f.get_attribute_value)(self.s, self.keys.rsa_pub, a.as_mut_ptr(), 1) }, "C_GetAttributeValue");
+        Self::expect_len("C_GetAttributeValue(CKA_LABEL)", a[0].ulValueLen, RSA_LABEL.len());
+    }
+}
+
+/// Creates the token objects: RSA-2048, EC P-256 and AES-256 keys, and a
+/// few labelled data objects.
+fn create_objects(m: &Module, slot: CK_SLOT_ID) {
+    let f = &m.f;
+    let s = m.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION);
+    m.login_user(s, USER_PIN);
+    let (t, fl) = (CK_TRUE, CK_FALSE);
+
+    // RSA-2048.
+    let bits: CK_ULONG = 2048;
+    let exponent = [0x01u8, 0x00, 0x01];
+    let mut pub_t = [
+        attr(CKA_TOKEN, &t),
+        attr(CKA_VERIFY, &t),
+        attr(CKA_MODULUS_BITS, &bits),
+        attr_bytes(CKA_PUBLIC_EXPONENT, &exponent),
+        attr_bytes(CKA_LABEL, RSA_LABEL.as_bytes()),
+    ];
+    let mut priv_t = [
+        attr(CKA_TOKEN, &t),
+        attr(CKA_PRIVATE, &t),
+        attr(CKA_SENSITIVE, &t),
+        attr(CKA_SIGN, &t),
+        attr_bytes(CKA_LABEL, RSA_LABEL.as_bytes()),
+    ];
+    generate_pair(m, s, CKM_RSA_PKCS_KEY_PAIR_GEN, &mut pub_t, &mut priv_t);
+
+    // EC P-256.
+    let mut pub_t =
+        [attr(CKA_TOKEN, &t), attr(CKA_VERIFY, &t), attr_bytes(CKA_EC_PARAMS, &P256_OID), attr_bytes(CKA_LABEL, EC_LABEL.as_bytes())];
+    let mut priv_t = [
+        attr(CKA_TOKEN, &t),
+        attr(CKA_PRIVATE, &t),
+        attr(CKA_SENSITIVE, &t),
+        attr(CKA_SIGN, &t),
+        attr_bytes(CKA_LABEL, EC_LABEL.as_bytes()),
+    ];
+    generate_pair(m, s, CKM_EC_KEY_PAIR_GEN, &mut pub_t, &mut priv_t);
+
+    // AES-256.
+    let len: CK_ULONG = 32;
+    let mut aes_t = [
+        attr(CKA_TOKEN, &t),
+        attr(CKA_PRIVATE, &t),
+        attr(CKA_SENSITIVE, &t),
+        attr(CKA_ENCRYPT, &t),
+        attr(CKA_DECRYPT, &t),
+        attr(CKA_VALUE_LEN, &len),
+        attr_bytes(CKA_LABEL, AES_LABEL.as_bytes()),
+    ];
+    let mut mech = CK_MECHANISM { mechanism: CKM_AES_KEY_GEN, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+    let mut key = CK_INVALID_HANDLE;
+    // SAFETY: the mechanism and template live across the call.
+    check(unsafe { (f.generate_key)(s, &mut mech, aes_t.as_mut_ptr(), aes_t.len() as CK_ULONG, &mut key) }, "C_GenerateKey");
+
+    // Labelled data objects.
+    let class = CKO_DATA;
+    for i in 0..DATA_OBJECTS {
+        let label = format!("bench-data-{i}");
+        let value = format!("p11shim benchmark object {i}");
+        let mut tmpl = [
+            attr(CKA_CLASS, &class),
+            attr(CKA_TOKEN, &t),
+            attr(CKA_PRIVATE, &fl),
+            attr_bytes(CKA_LABEL, label.as_bytes()),
+            attr_bytes(CKA_VALUE, value.as_bytes()),
+        ];
+        let mut h = CK_INVALID_HANDLE;
+        // SAFETY: the template lives across the call.
+        check(unsafe { (f.create_object)(s, tmpl.as_mut_ptr(), tmpl.len() as CK_ULONG, &mut h) }, "C_CreateObject");
+    }
+    m.logout(s);
+    m.close_session(s);
+}
+
+fn generate_pair(m: &Module, s: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_TYPE, pub_t: &mut [CK_ATTRIBUTE], priv_t: &mut [CK_ATTRIBUTE]) {
+    let mut mech = CK_MECHANISM { mechanism, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+    let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
+    // SAFETY: the mechanism and templates live across the call.
+    check(
+        unsafe {
+            (m.f.generate_key_pair)(
+                s,
+                &mut mech,
+                pub_t.as_mut_ptr(),
+                pub_t.len() as CK_ULONG,
+                priv_t.as_mut_ptr(),
+                priv_t.len() as CK_ULONG,
+                &mut pk,
+                &mut sk,
+            )
+        },
+        "C_GenerateKeyPair",
+    );
+}
