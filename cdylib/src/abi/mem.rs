@@ -505,13 +505,14 @@ pub struct SavedMechanism {
 #[derive(Debug)]
 enum SavedParam {
     None,
-    Flat(Vec<u8>),
-    Gcm { params: Box<CK_GCM_PARAMS>, _iv: Vec<u8>, _aad: Vec<u8> },
-    Oaep { params: Box<CK_RSA_PKCS_OAEP_PARAMS>, _source: Vec<u8> },
+    Flat(Box<[u8]>),
+    Gcm(Box<(CK_GCM_PARAMS, Vec<u8>, Vec<u8>)>),
+    Oaep(Box<(CK_RSA_PKCS_OAEP_PARAMS, Vec<u8>)>),
 }
 
 // SAFETY: the raw pointers in the boxed parameter structures point into the
-// vectors owned by the same value, which never change after construction.
+// heap buffers of the vectors boxed with them, which never change after
+// construction.
 unsafe impl Send for SavedParam {}
 // SAFETY: as above; the value is never mutated after construction.
 unsafe impl Sync for SavedParam {}
@@ -572,12 +573,12 @@ impl Mechanism<'_> {
                 let p = (m.pParameter as *const CK_GCM_PARAMS).read_unaligned();
                 let iv = copy_bytes(p.pIv, p.ulIvLen);
                 let aad = copy_bytes(p.pAAD, p.ulAADLen);
-                let params = Box::new(CK_GCM_PARAMS {
+                let params = CK_GCM_PARAMS {
                     pIv: if iv.is_empty() { std::ptr::null_mut() } else { iv.as_ptr().cast_mut() },
                     pAAD: if aad.is_empty() { std::ptr::null_mut() } else { aad.as_ptr().cast_mut() },
                     ..p
-                });
-                SavedParam::Gcm { params, _iv: iv, _aad: aad }
+                };
+                SavedParam::Gcm(Box::new((params, iv, aad)))
             }
         } else if kind == CKM_RSA_PKCS_OAEP && m.ulParameterLen as usize == std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>() {
             // SAFETY: the parameter of CKM_RSA_PKCS_OAEP is a
@@ -585,15 +586,15 @@ impl Mechanism<'_> {
             unsafe {
                 let p = (m.pParameter as *const CK_RSA_PKCS_OAEP_PARAMS).read_unaligned();
                 let source = copy_bytes(p.pSourceData as *const u8, p.ulSourceDataLen);
-                let params = Box::new(CK_RSA_PKCS_OAEP_PARAMS {
+                let params = CK_RSA_PKCS_OAEP_PARAMS {
                     pSourceData: if source.is_empty() { std::ptr::null_mut() } else { source.as_ptr().cast_mut().cast() },
                     ..p
-                });
-                SavedParam::Oaep { params, _source: source }
+                };
+                SavedParam::Oaep(Box::new((params, source)))
             }
         } else if flat_param(kind) {
             // SAFETY: pParameter points to ulParameterLen readable bytes.
-            SavedParam::Flat(unsafe { copy_bytes(m.pParameter as *const u8, m.ulParameterLen) })
+            SavedParam::Flat(unsafe { copy_bytes(m.pParameter as *const u8, m.ulParameterLen) }.into_boxed_slice())
         } else {
             return None;
         };
@@ -611,10 +612,8 @@ impl SavedMechanism {
         let (ptr, len): (CK_VOID_PTR, usize) = match &self.param {
             SavedParam::None => (std::ptr::null_mut(), 0),
             SavedParam::Flat(v) => (v.as_ptr().cast_mut().cast(), v.len()),
-            SavedParam::Gcm { params, .. } => ((&**params as *const CK_GCM_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_GCM_PARAMS>()),
-            SavedParam::Oaep { params, .. } => {
-                ((&**params as *const CK_RSA_PKCS_OAEP_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>())
-            }
+            SavedParam::Gcm(b) => ((&b.0 as *const CK_GCM_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_GCM_PARAMS>()),
+            SavedParam::Oaep(b) => ((&b.0 as *const CK_RSA_PKCS_OAEP_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>()),
         };
         CK_MECHANISM { mechanism: self.kind, pParameter: ptr, ulParameterLen: len as CK_ULONG }
     }

@@ -7,6 +7,7 @@
 
 pub mod exports;
 pub mod guard;
+pub mod library;
 pub mod mem;
 
 use pkcs11_sys::*;

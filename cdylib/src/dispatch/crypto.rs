@@ -27,7 +27,9 @@ impl Library {
             let k = if key == CK_INVALID_HANDLE { key } else { self.object_on(slot, mi, key)? };
             init(&mem.vendor, vh, m, k)
         })?;
-        sess.state.lock().ops.start(kind, m.save(), key);
+        if sess.replay {
+            sess.state.lock().ops.start(kind, m.save(), key);
+        }
         Ok(())
     }
 
@@ -36,7 +38,7 @@ impl Library {
     fn op_last(&self, h: Sh, kind: OpKind, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
-        if final_outcome(&r, size_query) == Outcome::Ended {
+        if sess.replay && final_outcome(&r, size_query) == Outcome::Ended {
             sess.state.lock().ops.end(kind);
         }
         r
@@ -47,6 +49,9 @@ impl Library {
     fn op_update(&self, h: Sh, kind: OpKind, input: Bytes<'_>, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
+        if !sess.replay {
+            return r;
+        }
         let limit = self.slots[sess.slot as usize].cfg.replay_limit;
         let mut st = sess.state.lock();
         match &r {

@@ -41,6 +41,14 @@ pub struct Session {
     pub slot: u32,
     /// The flags it was opened with.
     pub flags: CK_FLAGS,
+    /// Whether its operations are recorded for replay on another member
+    /// (multi-member slots with a replay limit).
+    pub replay: bool,
+    /// The slot has one member: the session is always bound to member 0
+    /// and its vendor handle is read from `vendor`, without a lock.
+    pub single: bool,
+    /// The vendor session handle, mirrored from the state for `single`.
+    pub vendor: AtomicU64,
     pub state: Mutex<SessionState>,
 }
 
@@ -52,6 +60,10 @@ pub struct SessionState {
     /// The vendor's session handle on that member.
     pub vendor: CK_SESSION_HANDLE,
     pub ops: Ops,
+    /// Session objects this session created (they die with it).
+    pub owned: Vec<CK_OBJECT_HANDLE>,
+    /// Calls made, for sampling latency.
+    pub calls: u32,
 }
 
 impl Session {
@@ -95,10 +107,6 @@ impl Sessions {
         gone
     }
 
-    /// Number of open sessions of a slot.
-    pub fn count_slot(&self, slot: u32) -> usize {
-        self.map.read().values().filter(|s| s.slot == slot).count()
-    }
 }
 
 /// Who an object's lifetime depends on.
@@ -143,6 +151,8 @@ struct ObjectMaps {
     by_identity: FxHashMap<(u32, Arc<Identity>), CK_OBJECT_HANDLE>,
     /// Identities shared by several objects of one member.
     ambiguous: rustc_hash::FxHashSet<(u32, Arc<Identity>)>,
+    /// Session objects found by search, per slot.
+    found_session: FxHashMap<u32, Vec<CK_OBJECT_HANDLE>>,
 }
 
 /// The objects the application has seen.
@@ -226,6 +236,9 @@ impl Objects {
         }
         maps.by_handle.insert(h, ObjectEntry { slot, owner, identity, handles });
         maps.by_vendor.insert((slot, member, vendor), h);
+        if owner == Owner::SlotSessions {
+            maps.found_session.entry(slot).or_default().push(h);
+        }
         h
     }
 
@@ -268,25 +281,25 @@ impl Objects {
         }
     }
 
-    /// Forgets the session objects that died with a session; when it was the
-    /// slot's last session, also the session objects found by search.
-    pub fn session_closed(&self, slot: u32, session: CK_SESSION_HANDLE, last_of_slot: bool) {
+    /// Forgets objects that no longer exist (a session's own objects when
+    /// it closes).
+    pub fn forget(&self, handles: &[CK_OBJECT_HANDLE]) {
+        if handles.is_empty() {
+            return;
+        }
         let mut maps = self.maps.write();
-        let dead: Vec<CK_OBJECT_HANDLE> = maps
-            .by_handle
-            .iter()
-            .filter(|(_, e)| {
-                e.slot == slot
-                    && (e.owner == Owner::Session(session)
-                        || (last_of_slot && matches!(e.owner, Owner::Session(_) | Owner::SlotSessions)))
-            })
-            .map(|(h, _)| *h)
-            .collect();
-        for h in dead {
-            if let Some(e) = maps.by_handle.remove(&h) {
-                Self::unlink(&mut maps, h, &e);
+        for h in handles {
+            if let Some(e) = maps.by_handle.remove(h) {
+                Self::unlink(&mut maps, *h, &e);
             }
         }
+    }
+
+    /// Forgets the session objects found by search on a slot (its last
+    /// session closed, so they are gone).
+    pub fn forget_found_session_objects(&self, slot: u32) {
+        let gone = self.maps.write().found_session.remove(&slot).unwrap_or_default();
+        self.forget(&gone);
     }
 
     /// Forgets every member handle of a member (it restarted or came back:
@@ -350,13 +363,13 @@ mod tests {
         let o = Objects::default();
         let tok = o.insert(0, 0, 1, Owner::Token, None);
         let mine = o.insert(0, 0, 2, Owner::Session(10), None);
-        let other = o.insert(0, 0, 3, Owner::Session(11), None);
         let found = o.insert(0, 0, 4, Owner::SlotSessions, None);
-        o.session_closed(0, 10, false);
-        assert!(o.get(mine).is_none());
-        assert!(o.get(other).is_some() && o.get(found).is_some());
-        o.session_closed(0, 11, true);
-        assert!(o.get(other).is_none() && o.get(found).is_none());
-        assert!(o.get(tok).is_some());
+        let elsewhere = o.insert(1, 0, 4, Owner::SlotSessions, None);
+        o.forget(&[mine]);
+        assert!(o.get(mine).is_none() && o.lookup_vendor(0, 0, 2).is_none());
+        assert!(o.get(found).is_some());
+        o.forget_found_session_objects(0);
+        assert!(o.get(found).is_none());
+        assert!(o.get(tok).is_some() && o.get(elsewhere).is_some());
     }
 }

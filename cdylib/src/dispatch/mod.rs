@@ -24,11 +24,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwapOption, Guard};
 use parking_lot::Mutex;
 use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
+use crate::abi::library;
 use crate::abi::mem::{Bytes, OutBytes, RawMechanism, Template, unpadded};
 use crate::backend::Vendor;
 use crate::config::{self, Config, MemberConfig, SlotConfig, TokenSelector};
@@ -40,8 +40,6 @@ use crate::router::{self, Member, recovery};
 pub use handles::{Identity, ObjectEntry, Owner, Session, SessionState};
 pub use slots::info;
 
-/// The initialized module, shared by every call.
-static STATE: ArcSwapOption<Library> = ArcSwapOption::const_empty();
 /// Bumped in the child after every `fork()`; state from another generation
 /// is stale and reads as "not initialized".
 static FORK_GEN: AtomicU64 = AtomicU64::new(0);
@@ -56,34 +54,12 @@ extern "C" fn after_fork_in_child() {
     FORK_GEN.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The initialized library, held for the duration of one call.
-pub struct Current(Guard<Option<Arc<Library>>>);
-
-impl std::fmt::Debug for Current {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Current")
-    }
-}
-
-impl std::ops::Deref for Current {
-    type Target = Library;
-    #[inline]
-    fn deref(&self) -> &Library {
-        match &*self.0 {
-            Some(lib) => lib,
-            // `current` only builds a `Current` from `Some`.
-            None => unreachable!("Current holds an initialized library"),
-        }
-    }
-}
-
 /// The initialized library, or `CKR_CRYPTOKI_NOT_INITIALIZED` (also in a
 /// forked child that has not initialized again).
 #[inline]
-pub fn current() -> Result<Current> {
-    let guard = STATE.load();
-    match &*guard {
-        Some(lib) if lib.fork_gen == FORK_GEN.load(Ordering::Relaxed) => Ok(Current(guard)),
+pub fn current() -> Result<&'static Library> {
+    match library::get() {
+        Some(lib) if lib.fork_gen == FORK_GEN.load(Ordering::Relaxed) => Ok(lib),
         _ => Err(Error::NotInitialized),
     }
 }
@@ -93,7 +69,7 @@ pub fn current() -> Result<Current> {
 pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize) -> Result<()> {
     let _init = INIT.lock();
     let generation = FORK_GEN.load(Ordering::Relaxed);
-    let stale = match STATE.load_full() {
+    let stale = match library::installed() {
         Some(lib) if lib.fork_gen == generation => return Err(Error::AlreadyInitialized),
         other => other,
     };
@@ -114,7 +90,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
     // does not exist in the child.
     let inherited: Vec<Arc<Vendor>> = match stale {
         Some(lib) => {
-            STATE.store(None);
+            library::take();
             std::mem::forget(RECOVERY.lock().take());
             tracing::info!("C_Initialize in a forked child: state of the parent discarded");
             lib.vendors.iter().map(|v| v.vendor.clone()).collect()
@@ -132,7 +108,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         }
     }
     tracing::info!(config = %path.display(), slots = lib.slots.len(), "p11shim initialized");
-    STATE.store(Some(lib));
+    library::install(lib);
     ATFORK.call_once(|| {
         if let Err(rc) = crate::abi::on_fork_in_child(after_fork_in_child) {
             tracing::warn!(rc, "pthread_atfork failed; fork() will not be detected");
@@ -144,8 +120,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
 /// `C_Finalize`.
 pub fn finalize() -> Result<()> {
     let _init = INIT.lock();
-    let lib = STATE.load_full().ok_or(Error::NotInitialized)?;
-    STATE.store(None);
+    let lib = library::take().ok_or(Error::NotInitialized)?;
     if lib.fork_gen != FORK_GEN.load(Ordering::Relaxed) {
         // The parent's state in a forked child: dropped without touching the
         // vendors, which belong to the parent.
@@ -191,6 +166,8 @@ pub struct Slot {
     pub cfg: SlotConfig,
     pub members: Vec<Member>,
     pub login: Mutex<Login>,
+    /// Sessions the application has open on the slot.
+    pub open_sessions: std::sync::atomic::AtomicUsize,
 }
 
 impl Slot {
@@ -266,7 +243,7 @@ impl Library {
                     }
                     members.push(m);
                 }
-                slots.push(Slot { cfg: sc.clone(), members, login: Mutex::new(Login::default()) });
+                slots.push(Slot { cfg: sc.clone(), members, login: Mutex::new(Login::default()), open_sessions: Default::default() });
             }
             Ok(slots)
         })();
@@ -332,25 +309,32 @@ impl Library {
         let slot = &self.slots[sess.slot as usize];
         let mut moves = 0;
         loop {
-            let (m, vh, lost) = {
+            let (m, vh, sample) = if sess.single {
+                (0, sess.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE, false)
+            } else {
                 let mut st = sess.state.lock();
-                let lost = kind.is_some_and(|k| st.ops.take_lost(k));
-                (st.member, st.vendor, lost)
+                if kind.is_some_and(|k| st.ops.take_lost(k)) {
+                    return Err(Error::OperationLost);
+                }
+                st.calls = st.calls.wrapping_add(1);
+                (st.member, st.vendor, st.calls % 64 == 1)
             };
-            if lost {
-                return Err(Error::OperationLost);
-            }
             let member = &slot.members[m as usize];
-            if !member.is_up() && moves < slot.members.len() && self.move_session(sess, m, None) {
+            if !sess.single && !member.is_up() && moves < slot.members.len() && self.move_session(sess, m, None) {
                 moves += 1;
                 continue;
             }
-            let r = member.track(|| call(member, m, vh));
+            let r = member.track(sample, || call(member, m, vh));
             match &r {
                 Err(Error::Vendor(rv)) if moves < slot.members.len() && router::is_failover(*rv, slot.logged_in()) => {
                     moves += 1;
                     if !self.move_session(sess, m, Some(*rv)) {
                         return r;
+                    }
+                    if kind.is_some() && !sess.replay {
+                        // The session went on, but its operation was not
+                        // recorded (a single-member slot): it is lost.
+                        return Err(Error::OperationLost);
                     }
                 }
                 _ => return r,
@@ -435,7 +419,7 @@ impl Library {
         let member = &slot.members[to as usize];
         let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
         let mut vh: CK_SESSION_HANDLE = 0;
-        member.track(|| member.vendor.open_session(vs, sess.flags, &mut vh))?;
+        member.track(false, || member.vendor.open_session(vs, sess.flags, &mut vh))?;
         let result = (|| {
             self.ensure_login(slot, member, vh)?;
             let mut lost = Vec::new();
@@ -472,6 +456,7 @@ impl Library {
                 }
                 let old = std::mem::replace(&mut st.member, to);
                 let old_vh = std::mem::replace(&mut st.vendor, vh);
+                sess.vendor.store(vh as u64, Ordering::Release);
                 let old_member = &slot.members[old as usize];
                 old_member.session_closed();
                 member.session_opened();
@@ -590,7 +575,13 @@ impl Library {
             Some(false) => creator.map_or(Owner::SlotSessions, Owner::Session),
             _ => Owner::Token,
         };
-        self.objects.insert(slot, m, o, owner, identity)
+        let h = self.objects.insert(slot, m, o, owner, identity);
+        if let Owner::Session(creator) = owner {
+            if let Some(sess) = self.sessions.get(creator) {
+                sess.state.lock().owned.push(h);
+            }
+        }
+        h
     }
 
     /// Probes due members from the application's own calls, when no

@@ -33,7 +33,7 @@ impl Library {
                 tracing::warn!(slot = slot.cfg.id, member = %m.name, what, "member is down and misses a token object");
                 continue;
             }
-            match m.with_control(|cs| m.track(|| make(m, i, cs))) {
+            match m.with_control(|cs| m.track(false, || make(m, i, cs))) {
                 Ok(v) => self.objects.set_on_member(h, i, v),
                 Err(e) => {
                     tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "replication to member failed");
@@ -63,7 +63,7 @@ impl Library {
                     continue;
                 }
             };
-            if let Err(e) = m.with_control(|cs| m.track(|| f(m, cs, v))) {
+            if let Err(e) = m.with_control(|cs| m.track(false, || f(m, cs, v))) {
                 tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "change on member failed");
                 self.member_down(slot, i, None);
             }
@@ -147,7 +147,9 @@ impl Library {
     pub fn find_objects_init(&self, h: CK_SESSION_HANDLE, t: Template<'_>) -> Result<()> {
         let sess = self.session(h)?;
         self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_init(vh, t))?;
-        sess.state.lock().ops.find = Some(FindRecord { template: t.save(), returned: Vec::new(), restarted: false });
+        if sess.replay {
+            sess.state.lock().ops.find = Some(Box::new(FindRecord { template: t.save(), returned: Vec::new(), restarted: false }));
+        }
         Ok(())
     }
 
@@ -169,6 +171,10 @@ impl Library {
                 }
                 Ok(n)
             })?;
+            if !sess.replay {
+                out.set_count(n as CK_ULONG);
+                return Ok(());
+            }
             let mut st = sess.state.lock();
             let Some(rec) = st.ops.find.as_mut() else {
                 drop(st);
@@ -198,7 +204,9 @@ impl Library {
     pub fn find_objects_final(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_final(vh));
-        sess.state.lock().ops.find = None;
+        if sess.replay {
+            sess.state.lock().ops.find = None;
+        }
         match r {
             Err(Error::Vendor(CKR_OPERATION_NOT_INITIALIZED)) | Ok(()) => r,
             other => other,

@@ -135,7 +135,7 @@ impl Library {
             let m = &s.members[mi as usize];
             let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
             let mut vendor: CK_SESSION_HANDLE = 0;
-            match m.track(|| m.vendor.open_session(vs, flags, &mut vendor)) {
+            match m.track(false, || m.vendor.open_session(vs, flags, &mut vendor)) {
                 Ok(()) => {}
                 Err(Error::Vendor(rv)) if router::is_failover(rv, false) && router::pick(&s.members, excluded | 1 << mi).is_some() => {
                     self.member_down(s, mi, Some(rv));
@@ -151,8 +151,19 @@ impl Library {
                 }
             }
             m.session_opened();
-            let state = SessionState { member: mi, vendor, ops: Default::default() };
-            out.write(self.sessions.insert(Session { slot: si, flags, state: parking_lot::Mutex::new(state) }));
+            s.open_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let state = SessionState { member: mi, vendor, ops: Default::default(), owned: Vec::new(), calls: 0 };
+            let single = s.members.len() == 1;
+            let replay = !single && s.cfg.replay_limit > 0;
+            let session = Session {
+                slot: si,
+                flags,
+                replay,
+                single,
+                vendor: std::sync::atomic::AtomicU64::new(vendor as u64),
+                state: parking_lot::Mutex::new(state),
+            };
+            out.write(self.sessions.insert(session));
             return Ok(());
         }
     }
@@ -167,9 +178,10 @@ impl Library {
         // (a member that failed may have lost it already).
         if self.sessions.remove(h).is_some() {
             member.session_closed();
-            let last = self.sessions.count_slot(sess.slot) == 0;
-            self.objects.session_closed(sess.slot, h, last);
-            if last {
+            let owned = std::mem::take(&mut sess.state.lock().owned);
+            self.objects.forget(&owned);
+            if slot.open_sessions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                self.objects.forget_found_session_objects(sess.slot);
                 self.slot_sessions_gone(slot);
             }
         }
@@ -203,10 +215,13 @@ impl Library {
                 }
             }
         }
-        for (h, sess) in self.sessions.remove_slot(i) {
+        for (_, sess) in self.sessions.remove_slot(i) {
             s.members[sess.binding().0 as usize].session_closed();
-            self.objects.session_closed(i, h, true);
+            let owned = std::mem::take(&mut sess.state.lock().owned);
+            self.objects.forget(&owned);
+            s.open_sessions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
+        self.objects.forget_found_session_objects(i);
         self.slot_sessions_gone(s);
         result
     }

@@ -48,8 +48,6 @@ pub struct Member {
     pub cfg: MemberConfig,
     vendor_slot: AtomicU64,
     health: AtomicU8,
-    /// Calls running on the member now.
-    inflight: AtomicU32,
     /// Sessions bound to the member.
     sessions: AtomicU32,
     /// Whether the member holds the slot's login.
@@ -63,7 +61,8 @@ pub struct Member {
 /// Counters of a member, for the status query and the logs.
 #[derive(Debug, Default)]
 pub struct MemberStats {
-    pub calls: AtomicU64,
+    /// Calls timed (one in 64 of each session).
+    pub sampled: AtomicU64,
     pub errors: AtomicU64,
     /// Sessions moved away from this member.
     pub failovers: AtomicU64,
@@ -81,7 +80,6 @@ impl Member {
             cfg,
             vendor_slot: AtomicU64::new(vendor_slot.map_or(NO_SLOT, |s| s as u64)),
             health: AtomicU8::new(Health::Up as u8),
-            inflight: AtomicU32::new(0),
             sessions: AtomicU32::new(0),
             logged_in: AtomicBool::new(false),
             stats: MemberStats::default(),
@@ -127,10 +125,6 @@ impl Member {
 
     pub fn sessions(&self) -> u32 {
         self.sessions.load(Ordering::Relaxed)
-    }
-
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
     }
 
     pub fn session_opened(&self) {
@@ -220,22 +214,25 @@ impl Member {
         self.control.lock().take();
     }
 
-    /// Runs a vendor call on the member, counting it, and sampling its
-    /// latency once in 16 calls.
+    /// Runs a vendor call on the member, counting its failures and, when
+    /// `sample` (one call in 64 of a session), timing it. Nothing shared is
+    /// written on the common path.
     #[inline]
-    pub fn track<T>(&self, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-        let n = self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        let sample = n % 16 == 0;
-        let start = sample.then(Instant::now);
-        let r = f();
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
-        if let Some(start) = start {
-            let us = start.elapsed().as_micros() as u64;
-            let old = self.stats.latency_us.load(Ordering::Relaxed);
-            let new = if old == 0 { us } else { (old * 7 + us) / 8 };
-            self.stats.latency_us.store(new, Ordering::Relaxed);
+    pub fn track<T>(&self, sample: bool, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+        if !sample {
+            let r = f();
+            if r.is_err() {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            return r;
         }
+        let start = Instant::now();
+        let r = f();
+        let us = start.elapsed().as_micros() as u64;
+        let old = self.stats.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.stats.latency_us.store(new, Ordering::Relaxed);
+        self.stats.sampled.fetch_add(1, Ordering::Relaxed);
         if r.is_err() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -243,11 +240,12 @@ impl Member {
     }
 }
 
-/// Picks the member for new work: up, active before standby, least
-/// outstanding work for its weight. Members in the `exclude` bit set are
-/// never picked.
+/// Picks the member for new work: up, active before standby, the fewest
+/// sessions for its weight (each session's operations go to its member, so
+/// sessions are the member's outstanding work). Members in the `exclude`
+/// bit set are never picked.
 pub fn pick(members: &[Member], exclude: u32) -> Option<u32> {
-    let score = |m: &Member| (u64::from(m.inflight()) * 1024 + u64::from(m.sessions())) * 1_000_000 / u64::from(m.cfg.weight.max(1));
+    let score = |m: &Member| u64::from(m.sessions()) * 1_000_000 / u64::from(m.cfg.weight.max(1));
     let best = |standby: bool| {
         members
             .iter()
@@ -301,7 +299,6 @@ mod tests {
             cfg,
             vendor_slot: AtomicU64::new(1),
             health: AtomicU8::new(Health::Up as u8),
-            inflight: AtomicU32::new(0),
             sessions: AtomicU32::new(0),
             logged_in: AtomicBool::new(false),
             stats: MemberStats::default(),

@@ -65,11 +65,11 @@ pub struct FindRecord {
     pub restarted: bool,
 }
 
-/// The active operations of a session.
+/// The active operations of a session (few at a time, so a short list).
 #[derive(Debug, Default)]
 pub struct Ops {
-    ops: [Option<OpRecord>; 7],
-    pub find: Option<FindRecord>,
+    ops: Vec<(OpKind, OpRecord)>,
+    pub find: Option<Box<FindRecord>>,
     /// Operations lost in a move to another member: the next call on them
     /// reports it once.
     lost: u8,
@@ -77,21 +77,31 @@ pub struct Ops {
 
 impl Ops {
     pub fn get(&self, k: OpKind) -> Option<&OpRecord> {
-        self.ops[k as usize].as_ref()
+        self.ops.iter().find(|(x, _)| *x == k).map(|(_, r)| r)
+    }
+
+    fn get_mut(&mut self, k: OpKind) -> Option<&mut OpRecord> {
+        self.ops.iter_mut().find(|(x, _)| *x == k).map(|(_, r)| r)
     }
 
     pub fn start(&mut self, k: OpKind, mechanism: Option<SavedMechanism>, key: CK_OBJECT_HANDLE) {
-        self.ops[k as usize] = Some(OpRecord { mechanism, key, input: Vec::new(), unreplayable: false });
+        let rec = OpRecord { mechanism, key, input: Vec::new(), unreplayable: false };
+        match self.get_mut(k) {
+            Some(r) => *r = rec,
+            None => self.ops.push((k, rec)),
+        }
         self.lost &= !(1 << k as u8);
     }
 
     pub fn end(&mut self, k: OpKind) {
-        self.ops[k as usize] = None;
+        if let Some(i) = self.ops.iter().position(|(x, _)| *x == k) {
+            self.ops.swap_remove(i);
+        }
     }
 
     /// Records `*Update` input, within `limit` bytes.
     pub fn add_input(&mut self, k: OpKind, data: &[u8], limit: u64) {
-        if let Some(r) = &mut self.ops[k as usize] {
+        if let Some(r) = self.get_mut(k) {
             if r.unreplayable {
                 return;
             }
@@ -106,30 +116,34 @@ impl Ops {
 
     /// The operation can no longer be replayed (input not recordable).
     pub fn taint(&mut self, k: OpKind) {
-        if let Some(r) = &mut self.ops[k as usize] {
+        if let Some(r) = self.get_mut(k) {
             r.unreplayable = true;
             r.input = Vec::new();
         }
     }
 
     pub fn records(&self) -> impl Iterator<Item = (OpKind, &OpRecord)> {
-        OpKind::ALL.iter().filter_map(|k| self.ops[*k as usize].as_ref().map(|r| (*k, r)))
+        self.ops.iter().map(|(k, r)| (*k, r))
     }
 
     pub fn mark_lost(&mut self, k: OpKind) {
-        self.ops[k as usize] = None;
+        self.end(k);
         self.lost |= 1 << k as u8;
     }
 
     /// Whether the operation was lost in a move; clears the flag.
+    #[inline]
     pub fn take_lost(&mut self, k: OpKind) -> bool {
+        if self.lost == 0 {
+            return false;
+        }
         let was = self.lost & (1 << k as u8) != 0;
         self.lost &= !(1 << k as u8);
         was
     }
 
     pub fn any_active(&self) -> bool {
-        self.ops.iter().any(Option::is_some) || self.find.is_some()
+        !self.ops.is_empty() || self.find.is_some()
     }
 }
 
