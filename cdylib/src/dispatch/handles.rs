@@ -81,10 +81,60 @@ pub struct Sessions {
     map: RwLock<FxHashMap<CK_SESSION_HANDLE, Arc<Session>>>,
 }
 
-impl Sessions {
+/// Bumped whenever a session is removed (and at initialization), so that
+/// a thread's cached session is checked with one load.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The session this thread used last: its handle, the generation it was
+    /// looked up in, and where it lives.
+    static LAST: std::cell::Cell<(CK_SESSION_HANDLE, u64, *const Session)> =
+        const { std::cell::Cell::new((CK_INVALID_HANDLE, u64::MAX, std::ptr::null())) };
+}
+
+/// Invalidates every thread's cached session.
+pub fn invalidate_cached_sessions() {
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+}
+
+/// A session, borrowed for the duration of one call.
+///
+/// Applications use a session from one thread at a time, so each thread
+/// remembers the session it used last: the common lookup is one
+/// thread-local read and one load of the generation, with no lock and no
+/// write to shared memory. The session is owned by the table until it is
+/// closed; closing a session while another thread is inside a call on that
+/// same session is undefined in PKCS#11 (vendor libraries free its state
+/// too), which is what makes the borrow without a reference count sound.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionRef(*const Session);
+
+impl std::ops::Deref for SessionRef {
+    type Target = Session;
     #[inline]
-    pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<Arc<Session>> {
-        self.map.read().get(&h).cloned()
+    #[allow(unsafe_code)]
+    fn deref(&self) -> &Session {
+        // SAFETY: the pointer came from an Arc held by the session table
+        // when the generation was current; the table drops it only in
+        // C_CloseSession, C_CloseAllSessions or C_Finalize of that session,
+        // which the application does not run concurrently with a call on
+        // the session (see above).
+        unsafe { &*self.0 }
+    }
+}
+
+impl Sessions {
+    /// Looks a session up, first in this thread's cache.
+    #[inline]
+    pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<SessionRef> {
+        let generation = GENERATION.load(Ordering::Acquire);
+        let (ch, cg, cp) = LAST.get();
+        if ch == h && cg == generation {
+            return Some(SessionRef(cp));
+        }
+        let p = Arc::as_ptr(self.map.read().get(&h)?);
+        LAST.set((h, generation, p));
+        Some(SessionRef(p))
     }
 
     pub fn insert(&self, s: Session) -> CK_SESSION_HANDLE {
@@ -93,8 +143,12 @@ impl Sessions {
         h
     }
 
+    /// Removes a session; the caller drops it after the generation moved,
+    /// so that no thread's cache can still point at it.
     pub fn remove(&self, h: CK_SESSION_HANDLE) -> Option<Arc<Session>> {
-        self.map.write().remove(&h)
+        let s = self.map.write().remove(&h);
+        invalidate_cached_sessions();
+        s
     }
 
     /// Removes every session of a slot.
@@ -104,6 +158,7 @@ impl Sessions {
         for (h, _) in &gone {
             map.remove(h);
         }
+        invalidate_cached_sessions();
         gone
     }
 

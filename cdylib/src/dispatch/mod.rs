@@ -97,6 +97,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         }
         None => Vec::new(),
     };
+    handles::invalidate_cached_sessions();
     let lib = Arc::new(Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
         tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
     })?);
@@ -128,6 +129,7 @@ pub fn finalize() -> Result<()> {
         return Err(Error::NotInitialized);
     }
     stop_threads();
+    handles::invalidate_cached_sessions();
     for v in lib.vendors.iter().filter(|v| v.owned) {
         v.vendor.finalize();
     }
@@ -290,7 +292,7 @@ impl Library {
 
     /// A session of the application.
     #[inline]
-    fn session(&self, h: CK_SESSION_HANDLE) -> Result<Arc<Session>> {
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<handles::SessionRef> {
         self.sessions.get(h).ok_or(Error::SessionHandleInvalid)
     }
 

@@ -176,12 +176,12 @@ impl Library {
         let rv = if member.is_up() { member.vendor.close_session(vh) } else { Ok(()) };
         // The session is gone for the application whatever the vendor said
         // (a member that failed may have lost it already).
-        if self.sessions.remove(h).is_some() {
+        if let Some(closed) = self.sessions.remove(h) {
             member.session_closed();
-            let owned = std::mem::take(&mut sess.state.lock().owned);
+            let owned = std::mem::take(&mut closed.state.lock().owned);
             self.objects.forget(&owned);
             if slot.open_sessions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-                self.objects.forget_found_session_objects(sess.slot);
+                self.objects.forget_found_session_objects(closed.slot);
                 self.slot_sessions_gone(slot);
             }
         }
