@@ -13,7 +13,7 @@ deps:
 	@scripts/deps.sh
 
 build:
-	$(CARGO) build -p p11shim
+	$(CARGO) build -p p11shim -p p11shim-faultmod
 
 build-release:
 	$(CARGO) build --release -p p11shim
@@ -22,7 +22,7 @@ build-release:
 # cryptoki scenarios against SoftHSM2 directly and through p11shim, and the
 # real clients. Every test runs in its own process (nextest).
 test: deps
-	$(CARGO) build -p p11shim
+	$(CARGO) build -p p11shim -p p11shim-faultmod
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 demo: deps build-release

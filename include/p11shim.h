@@ -35,8 +35,51 @@ extern "C" {
  * read. */
 #define CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE  (CKR_VENDOR_DEFINED | 0x50530003UL)
 
+/* C_Sign, C_Encrypt...: the member serving the session failed during an
+ * operation that could not be carried over to another member (its input
+ * outgrew the slot's replay_limit, its mechanism parameter could not be
+ * kept, or the slot has one member). The session still works: start the
+ * operation again. */
+#define CKR_P11SHIM_OPERATION_LOST          (CKR_VENDOR_DEFINED | 0x50530004UL)
+/* C_GenerateKey, C_GenerateKeyPair: a token key generated on one member of
+ * a multi-member slot would not reach the others (set allow_unreplicated
+ * on the slot to accept that). */
+#define CKR_P11SHIM_NOT_REPLICATED          (CKR_VENDOR_DEFINED | 0x50530005UL)
+
 /* The interface name of the standard function lists (C_GetInterface). */
 #define P11SHIM_PKCS11_INTERFACE "PKCS 11"
+
+/*
+ * p11shim's own interface, version 1.0:
+ *
+ *     CK_INTERFACE_PTR iface;
+ *     C_GetInterface((CK_UTF8CHAR_PTR)P11SHIM_INTERFACE, NULL, &iface, 0);
+ *     P11SHIM_FUNCTION_LIST *p11shim = iface->pFunctionList;
+ */
+#define P11SHIM_INTERFACE "p11shim"
+
+typedef struct P11SHIM_FUNCTION_LIST {
+  CK_VERSION version; /* 1.0 */
+  /* The status of every virtual slot and of its members, as JSON text
+   * (UTF-8, not NUL-terminated), with the PKCS#11 two-call convention:
+   * pJson NULL returns the length in *pulLen; a buffer too small gives
+   * CKR_BUFFER_TOO_SMALL. Requires C_Initialize.
+   *
+   *   {"module":"p11shim","version":"0.1.0","config":"/etc/...",
+   *    "recovery_thread":true,
+   *    "slots":[{"id":0,"label":"payments","serial":"...","logged_in":true,
+   *              "sessions":3,
+   *              "members":[{"name":"payments#0","library":"/usr/lib/...",
+   *                          "token":"token \"ha-a\"","state":"active",
+   *                          "standby":false,"weight":1,"sessions":2,
+   *                          "logged_in":true,"latency_us":41,
+   *                          "sampled_calls":120,"errors":0,"failovers":0,
+   *                          "recoveries":0,"down_ms":null}, ...]}]}
+   *
+   * A member's state is "active", "standby", "down" or "absent" (its
+   * token was never found). */
+  CK_RV (*P11shim_GetStatus)(CK_UTF8CHAR_PTR pJson, CK_ULONG_PTR pulLen);
+} P11SHIM_FUNCTION_LIST;
 
 #ifdef __cplusplus
 }

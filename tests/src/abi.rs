@@ -40,3 +40,40 @@ macro_rules! call {
         unsafe { ($m.fl.$f.expect(stringify!($f)))($($a),*) }
     };
 }
+
+/// The status query of p11shim's own interface (`P11SHIM_FUNCTION_LIST`).
+pub type StatusFn = unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_ULONG_PTR) -> CK_RV;
+
+/// The status function of an interface returned for "p11shim".
+///
+/// # Safety
+/// `iface` is the interface p11shim returned for its own name.
+pub unsafe fn status_fn(iface: CK_INTERFACE_PTR) -> StatusFn {
+    #[repr(C)]
+    struct List {
+        version: CK_VERSION,
+        get_status: StatusFn,
+    }
+    // SAFETY: per the caller, the function list has this layout (include/p11shim.h).
+    unsafe { (*((*iface).pFunctionList as *const List)).get_status }
+}
+
+/// Reads p11shim's status JSON from a loaded module (the same copy the
+/// process already initialized, found again with dlopen).
+pub fn status_json(path: &Path) -> String {
+    let m = Module::load(path);
+    type Gi = unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_VERSION_PTR, CK_INTERFACE_PTR_PTR, CK_FLAGS) -> CK_RV;
+    // SAFETY: the symbol has the spec's signature; the interface is p11shim's.
+    unsafe {
+        let gi = m.lib.get::<Gi>(b"C_GetInterface\0").expect("C_GetInterface");
+        let mut iface: CK_INTERFACE_PTR = null_mut();
+        assert_eq!(gi(b"p11shim\0".as_ptr().cast_mut(), null_mut(), &mut iface, 0), CKR_OK);
+        let status = status_fn(iface);
+        let mut len: CK_ULONG = 0;
+        assert_eq!(status(null_mut(), &mut len), CKR_OK);
+        let mut buf = vec![0u8; len as usize];
+        assert_eq!(status(buf.as_mut_ptr(), &mut len), CKR_OK);
+        buf.truncate(len as usize);
+        String::from_utf8(buf).expect("UTF-8 status")
+    }
+}

@@ -6,6 +6,8 @@
 //! this process at them, [`TestEnv::command`] a child process.
 
 pub mod abi;
+
+pub use abi::{status_fn, status_json};
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};

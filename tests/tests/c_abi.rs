@@ -249,8 +249,8 @@ fn two_call_convention() {
     let mut n: CK_ULONG = 0;
     // SAFETY: valid pointers.
     assert_eq!(unsafe { gil(null_mut(), &mut n) }, CKR_OK);
-    assert_eq!(n, 2);
-    let mut ifaces = [CK_INTERFACE::default(); 2];
+    assert_eq!(n, 3);
+    let mut ifaces = [CK_INTERFACE::default(); 3];
     let mut one = 1;
     // SAFETY: room for one interface, as announced.
     assert_eq!(unsafe { gil(ifaces.as_mut_ptr(), &mut one) }, CKR_BUFFER_TOO_SMALL);
@@ -284,6 +284,21 @@ fn interfaces() {
         let mut v9 = CK_VERSION { major: 9, minor: 9 };
         assert_eq!(gi(name, &mut v9, &mut iface, 0), CKR_ARGUMENTS_BAD);
         assert_eq!(gi(b"Vendor X\0".as_ptr().cast_mut(), null_mut(), &mut iface, 0), CKR_ARGUMENTS_BAD);
+        // p11shim's own interface: the status query.
+        assert_eq!(gi(b"p11shim\0".as_ptr().cast_mut(), null_mut(), &mut iface, 0), CKR_OK);
+        let status = p11shim_tests::status_fn(iface);
+        let mut len: CK_ULONG = 0;
+        assert_eq!(status(null_mut(), &mut len), CKR_CRYPTOKI_NOT_INITIALIZED);
+        assert_eq!((m.fl.C_Initialize.unwrap())(null_mut()), CKR_OK);
+        assert_eq!(status(null_mut(), &mut len), CKR_OK);
+        let mut small = [0u8; 4];
+        let mut n4: CK_ULONG = 4;
+        assert_eq!(status(small.as_mut_ptr(), &mut n4), CKR_BUFFER_TOO_SMALL);
+        let mut buf = vec![0u8; len as usize];
+        assert_eq!(status(buf.as_mut_ptr(), &mut len), CKR_OK);
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.contains(r#""label":"virt""#) && text.contains(r#""state":"active""#), "{text}");
+        assert_eq!((m.fl.C_Finalize.unwrap())(null_mut()), CKR_OK);
         assert_eq!(gi(name, null_mut(), null_mut(), 0), CKR_ARGUMENTS_BAD);
         // 3.0 functions the vendor lacks (SoftHSM2 2.6 is a 2.40 library).
         assert_eq!(gi(null_mut(), null_mut(), &mut iface, 0), CKR_OK);

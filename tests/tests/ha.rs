@@ -112,9 +112,15 @@ fn single_part_operations_move_to_another_member() {
     assert_eq!(s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(), b"secret plaintext");
     let log = ha.env.log();
     assert!(log.contains("member marked down") && log.contains("session moved"), "{log}");
+    // The status query shows it.
+    let status = p11shim_tests::status_json(&p11shim_lib());
+    assert!(status.contains(r#""name":"ha#0""#) && status.contains(r#""state":"down""#), "{status}");
+    assert!(status.contains(r#""failovers":1"#), "{status}");
 
     ha.members[0].heal();
     ha.wait_recoveries(1);
+    let status = p11shim_tests::status_json(&p11shim_lib());
+    assert!(!status.contains(r#""state":"down""#) && status.contains(r#""recoveries":1"#), "{status}");
 }
 
 /// Multi-part sign and encrypt with the member failing between updates:

@@ -81,15 +81,17 @@ cryptoki! {
         let mut out = unsafe { Out::new(iface)? };
         // SAFETY: a non-NULL name is a NUL-terminated string per the spec.
         let name = unsafe { mem::c_str(name as *const _) };
-        if name.as_deref().is_some_and(|n| n.as_bytes() != &INTERFACE_NAME[..INTERFACE_NAME.len() - 1]) {
-            return Err(Error::ArgumentsBad("unknown interface name"));
-        }
+        // No name asks for the default interface, the standard one.
+        let name = name.unwrap_or_else(|| String::from_utf8_lossy(&INTERFACE_NAME[..INTERFACE_NAME.len() - 1]).into_owned());
         // SAFETY: a non-NULL version points to a CK_VERSION.
         let want = unsafe { version.as_ref() }.copied();
         let found = INTERFACES.iter().find(|i| {
-            // SAFETY: every function list starts with its version.
-            let v = unsafe { *(i.0.pFunctionList as *const CK_VERSION) };
-            want.is_none_or(|w| w.major == v.major && w.minor == v.minor) && (i.0.flags & flags) == flags
+            // SAFETY: interface names are NUL-terminated statics, and every
+            // function list starts with its version.
+            let (n, v) = unsafe { (mem::c_str(i.0.pInterfaceName as *const _), *(i.0.pFunctionList as *const CK_VERSION)) };
+            n.as_deref() == Some(name.as_str())
+                && want.is_none_or(|w| w.major == v.major && w.minor == v.minor)
+                && (i.0.flags & flags) == flags
         });
         match found {
             Some(i) => {
@@ -640,6 +642,17 @@ cryptoki! {
     fn C_MessageVerifyFinal(h: Sh) {
         current()?.message_verify_final(h)
     }
+}
+
+/// p11shim's status query (`P11SHIM_FUNCTION_LIST.P11shim_GetStatus`):
+/// every virtual slot and member, as JSON, with the two-call convention.
+pub(super) unsafe extern "C" fn p11shim_get_status(buf: CK_UTF8CHAR_PTR, len: CK_ULONG_PTR) -> CK_RV {
+    guard("P11shim_GetStatus", || {
+        let lib = current()?;
+        // SAFETY: see above.
+        let mut out = unsafe { OutList::new(buf, len)? };
+        out.write(lib.status_json().as_bytes())
+    })
 }
 
 /// `C_GetInfo` of the 2.40 function list: the same, with version 2.40.

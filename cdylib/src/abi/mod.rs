@@ -192,8 +192,25 @@ pub struct Interface(pub CK_INTERFACE);
 // SAFETY: the pointers in it point to immutable statics.
 unsafe impl Sync for Interface {}
 
+/// The name of p11shim's own interface, NUL-terminated.
+pub const P11SHIM_INTERFACE_NAME: &[u8] = b"p11shim\0";
+
+/// p11shim's own interface (`P11SHIM_FUNCTION_LIST` in `include/p11shim.h`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct P11shimFunctionList {
+    pub version: CK_VERSION,
+    /// Writes the status of every virtual slot and member as JSON (UTF-8,
+    /// not NUL-terminated), with the two-call buffer convention.
+    pub get_status: unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_ULONG_PTR) -> CK_RV,
+}
+
+/// The function list of p11shim's own interface.
+pub static P11SHIM_FUNCTION_LIST: P11shimFunctionList =
+    P11shimFunctionList { version: CK_VERSION { major: 1, minor: 0 }, get_status: exports::p11shim_get_status };
+
 /// The interfaces of `C_GetInterfaceList`, the default one first.
-pub static INTERFACES: [Interface; 2] = [
+pub static INTERFACES: [Interface; 3] = [
     Interface(CK_INTERFACE {
         pInterfaceName: INTERFACE_NAME.as_ptr().cast_mut(),
         pFunctionList: (&raw const FUNCTION_LIST_3_0).cast_mut().cast(),
@@ -202,6 +219,11 @@ pub static INTERFACES: [Interface; 2] = [
     Interface(CK_INTERFACE {
         pInterfaceName: INTERFACE_NAME.as_ptr().cast_mut(),
         pFunctionList: (&raw const FUNCTION_LIST).cast_mut().cast(),
+        flags: 0,
+    }),
+    Interface(CK_INTERFACE {
+        pInterfaceName: P11SHIM_INTERFACE_NAME.as_ptr().cast_mut(),
+        pFunctionList: (&raw const P11SHIM_FUNCTION_LIST).cast_mut().cast(),
         flags: 0,
     }),
 ];

@@ -624,6 +624,58 @@ impl Library {
     }
 }
 
+impl Library {
+    /// The status of every virtual slot and its members, as JSON (the
+    /// status query of `include/p11shim.h`).
+    pub fn status_json(&self) -> String {
+        let slots: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let members: Vec<serde_json::Value> = s
+                    .members
+                    .iter()
+                    .map(|m| {
+                        let st = &m.stats;
+                        serde_json::json!({
+                            "name": m.name,
+                            "library": m.cfg.library.display().to_string(),
+                            "token": m.cfg.selector.to_string(),
+                            "state": router::state_name(m),
+                            "standby": m.cfg.standby,
+                            "weight": m.cfg.weight,
+                            "sessions": m.sessions(),
+                            "logged_in": m.is_logged_in(),
+                            "latency_us": st.latency_us.load(Ordering::Relaxed),
+                            "sampled_calls": st.sampled.load(Ordering::Relaxed),
+                            "errors": st.errors.load(Ordering::Relaxed),
+                            "failovers": st.failovers.load(Ordering::Relaxed),
+                            "recoveries": st.recoveries.load(Ordering::Relaxed),
+                            "down_ms": (!m.is_up()).then(|| m.down_for().as_millis() as u64),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "id": s.cfg.id,
+                    "label": s.cfg.label,
+                    "serial": s.cfg.serial,
+                    "logged_in": s.logged_in(),
+                    "sessions": s.open_sessions.load(Ordering::Relaxed),
+                    "members": members,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "module": "p11shim",
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": self.config.source.display().to_string(),
+            "recovery_thread": !self.no_threads,
+            "slots": slots,
+        })
+        .to_string()
+    }
+}
+
 impl recovery::Probe for Library {
     fn probe_due(&self, now: Instant) -> Option<Instant> {
         let mut next: Option<Instant> = None;
