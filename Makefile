@@ -13,7 +13,7 @@ deps:
 	@scripts/deps.sh
 
 build:
-	$(CARGO) build -p p11shim -p p11shim-faultmod
+	$(CARGO) build -p p11shim
 
 build-release:
 	$(CARGO) build --release -p p11shim

@@ -57,13 +57,22 @@ impl Counted {
 type SlotView = (Vec<(String, String)>, Vec<(String, String, String)>);
 
 fn slots(env: &BenchEnv, target: Target) -> SlotView {
-    let out = run_checked(env.worker(target, &["--list-slots"]), &format!("listing the slots of {}", target.title()));
+    let out = run_checked(
+        env.worker(target, &["--list-slots"]),
+        &format!("listing the slots of {}", target.title()),
+    );
     let (mut slots, mut tokens) = (Vec::new(), Vec::new());
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split('\t').collect();
         match f.as_slice() {
-            ["SLOT", _id, description, manufacturer] => slots.push((description.to_string(), manufacturer.to_string())),
-            ["TOKEN", _id, label, manufacturer, model] => tokens.push((label.to_string(), manufacturer.to_string(), model.to_string())),
+            ["SLOT", _id, description, manufacturer] => {
+                slots.push((description.to_string(), manufacturer.to_string()))
+            }
+            ["TOKEN", _id, label, manufacturer, model] => tokens.push((
+                label.to_string(),
+                manufacturer.to_string(),
+                model.to_string(),
+            )),
             _ => {}
         }
     }
@@ -78,33 +87,57 @@ fn slots(env: &BenchEnv, target: Target) -> SlotView {
 fn check_p11kit_sees_only_softhsm(env: &BenchEnv) {
     let direct = slots(env, Target::Direct);
     let proxied = slots(env, Target::P11Kit);
-    eprintln!("p11-kit's proxy shows {} slot(s), {} with a token:", proxied.0.len(), proxied.1.len());
+    eprintln!(
+        "p11-kit's proxy shows {} slot(s), {} with a token:",
+        proxied.0.len(),
+        proxied.1.len()
+    );
     for (label, manufacturer, model) in &proxied.1 {
         eprintln!("  token {label:?} ({manufacturer}, {model})");
     }
     if proxied != direct || proxied.1.iter().filter(|t| t.0 == TOKEN_LABEL).count() != 1 {
-        die(format_args!("p11-kit's proxy does not show exactly SoftHSM2's slots: it shows {proxied:?}, SoftHSM2 {direct:?}"));
+        die(format_args!(
+            "p11-kit's proxy does not show exactly SoftHSM2's slots: it shows {proxied:?}, SoftHSM2 {direct:?}"
+        ));
     }
     eprintln!("  = exactly the slots and tokens of SoftHSM2 loaded directly");
 
     let softhsm = crate::env::softhsm_lib();
-    let out = run_checked(env.tool_command(Target::P11Kit, vec!["p11-kit".into(), "list-modules".into()]), "p11-kit list-modules");
+    let out = run_checked(
+        env.tool_command(
+            Target::P11Kit,
+            vec!["p11-kit".into(), "list-modules".into()],
+        ),
+        "p11-kit list-modules",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    let modules: Vec<&str> = text.lines().filter(|l| !l.starts_with(char::is_whitespace) && !l.trim().is_empty()).collect();
+    let modules: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace) && !l.trim().is_empty())
+        .collect();
     let canonical = |p: &str| std::fs::canonicalize(p).ok();
-    let module_path = |m: &str| m.split_once(": ").and_then(|(_, path)| canonical(path.trim()));
+    let module_path = |m: &str| {
+        m.split_once(": ")
+            .and_then(|(_, path)| canonical(path.trim()))
+    };
     let only_softhsm = matches!(modules.as_slice(), [m] if module_path(m) == canonical(&softhsm.to_string_lossy()));
     if !only_softhsm {
-        die(format_args!("p11-kit list-modules, in the workers' environment, lists {modules:?}; expected SoftHSM2's module only"));
+        die(format_args!(
+            "p11-kit list-modules, in the workers' environment, lists {modules:?}; expected SoftHSM2's module only"
+        ));
     }
     eprintln!("  p11-kit list-modules: {}", modules.join("; "));
 }
 
 /// The total instruction count of a callgrind output file.
 fn totals(path: &Path) -> u64 {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| die(format_args!("cannot read {}: {e}", path.display())));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| die(format_args!("cannot read {}: {e}", path.display())));
     text.lines()
-        .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| die(format_args!("no totals in {}", path.display())))
@@ -117,15 +150,32 @@ fn count(env: &BenchEnv, target: Target, case: Case, n: u64, out_dir: &Path) -> 
     let tmp = env.path().join(&name);
     let out_file = format!("--callgrind-out-file={}", tmp.display());
     let n_arg = n.to_string();
-    let cmd =
-        env.command(target, &["valgrind", "--tool=callgrind", &out_file], &["--case", case.name(), "--threads", "1", "--count", &n_arg]);
-    let out = run(cmd, &format!("callgrind of {} {} x{n}", target.title(), case.name()), false);
-    let ops: u64 = result_field(&String::from_utf8_lossy(&out.stdout), "ops").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let cmd = env.command(
+        target,
+        &["valgrind", "--tool=callgrind", &out_file],
+        &["--case", case.name(), "--threads", "1", "--count", &n_arg],
+    );
+    let out = run(
+        cmd,
+        &format!("callgrind of {} {} x{n}", target.title(), case.name()),
+        false,
+    );
+    let ops: u64 = result_field(&String::from_utf8_lossy(&out.stdout), "ops")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     if ops != n {
-        die(format_args!("the worker under callgrind reported {ops} operations, expected {n}"));
+        die(format_args!(
+            "the worker under callgrind reported {ops} operations, expected {n}"
+        ));
     }
     let file = out_dir.join(&name);
-    std::fs::copy(&tmp, &file).unwrap_or_else(|e| die(format_args!("cannot copy {} to {}: {e}", tmp.display(), file.display())));
+    std::fs::copy(&tmp, &file).unwrap_or_else(|e| {
+        die(format_args!(
+            "cannot copy {} to {}: {e}",
+            tmp.display(),
+            file.display()
+        ))
+    });
     totals(&file)
 }
 
@@ -148,8 +198,12 @@ fn self_costs(file: &Path) -> Option<HashMap<String, u64>> {
             continue;
         }
         let line = line.trim_start();
-        let Some((count, rest)) = line.split_once(char::is_whitespace) else { continue };
-        let Ok(count) = count.replace(',', "").parse::<u64>() else { continue };
+        let Some((count, rest)) = line.split_once(char::is_whitespace) else {
+            continue;
+        };
+        let Ok(count) = count.replace(',', "").parse::<u64>() else {
+            continue;
+        };
         if !in_table || rest.contains("PROGRAM TOTALS") {
             continue;
         }
@@ -168,12 +222,19 @@ fn self_costs(file: &Path) -> Option<HashMap<String, u64>> {
 }
 
 /// Per-operation self cost of every function: (costs(2N) − costs(N)) / N.
-fn per_op_costs(out_dir: &Path, target: Target, case: Case, n: u64) -> Option<HashMap<String, f64>> {
+fn per_op_costs(
+    out_dir: &Path,
+    target: Target,
+    case: Case,
+    n: u64,
+) -> Option<HashMap<String, f64>> {
     let small = self_costs(&out_dir.join(format!("{}.{}.{n}.out", target.name(), case.name())))?;
-    let large = self_costs(&out_dir.join(format!("{}.{}.{}.out", target.name(), case.name(), 2 * n)))?;
+    let large =
+        self_costs(&out_dir.join(format!("{}.{}.{}.out", target.name(), case.name(), 2 * n)))?;
     let mut per = HashMap::new();
     for k in small.keys().chain(large.keys()) {
-        let v = (*large.get(k).unwrap_or(&0) as f64 - *small.get(k).unwrap_or(&0) as f64) / n as f64;
+        let v =
+            (*large.get(k).unwrap_or(&0) as f64 - *small.get(k).unwrap_or(&0) as f64) / n as f64;
         per.insert(k.clone(), v);
     }
     Some(per)
@@ -182,11 +243,17 @@ fn per_op_costs(out_dir: &Path, target: Target, case: Case, n: u64) -> Option<Ha
 /// The functions whose per-operation cost grows most from SoftHSM2 direct
 /// to through p11shim.
 fn shim_functions(out_dir: &Path, case: Case, n: u64) -> Vec<(String, f64)> {
-    let (Some(shim), Some(direct)) = (per_op_costs(out_dir, Target::Shim, case, n), per_op_costs(out_dir, Target::Direct, case, n)) else {
+    let (Some(shim), Some(direct)) = (
+        per_op_costs(out_dir, Target::Shim, case, n),
+        per_op_costs(out_dir, Target::Direct, case, n),
+    ) else {
         return Vec::new();
     };
-    let mut rows: Vec<(String, f64)> =
-        shim.iter().map(|(k, v)| (k.clone(), v - direct.get(k).copied().unwrap_or(0.0))).filter(|(_, d)| *d >= 5.0).collect();
+    let mut rows: Vec<(String, f64)> = shim
+        .iter()
+        .map(|(k, v)| (k.clone(), v - direct.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d >= 5.0)
+        .collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     rows
 }
@@ -197,9 +264,16 @@ pub fn run_all(env: &mut BenchEnv, opts: &CallgrindOpts) -> Vec<Counted> {
         Ok(o) if o.status.success() => eprintln!("{}", String::from_utf8_lossy(&o.stdout).trim()),
         _ => die("valgrind is not installed (apt-get install valgrind; `make deps` installs it)"),
     }
-    std::fs::create_dir_all(&opts.out_dir).unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", opts.out_dir.display())));
+    std::fs::create_dir_all(&opts.out_dir).unwrap_or_else(|e| {
+        die(format_args!(
+            "cannot create {}: {e}",
+            opts.out_dir.display()
+        ))
+    });
     if env.unprivileged_workers() {
-        eprintln!("Running as root: workers run as an unprivileged user, since p11-kit ignores root's user configuration");
+        eprintln!(
+            "Running as root: workers run as an unprivileged user, since p11-kit ignores root's user configuration"
+        );
     }
     check_p11kit_sees_only_softhsm(env);
 
@@ -211,7 +285,12 @@ pub fn run_all(env: &mut BenchEnv, opts: &CallgrindOpts) -> Vec<Counted> {
             let small = count(env, target, case, n, &opts.out_dir);
             let large = count(env, target, case, 2 * n, &opts.out_dir);
             if large <= small {
-                die(format_args!("{} {}: {large} instructions for {} ops, {small} for {n}", target.title(), case.name(), 2 * n));
+                die(format_args!(
+                    "{} {}: {large} instructions for {} ops, {small} for {n}",
+                    target.title(),
+                    case.name(),
+                    2 * n
+                ));
             }
             per_op[i] = (large - small) as f64 / n as f64;
             eprintln!(
@@ -225,7 +304,11 @@ pub fn run_all(env: &mut BenchEnv, opts: &CallgrindOpts) -> Vec<Counted> {
             );
         }
         let shim_functions = shim_functions(&opts.out_dir, case, n);
-        rows.push(Counted { case, per_op, shim_functions });
+        rows.push(Counted {
+            case,
+            per_op,
+            shim_functions,
+        });
     }
     rows
 }
@@ -233,14 +316,20 @@ pub fn run_all(env: &mut BenchEnv, opts: &CallgrindOpts) -> Vec<Counted> {
 fn signed(v: f64) -> String {
     let r = v.round() as i64;
     let s = thousands(r.unsigned_abs());
-    if r < 0 { format!("−{s}") } else { format!("+{s}") }
+    if r < 0 {
+        format!("−{s}")
+    } else {
+        format!("+{s}")
+    }
 }
 
 pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {
     let n = opts.iters;
     let int = |v: f64| thousands(v.round().max(0.0) as u64);
     if markdown {
-        println!("| Operation | SoftHSM2 direct | through p11shim | through p11-kit | added by p11shim | added by p11-kit |");
+        println!(
+            "| Operation | SoftHSM2 direct | through p11shim | through p11-kit | added by p11shim | added by p11-kit |"
+        );
         println!("|---|--:|--:|--:|--:|--:|");
         for r in rows {
             println!(
@@ -254,8 +343,14 @@ pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {
             );
         }
     } else {
-        println!("Instructions per operation (callgrind, (I({}) - I({n})) / {n}):", 2 * n);
-        println!("{:<40} {:>10} {:>10} {:>10} {:>10} {:>10}", "operation", "direct", "p11shim", "p11-kit", "+p11shim", "+p11-kit");
+        println!(
+            "Instructions per operation (callgrind, (I({}) - I({n})) / {n}):",
+            2 * n
+        );
+        println!(
+            "{:<40} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "operation", "direct", "p11shim", "p11-kit", "+p11shim", "+p11-kit"
+        );
         for r in rows {
             println!(
                 "{:<40} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -271,11 +366,18 @@ pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {
     println!();
     println!("Each operation is two PKCS#11 calls (DigestInit+Digest, OpenSession+CloseSession).");
     println!();
-    let missed: Vec<&Counted> = rows.iter().filter(|r| r.shim_added() >= r.p11kit_added()).collect();
+    let missed: Vec<&Counted> = rows
+        .iter()
+        .filter(|r| r.shim_added() >= r.p11kit_added())
+        .collect();
     if missed.is_empty() {
-        println!("Instruction target (p11shim adds fewer instructions per operation than p11-kit): met.");
+        println!(
+            "Instruction target (p11shim adds fewer instructions per operation than p11-kit): met."
+        );
     } else {
-        println!("Instruction target (p11shim adds fewer instructions per operation than p11-kit): NOT met:");
+        println!(
+            "Instruction target (p11shim adds fewer instructions per operation than p11-kit): NOT met:"
+        );
         for r in missed {
             println!(
                 "  - {}: p11shim adds {:.0} (direct {:.0}), p11-kit adds {:.0}",
@@ -291,8 +393,14 @@ pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {
             continue;
         }
         println!();
-        println!("{}: where p11shim's {:.0} added instructions per operation go", r.case.title(), r.shim_added());
-        println!("(self cost per operation through p11shim minus directly, by function; inlined code counts in its caller)");
+        println!(
+            "{}: where p11shim's {:.0} added instructions per operation go",
+            r.case.title(),
+            r.shim_added()
+        );
+        println!(
+            "(self cost per operation through p11shim minus directly, by function; inlined code counts in its caller)"
+        );
         if markdown {
             println!();
             println!("| Instructions per op | Function |");
@@ -308,5 +416,10 @@ pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {
         }
     }
     println!();
-    println!("Callgrind files: {}  (e.g. callgrind_annotate {}/shim.digest.{}.out)", opts.out_dir.display(), opts.out_dir.display(), 2 * n);
+    println!(
+        "Callgrind files: {}  (e.g. callgrind_annotate {}/shim.digest.{}.out)",
+        opts.out_dir.display(),
+        opts.out_dir.display(),
+        2 * n
+    );
 }

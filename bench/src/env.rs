@@ -51,18 +51,30 @@ fn first_existing(env: &str, candidates: &[&str]) -> Option<PathBuf> {
 pub fn softhsm_lib() -> PathBuf {
     first_existing(
         "SOFTHSM2_LIB",
-        &["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so"],
+        &[
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            "/usr/local/lib/softhsm/libsofthsm2.so",
+        ],
     )
-    .unwrap_or_else(|| die("SoftHSM2 is not installed (apt-get install softhsm2; `make deps` installs it)"))
+    .unwrap_or_else(|| {
+        die("SoftHSM2 is not installed (apt-get install softhsm2; `make deps` installs it)")
+    })
 }
 
 /// p11-kit's proxy module (`P11KIT_PROXY_LIB` overrides).
 pub fn p11kit_lib() -> PathBuf {
     first_existing(
         "P11KIT_PROXY_LIB",
-        &["/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so", "/usr/lib64/p11-kit-proxy.so", "/usr/lib/p11-kit-proxy.so"],
+        &[
+            "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so",
+            "/usr/lib64/p11-kit-proxy.so",
+            "/usr/lib/p11-kit-proxy.so",
+        ],
     )
-    .unwrap_or_else(|| die("p11-kit's proxy module is not installed (apt-get install p11-kit-modules)"))
+    .unwrap_or_else(|| {
+        die("p11-kit's proxy module is not installed (apt-get install p11-kit-modules)")
+    })
 }
 
 /// p11shim's module: `P11SHIM_LIB`, else the one built next to this binary.
@@ -70,15 +82,22 @@ pub fn shim_lib() -> PathBuf {
     if let Some(p) = std::env::var_os("P11SHIM_LIB") {
         return PathBuf::from(p);
     }
-    let p = exe().parent().map(|d| d.join("libp11shim.so")).unwrap_or_default();
+    let p = exe()
+        .parent()
+        .map(|d| d.join("libp11shim.so"))
+        .unwrap_or_default();
     if !p.exists() {
-        die(format_args!("{} is missing: run `cargo build --release -p p11shim` (make bench does)", p.display()));
+        die(format_args!(
+            "{} is missing: run `cargo build --release -p p11shim` (make bench does)",
+            p.display()
+        ));
     }
     p
 }
 
 pub fn exe() -> PathBuf {
-    std::env::current_exe().unwrap_or_else(|e| die(format_args!("cannot find this program's path: {e}")))
+    std::env::current_exe()
+        .unwrap_or_else(|e| die(format_args!("cannot find this program's path: {e}")))
 }
 
 /// The unprivileged user and group that workers run as when the benchmark
@@ -103,10 +122,14 @@ impl BenchEnv {
         crate::p11::remove_on_abort(dir.path());
         let env = BenchEnv { dir, run_as: None };
         let tokens = env.path().join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", tokens.display())));
+        std::fs::create_dir_all(&tokens)
+            .unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", tokens.display())));
         write(
             &env.softhsm_conf(),
-            &format!("directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n", tokens.display()),
+            &format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
         );
         write(
             &env.shim_conf(),
@@ -118,17 +141,39 @@ impl BenchEnv {
         // p11-kit reads ~/.config/pkcs11: "only" ignores the system's modules.
         let conf = env.p11kit_home().join(".config/pkcs11");
         write(&conf.join("pkcs11.conf"), "user-config: only\n");
-        write(&conf.join("modules/softhsm2.module"), &format!("module: {}\n", softhsm_lib().display()));
+        write(
+            &conf.join("modules/softhsm2.module"),
+            &format!("module: {}\n", softhsm_lib().display()),
+        );
 
         let out = Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", env.softhsm_conf())
-            .args(["--init-token", "--free", "--label", TOKEN_LABEL, "--so-pin", SO_PIN, "--pin", USER_PIN])
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                TOKEN_LABEL,
+                "--so-pin",
+                SO_PIN,
+                "--pin",
+                USER_PIN,
+            ])
             .output()
-            .unwrap_or_else(|e| die(format_args!("softhsm2-util: {e} (apt-get install softhsm2)")));
+            .unwrap_or_else(|e| {
+                die(format_args!(
+                    "softhsm2-util: {e} (apt-get install softhsm2)"
+                ))
+            });
         if !out.status.success() {
-            die(format_args!("softhsm2-util --init-token failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+            die(format_args!(
+                "softhsm2-util --init-token failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
-        let out = run_checked(env.worker(Target::Direct, &["--setup"]), "creating the benchmark's keys");
+        let out = run_checked(
+            env.worker(Target::Direct, &["--setup"]),
+            "creating the benchmark's keys",
+        );
         if !String::from_utf8_lossy(&out.stdout).contains("RESULT setup=ok") {
             die("the setup worker did not report success");
         }
@@ -150,7 +195,10 @@ impl BenchEnv {
         }
         chown_tree(self.path(), NOBODY);
         self.run_as = Some(NOBODY);
-        let probe = self.command(Target::Direct, &[], &["--list-slots"]).stdin(Stdio::null()).output();
+        let probe = self
+            .command(Target::Direct, &[], &["--list-slots"])
+            .stdin(Stdio::null())
+            .output();
         match probe {
             Ok(o) if o.status.success() => true,
             Ok(o) => die(format_args!(
@@ -159,7 +207,10 @@ impl BenchEnv {
                 NOBODY.0,
                 String::from_utf8_lossy(&o.stderr).trim_end()
             )),
-            Err(e) => die(format_args!("cannot start setpriv (util-linux) to run workers as uid {}: {e}", NOBODY.0)),
+            Err(e) => die(format_args!(
+                "cannot start setpriv (util-linux) to run workers as uid {}: {e}",
+                NOBODY.0
+            )),
         }
     }
 
@@ -181,11 +232,13 @@ impl BenchEnv {
         match target {
             Target::Direct => {}
             Target::Shim => {
-                cmd.env("P11SHIM_CONFIG", self.shim_conf()).env_remove("P11SHIM_LOG");
+                cmd.env("P11SHIM_CONFIG", self.shim_conf())
+                    .env_remove("P11SHIM_LOG");
             }
             Target::P11Kit => {
                 let home = self.p11kit_home();
-                cmd.env("HOME", &home).env("XDG_CONFIG_HOME", home.join(".config"));
+                cmd.env("HOME", &home)
+                    .env("XDG_CONFIG_HOME", home.join(".config"));
             }
         }
     }
@@ -220,7 +273,11 @@ impl BenchEnv {
         let mut cmd = match self.run_as {
             Some((uid, gid)) => {
                 let mut c = Command::new("setpriv");
-                c.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}")).arg("--clear-groups").arg("--").args(&line);
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={gid}"))
+                    .arg("--clear-groups")
+                    .arg("--")
+                    .args(&line);
                 c
             }
             None => {
@@ -238,16 +295,24 @@ fn is_root() -> bool {
     // /proc/self/status: "Uid:\treal\teffective\t...".
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().nth(1) == Some("0"))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("Uid:")
+                    .map(|v| v.split_whitespace().nth(1) == Some("0"))
+            })
+        })
         .unwrap_or(false)
 }
 
 fn chown_tree(path: &Path, (uid, gid): (u32, u32)) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap_or_else(|e| die(format_args!("cannot chown {}: {e}", path.display())));
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .unwrap_or_else(|e| die(format_args!("cannot chown {}: {e}", path.display())));
     if path.is_dir() && !path.is_symlink() {
-        let entries = std::fs::read_dir(path).unwrap_or_else(|e| die(format_args!("cannot list {}: {e}", path.display())));
+        let entries = std::fs::read_dir(path)
+            .unwrap_or_else(|e| die(format_args!("cannot list {}: {e}", path.display())));
         for entry in entries {
-            let entry = entry.unwrap_or_else(|e| die(format_args!("cannot list {}: {e}", path.display())));
+            let entry =
+                entry.unwrap_or_else(|e| die(format_args!("cannot list {}: {e}", path.display())));
             chown_tree(&entry.path(), (uid, gid));
         }
     }
@@ -255,9 +320,11 @@ fn chown_tree(path: &Path, (uid, gid): (u32, u32)) {
 
 fn write(path: &Path, text: &str) {
     if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d).unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", d.display())));
+        std::fs::create_dir_all(d)
+            .unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", d.display())));
     }
-    std::fs::write(path, text).unwrap_or_else(|e| die(format_args!("cannot write {}: {e}", path.display())));
+    std::fs::write(path, text)
+        .unwrap_or_else(|e| die(format_args!("cannot write {}: {e}", path.display())));
 }
 
 /// Runs a command to completion; a failure ends the run with its stderr.
@@ -269,7 +336,12 @@ pub fn run_checked(cmd: Command, what: &str) -> Output {
 /// As [`run_checked`], and `pass_stderr` says whether the stderr of a
 /// successful run is shown (not for valgrind's own chatter).
 pub fn run(mut cmd: Command, what: &str, pass_stderr: bool) -> Output {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| die(format_args!("{what}: cannot start {:?}: {e}", cmd.get_program())));
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| {
+        die(format_args!(
+            "{what}: cannot start {:?}: {e}",
+            cmd.get_program()
+        ))
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         eprintln!("{}", stderr.trim_end());
@@ -284,5 +356,6 @@ pub fn run(mut cmd: Command, what: &str, pass_stderr: bool) -> Output {
 /// The value of `key=` in a worker's `RESULT` line.
 pub fn result_field<'a>(stdout: &'a str, key: &str) -> Option<&'a str> {
     let line = stdout.lines().rev().find(|l| l.starts_with("RESULT "))?;
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }

@@ -61,11 +61,14 @@ fn main() {
 
 fn value<'a>(args: &'a [String], i: &mut usize, flag: &str) -> &'a str {
     *i += 1;
-    args.get(*i).map(String::as_str).unwrap_or_else(|| die(format_args!("{flag} needs a value\n\n{USAGE}")))
+    args.get(*i)
+        .map(String::as_str)
+        .unwrap_or_else(|| die(format_args!("{flag} needs a value\n\n{USAGE}")))
 }
 
 fn number<T: std::str::FromStr>(s: &str, flag: &str) -> T {
-    s.parse().unwrap_or_else(|_| die(format_args!("{flag}: not a number: {s:?}")))
+    s.parse()
+        .unwrap_or_else(|_| die(format_args!("{flag}: not a number: {s:?}")))
 }
 
 fn secs(s: &str, flag: &str) -> Duration {
@@ -77,12 +80,18 @@ fn secs(s: &str, flag: &str) -> Duration {
 }
 
 fn cases(s: &str) -> Vec<Case> {
-    s.split(',').map(|c| Case::parse(c.trim()).unwrap_or_else(|| die(format_args!("unknown case {c:?}\n\n{USAGE}")))).collect()
+    s.split(',')
+        .map(|c| {
+            Case::parse(c.trim())
+                .unwrap_or_else(|| die(format_args!("unknown case {c:?}\n\n{USAGE}")))
+        })
+        .collect()
 }
 
 fn parse_worker(args: &[String]) -> WorkerArgs {
     let (mut target, mut lib, mut setup, mut list) = (None, None, false, false);
-    let (mut case, mut threads, mut count, mut measure, mut warmup) = (None, 1usize, None, None, Duration::ZERO);
+    let (mut case, mut threads, mut count, mut measure, mut warmup) =
+        (None, 1usize, None, None, Duration::ZERO);
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -116,7 +125,11 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
         if threads == 0 {
             die("worker: --threads must be at least 1");
         }
-        Job::Run { case, threads, plan }
+        Job::Run {
+            case,
+            threads,
+            plan,
+        }
     };
     WorkerArgs { target, lib, job }
 }
@@ -134,7 +147,12 @@ fn parent(args: &[String]) {
             "--callgrind" => cg = true,
             "--secs" => measure = Some(secs(value(args, &mut i, a), a)),
             "--rounds" => rounds = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
-            "--threads" => threads = value(args, &mut i, a).split(',').map(|t| number::<usize>(t.trim(), a).max(1)).collect(),
+            "--threads" => {
+                threads = value(args, &mut i, a)
+                    .split(',')
+                    .map(|t| number::<usize>(t.trim(), a).max(1))
+                    .collect()
+            }
             "--cases" => chosen = Some(cases(value(args, &mut i, a))),
             "--iters" => iters = number::<u64>(value(args, &mut i, a), a).max(1),
             "--out" => out_dir = Some(PathBuf::from(value(args, &mut i, a))),
@@ -153,7 +171,11 @@ fn parent(args: &[String]) {
 
     if cg {
         let out_dir = out_dir.unwrap_or_else(default_callgrind_dir);
-        let opts = CallgrindOpts { iters, out_dir, cases: chosen.unwrap_or_else(|| callgrind::DEFAULT_CASES.to_vec()) };
+        let opts = CallgrindOpts {
+            iters,
+            out_dir,
+            cases: chosen.unwrap_or_else(|| callgrind::DEFAULT_CASES.to_vec()),
+        };
         let rows = callgrind::run_all(&mut env, &opts);
         println!();
         callgrind::print(&rows, &opts, markdown);
@@ -163,8 +185,16 @@ fn parent(args: &[String]) {
     let opts = TimingOpts {
         cases: chosen.unwrap_or_else(|| Case::ALL.to_vec()),
         threads,
-        measure: measure.unwrap_or(if quick { Duration::from_millis(250) } else { Duration::from_millis(600) }),
-        warmup: if quick { Duration::from_millis(50) } else { Duration::from_millis(150) },
+        measure: measure.unwrap_or(if quick {
+            Duration::from_millis(250)
+        } else {
+            Duration::from_millis(600)
+        }),
+        warmup: if quick {
+            Duration::from_millis(50)
+        } else {
+            Duration::from_millis(150)
+        },
         rounds: rounds.unwrap_or(if quick { 2 } else { 4 }),
     };
     eprintln!(
@@ -178,28 +208,46 @@ fn parent(args: &[String]) {
     println!();
     timing::print(&rows, markdown);
     println!();
-    println!("Load average (1 min) before and after the run: {load_before} / {}", loadavg());
+    println!(
+        "Load average (1 min) before and after the run: {load_before} / {}",
+        loadavg()
+    );
 }
 
 /// target/callgrind, next to the profile directory holding this binary.
 fn default_callgrind_dir() -> PathBuf {
     let exe = env::exe();
-    exe.parent().and_then(|d| d.parent()).map(|t| t.join("callgrind")).unwrap_or_else(|| PathBuf::from("callgrind"))
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|t| t.join("callgrind"))
+        .unwrap_or_else(|| PathBuf::from("callgrind"))
 }
 
 /// The 1-minute load average: other work on the machine skews timings.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().map(str::to_string)).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// The machine, for the record.
 fn print_machine(markdown: bool) {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
     let softhsm = std::process::Command::new("softhsm2-util")
         .arg("--version")
         .output()

@@ -154,17 +154,27 @@ pub fn rv_name(rv: CK_RV) -> &'static str {
 
 /// A blank-padded PKCS#11 string, trimmed.
 pub fn unpad(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).trim_end_matches([' ', '\0']).to_string()
+    String::from_utf8_lossy(b)
+        .trim_end_matches([' ', '\0'])
+        .to_string()
 }
 
 /// An attribute pointing at a plain value.
 pub fn attr<T>(ty: CK_ATTRIBUTE_TYPE, v: &T) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE { type_: ty, pValue: (v as *const T).cast_mut().cast(), ulValueLen: std::mem::size_of::<T>() as CK_ULONG }
+    CK_ATTRIBUTE {
+        type_: ty,
+        pValue: (v as *const T).cast_mut().cast(),
+        ulValueLen: std::mem::size_of::<T>() as CK_ULONG,
+    }
 }
 
 /// An attribute pointing at bytes.
 pub fn attr_bytes(ty: CK_ATTRIBUTE_TYPE, v: &[u8]) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE { type_: ty, pValue: v.as_ptr().cast_mut().cast(), ulValueLen: v.len() as CK_ULONG }
+    CK_ATTRIBUTE {
+        type_: ty,
+        pValue: v.as_ptr().cast_mut().cast(),
+        ulValueLen: v.len() as CK_ULONG,
+    }
 }
 
 /// A loaded module: its function pointers. The library stays loaded until
@@ -187,20 +197,30 @@ impl Module {
     pub fn load(path: &Path) -> Module {
         // SAFETY: loading a PKCS#11 library runs its initializers, which is
         // how such a library is meant to be used.
-        let lib = unsafe { libloading::Library::new(path) }.unwrap_or_else(|e| die(format_args!("cannot load {}: {e}", path.display())));
+        let lib = unsafe { libloading::Library::new(path) }
+            .unwrap_or_else(|e| die(format_args!("cannot load {}: {e}", path.display())));
         type GetFunctionList = unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV;
         // SAFETY: C_GetFunctionList has this signature in every PKCS#11 library.
-        let gfl = unsafe { lib.get::<GetFunctionList>(b"C_GetFunctionList\0") }
-            .unwrap_or_else(|e| die(format_args!("{}: no C_GetFunctionList: {e}", path.display())));
+        let gfl =
+            unsafe { lib.get::<GetFunctionList>(b"C_GetFunctionList\0") }.unwrap_or_else(|e| {
+                die(format_args!(
+                    "{}: no C_GetFunctionList: {e}",
+                    path.display()
+                ))
+            });
         let mut list: CK_FUNCTION_LIST_PTR = ptr::null_mut();
         // SAFETY: a writable out pointer.
         check(unsafe { gfl(&mut list) }, "C_GetFunctionList");
         if list.is_null() {
-            die(format_args!("{}: C_GetFunctionList gave NULL", path.display()));
+            die(format_args!(
+                "{}: C_GetFunctionList gave NULL",
+                path.display()
+            ));
         }
         // SAFETY: the module returned a valid function list that lives as
         // long as the library stays loaded (forever, below).
-        let f = Fns::resolve(unsafe { &*list }).unwrap_or_else(|e| die(format_args!("{}: {e}", path.display())));
+        let f = Fns::resolve(unsafe { &*list })
+            .unwrap_or_else(|e| die(format_args!("{}: {e}", path.display())));
         // Never unloaded: the function pointers stay valid for the process.
         std::mem::forget(lib);
         Module { f }
@@ -209,9 +229,17 @@ impl Module {
     /// `C_Initialize` for multi-threaded use with OS locking, as p11shim
     /// itself initializes the vendor library.
     pub fn initialize(&self) {
-        let mut args = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
+        let mut args = CK_C_INITIALIZE_ARGS {
+            flags: CKF_OS_LOCKING_OK,
+            ..Default::default()
+        };
         // SAFETY: a valid, fully initialized structure living across the call.
-        check(unsafe { (self.f.initialize)((&mut args as *mut CK_C_INITIALIZE_ARGS).cast::<c_void>()) }, "C_Initialize");
+        check(
+            unsafe {
+                (self.f.initialize)((&mut args as *mut CK_C_INITIALIZE_ARGS).cast::<c_void>())
+            },
+            "C_Initialize",
+        );
     }
 
     pub fn finalize(&self) {
@@ -222,10 +250,16 @@ impl Module {
     fn slot_ids(&self, token_present: CK_BBOOL) -> Vec<CK_SLOT_ID> {
         let mut n: CK_ULONG = 0;
         // SAFETY: the size query of the two-call convention.
-        check(unsafe { (self.f.get_slot_list)(token_present, ptr::null_mut(), &mut n) }, "C_GetSlotList");
+        check(
+            unsafe { (self.f.get_slot_list)(token_present, ptr::null_mut(), &mut n) },
+            "C_GetSlotList",
+        );
         let mut ids = vec![0 as CK_SLOT_ID; n as usize];
         // SAFETY: `ids` holds `n` slot ids.
-        check(unsafe { (self.f.get_slot_list)(token_present, ids.as_mut_ptr(), &mut n) }, "C_GetSlotList");
+        check(
+            unsafe { (self.f.get_slot_list)(token_present, ids.as_mut_ptr(), &mut n) },
+            "C_GetSlotList",
+        );
         ids.truncate(n as usize);
         ids
     }
@@ -237,7 +271,10 @@ impl Module {
             .map(|id| {
                 let mut si = CK_SLOT_INFO::default();
                 // SAFETY: a writable CK_SLOT_INFO.
-                check(unsafe { (self.f.get_slot_info)(id, &mut si) }, "C_GetSlotInfo");
+                check(
+                    unsafe { (self.f.get_slot_info)(id, &mut si) },
+                    "C_GetSlotInfo",
+                );
                 (id, unpad(&si.slotDescription), unpad(&si.manufacturerID))
             })
             .collect()
@@ -250,8 +287,16 @@ impl Module {
             .map(|id| {
                 let mut ti = CK_TOKEN_INFO::default();
                 // SAFETY: a writable CK_TOKEN_INFO.
-                check(unsafe { (self.f.get_token_info)(id, &mut ti) }, "C_GetTokenInfo");
-                SlotToken { id, label: unpad(&ti.label), manufacturer: unpad(&ti.manufacturerID), model: unpad(&ti.model) }
+                check(
+                    unsafe { (self.f.get_token_info)(id, &mut ti) },
+                    "C_GetTokenInfo",
+                );
+                SlotToken {
+                    id,
+                    label: unpad(&ti.label),
+                    manufacturer: unpad(&ti.manufacturerID),
+                    model: unpad(&ti.model),
+                }
             })
             .collect()
     }
@@ -262,14 +307,21 @@ impl Module {
         let hits: Vec<_> = all.iter().filter(|t| t.label == label).collect();
         match hits.as_slice() {
             [one] => one.id,
-            _ => die(format_args!("expected one token labelled {label:?}, found {} among {} slots", hits.len(), all.len())),
+            _ => die(format_args!(
+                "expected one token labelled {label:?}, found {} among {} slots",
+                hits.len(),
+                all.len()
+            )),
         }
     }
 
     pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS) -> CK_SESSION_HANDLE {
         let mut h: CK_SESSION_HANDLE = 0;
         // SAFETY: no application pointer nor callback; a writable handle.
-        check(unsafe { (self.f.open_session)(slot, flags, ptr::null_mut(), None, &mut h) }, "C_OpenSession");
+        check(
+            unsafe { (self.f.open_session)(slot, flags, ptr::null_mut(), None, &mut h) },
+            "C_OpenSession",
+        );
         h
     }
 
@@ -280,7 +332,10 @@ impl Module {
 
     pub fn login_user(&self, h: CK_SESSION_HANDLE, pin: &str) {
         // SAFETY: the PIN bytes are valid for the call; the module only reads them.
-        check(unsafe { (self.f.login)(h, CKU_USER, pin.as_ptr().cast_mut(), pin.len() as CK_ULONG) }, "C_Login");
+        check(
+            unsafe { (self.f.login)(h, CKU_USER, pin.as_ptr().cast_mut(), pin.len() as CK_ULONG) },
+            "C_Login",
+        );
     }
 
     pub fn logout(&self, h: CK_SESSION_HANDLE) {
@@ -289,18 +344,39 @@ impl Module {
     }
 
     /// The one object of a class with a label; none or several end the run.
-    pub fn find_one(&self, h: CK_SESSION_HANDLE, class: CK_OBJECT_CLASS, label: &str) -> CK_OBJECT_HANDLE {
-        let mut t = [attr(CKA_CLASS, &class), attr_bytes(CKA_LABEL, label.as_bytes())];
+    pub fn find_one(
+        &self,
+        h: CK_SESSION_HANDLE,
+        class: CK_OBJECT_CLASS,
+        label: &str,
+    ) -> CK_OBJECT_HANDLE {
+        let mut t = [
+            attr(CKA_CLASS, &class),
+            attr_bytes(CKA_LABEL, label.as_bytes()),
+        ];
         // SAFETY: the template points to live values for the call.
-        check(unsafe { (self.f.find_objects_init)(h, t.as_mut_ptr(), t.len() as CK_ULONG) }, "C_FindObjectsInit");
+        check(
+            unsafe { (self.f.find_objects_init)(h, t.as_mut_ptr(), t.len() as CK_ULONG) },
+            "C_FindObjectsInit",
+        );
         let mut found = [CK_INVALID_HANDLE; 4];
         let mut n: CK_ULONG = 0;
         // SAFETY: `found` holds 4 handles.
-        check(unsafe { (self.f.find_objects)(h, found.as_mut_ptr(), found.len() as CK_ULONG, &mut n) }, "C_FindObjects");
+        check(
+            unsafe {
+                (self.f.find_objects)(h, found.as_mut_ptr(), found.len() as CK_ULONG, &mut n)
+            },
+            "C_FindObjects",
+        );
         // SAFETY: no pointers.
-        check(unsafe { (self.f.find_objects_final)(h) }, "C_FindObjectsFinal");
+        check(
+            unsafe { (self.f.find_objects_final)(h) },
+            "C_FindObjectsFinal",
+        );
         if n != 1 {
-            die(format_args!("expected one object of class {class} labelled {label:?}, found {n}"));
+            die(format_args!(
+                "expected one object of class {class} labelled {label:?}, found {n}"
+            ));
         }
         found[0]
     }

@@ -24,7 +24,10 @@ impl Default for Histogram {
 
 impl Histogram {
     pub fn new() -> Histogram {
-        Histogram { counts: vec![0; BUCKETS], total: 0 }
+        Histogram {
+            counts: vec![0; BUCKETS],
+            total: 0,
+        }
     }
 
     fn index(v: u64) -> usize {
@@ -83,8 +86,18 @@ impl Histogram {
 
     /// Compact text form for the worker's report: `index:count,...`.
     pub fn encode(&self) -> String {
-        let parts: Vec<String> = self.counts.iter().enumerate().filter(|(_, c)| **c != 0).map(|(i, c)| format!("{i}:{c}")).collect();
-        if parts.is_empty() { "-".to_string() } else { parts.join(",") }
+        let parts: Vec<String> = self
+            .counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != 0)
+            .map(|(i, c)| format!("{i}:{c}"))
+            .collect();
+        if parts.is_empty() {
+            "-".to_string()
+        } else {
+            parts.join(",")
+        }
     }
 
     pub fn decode(s: &str) -> Option<Histogram> {
@@ -108,7 +121,21 @@ mod tests {
 
     #[test]
     fn buckets_are_within_two_percent() {
-        for v in [0u64, 1, 127, 128, 129, 255, 256, 1000, 1234, 99_999, 1_000_000, 123_456_789, u64::MAX / 3] {
+        for v in [
+            0u64,
+            1,
+            127,
+            128,
+            129,
+            255,
+            256,
+            1000,
+            1234,
+            99_999,
+            1_000_000,
+            123_456_789,
+            u64::MAX / 3,
+        ] {
             let got = Histogram::value(Histogram::index(v));
             let err = (got as f64 - v as f64).abs() / (v.max(1) as f64);
             assert!(err <= 0.016, "{v} -> {got}");

@@ -40,7 +40,11 @@ struct Measure {
 
 impl Measure {
     fn rate(&self) -> f64 {
-        if self.secs > 0.0 { self.ops as f64 / self.secs } else { 0.0 }
+        if self.secs > 0.0 {
+            self.ops as f64 / self.secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -61,12 +65,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 impl Row {
     fn ratios(&self) -> Vec<f64> {
-        self.rounds.iter().map(|(d, s)| if d.rate() > 0.0 { s.rate() / d.rate() } else { 0.0 }).collect()
+        self.rounds
+            .iter()
+            .map(|(d, s)| {
+                if d.rate() > 0.0 {
+                    s.rate() / d.rate()
+                } else {
+                    0.0
+                }
+            })
+            .collect()
     }
 
     pub fn ratio(&self) -> f64 {
@@ -75,7 +92,10 @@ impl Row {
 
     fn ratio_range(&self) -> (f64, f64) {
         let r = self.ratios();
-        (r.iter().copied().fold(f64::INFINITY, f64::min), r.iter().copied().fold(0.0, f64::max))
+        (
+            r.iter().copied().fold(f64::INFINITY, f64::min),
+            r.iter().copied().fold(0.0, f64::max),
+        )
     }
 
     fn direct_rate(&self) -> f64 {
@@ -87,22 +107,52 @@ impl Row {
     }
 }
 
-fn measure_once(env: &BenchEnv, target: Target, case: Case, threads: usize, opts: &TimingOpts) -> Measure {
+fn measure_once(
+    env: &BenchEnv,
+    target: Target,
+    case: Case,
+    threads: usize,
+    opts: &TimingOpts,
+) -> Measure {
     let secs = format!("{}", opts.measure.as_secs_f64());
     let warm = format!("{}", opts.warmup.as_secs_f64());
     let th = threads.to_string();
-    let cmd = env.worker(target, &["--case", case.name(), "--threads", &th, "--secs", &secs, "--warmup", &warm]);
-    let out = run_checked(cmd, &format!("{} {} on {threads} thread(s)", target.title(), case.name()));
+    let cmd = env.worker(
+        target,
+        &[
+            "--case",
+            case.name(),
+            "--threads",
+            &th,
+            "--secs",
+            &secs,
+            "--warmup",
+            &warm,
+        ],
+    );
+    let out = run_checked(
+        cmd,
+        &format!("{} {} on {threads} thread(s)", target.title(), case.name()),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let parse = || -> Option<Measure> {
         let ops: u64 = result_field(&stdout, "ops")?.parse().ok()?;
         let rate: f64 = result_field(&stdout, "rate")?.parse().ok()?;
         let hist = Histogram::decode(result_field(&stdout, "hist")?)?;
-        Some(Measure { ops, secs: if rate > 0.0 { ops as f64 / rate } else { 0.0 }, hist })
+        Some(Measure {
+            ops,
+            secs: if rate > 0.0 { ops as f64 / rate } else { 0.0 },
+            hist,
+        })
     };
     let m = parse().unwrap_or_else(|| die(format_args!("unreadable worker report: {stdout:?}")));
     if m.ops == 0 {
-        die(format_args!("{} {} ran no operation in {:?}", target.title(), case.name(), opts.measure));
+        die(format_args!(
+            "{} {} ran no operation in {:?}",
+            target.title(),
+            case.name(),
+            opts.measure
+        ));
     }
     m
 }
@@ -111,9 +161,19 @@ pub fn run(env: &BenchEnv, opts: &TimingOpts) -> Vec<Row> {
     let mut rows = Vec::new();
     for &case in &opts.cases {
         for &threads in &opts.threads {
-            let mut row = Row { case, threads, rounds: Vec::new(), direct_hist: Histogram::new(), shim_hist: Histogram::new() };
+            let mut row = Row {
+                case,
+                threads,
+                rounds: Vec::new(),
+                direct_hist: Histogram::new(),
+                shim_hist: Histogram::new(),
+            };
             for round in 0..opts.rounds {
-                let order = if round % 2 == 0 { [Target::Direct, Target::Shim] } else { [Target::Shim, Target::Direct] };
+                let order = if round % 2 == 0 {
+                    [Target::Direct, Target::Shim]
+                } else {
+                    [Target::Shim, Target::Direct]
+                };
                 let (mut direct, mut shim) = (Measure::default(), Measure::default());
                 for target in order {
                     let m = measure_once(env, target, case, threads, opts);
@@ -194,7 +254,13 @@ pub fn print(rows: &[Row], markdown: bool) {
     } else {
         println!(
             "{:<40} {:>3}  {:>14} {:>14} {:>19}  {:>19}  {:>19}",
-            "operation", "thr", "SoftHSM2 ops/s", "p11shim ops/s", "ratio (range)", "SoftHSM2 p50/p99 µs", "p11shim p50/p99 µs"
+            "operation",
+            "thr",
+            "SoftHSM2 ops/s",
+            "p11shim ops/s",
+            "ratio (range)",
+            "SoftHSM2 p50/p99 µs",
+            "p11shim p50/p99 µs"
         );
         for r in rows {
             let (lo, hi) = r.ratio_range();
@@ -205,8 +271,16 @@ pub fn print(rows: &[Row], markdown: bool) {
                 ops(r.direct_rate()),
                 ops(r.shim_rate()),
                 format!("{:.3} ({lo:.2}-{hi:.2})", r.ratio()),
-                format!("{} / {}", us(r.direct_hist.quantile(0.5)), us(r.direct_hist.quantile(0.99))),
-                format!("{} / {}", us(r.shim_hist.quantile(0.5)), us(r.shim_hist.quantile(0.99))),
+                format!(
+                    "{} / {}",
+                    us(r.direct_hist.quantile(0.5)),
+                    us(r.direct_hist.quantile(0.99))
+                ),
+                format!(
+                    "{} / {}",
+                    us(r.shim_hist.quantile(0.5)),
+                    us(r.shim_hist.quantile(0.99))
+                ),
             );
         }
     }
@@ -214,12 +288,21 @@ pub fn print(rows: &[Row], markdown: bool) {
     let below: Vec<String> = rows
         .iter()
         .filter(|r| r.ratio() < TARGET_RATIO)
-        .map(|r| format!("{} on {} thread(s): {:.3}", r.case.title(), r.threads, r.ratio()))
+        .map(|r| {
+            format!(
+                "{} on {} thread(s): {:.3}",
+                r.case.title(),
+                r.threads,
+                r.ratio()
+            )
+        })
         .collect();
     if below.is_empty() {
         println!("Throughput target (p11shim >= {TARGET_RATIO} x SoftHSM2 in every case): met.");
     } else {
-        println!("Throughput target (p11shim >= {TARGET_RATIO} x SoftHSM2 in every case): NOT met:");
+        println!(
+            "Throughput target (p11shim >= {TARGET_RATIO} x SoftHSM2 in every case): NOT met:"
+        );
         for b in below {
             println!("  - {b}");
         }

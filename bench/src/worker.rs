@@ -44,7 +44,15 @@ pub enum Case {
 }
 
 impl Case {
-    pub const ALL: [Case; 7] = [Case::Digest, Case::RsaSign, Case::EcdsaSign, Case::AesGcm, Case::Find, Case::Session, Case::GetAttr];
+    pub const ALL: [Case; 7] = [
+        Case::Digest,
+        Case::RsaSign,
+        Case::EcdsaSign,
+        Case::AesGcm,
+        Case::Find,
+        Case::Session,
+        Case::GetAttr,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -89,7 +97,11 @@ pub enum Plan {
 pub enum Job {
     Setup,
     ListSlots,
-    Run { case: Case, threads: usize, plan: Plan },
+    Run {
+        case: Case,
+        threads: usize,
+        plan: Plan,
+    },
 }
 
 #[derive(Debug)]
@@ -118,7 +130,10 @@ pub fn run(args: WorkerArgs) {
                 println!("SLOT\t{id}\t{description}\t{manufacturer}");
             }
             for t in m.tokens() {
-                println!("TOKEN\t{}\t{}\t{}\t{}", t.id, t.label, t.manufacturer, t.model);
+                println!(
+                    "TOKEN\t{}\t{}\t{}\t{}",
+                    t.id, t.label, t.manufacturer, t.model
+                );
             }
         }
         Job::Setup => {
@@ -126,7 +141,11 @@ pub fn run(args: WorkerArgs) {
             create_objects(&m, slot);
             println!("RESULT setup=ok");
         }
-        Job::Run { case, threads, plan } => {
+        Job::Run {
+            case,
+            threads,
+            plan,
+        } => {
             let slot = m.find_slot(TOKEN_LABEL);
             let base = m.open_session(slot, CKF_SERIAL_SESSION);
             m.login_user(base, USER_PIN);
@@ -153,7 +172,14 @@ struct ThreadResult {
     hist: Histogram,
 }
 
-fn run_threads(m: &Module, slot: CK_SLOT_ID, keys: Keys, case: Case, threads: usize, plan: Plan) -> Vec<ThreadResult> {
+fn run_threads(
+    m: &Module,
+    slot: CK_SLOT_ID,
+    keys: Keys,
+    case: Case,
+    threads: usize,
+    plan: Plan,
+) -> Vec<ThreadResult> {
     let barrier = Barrier::new(threads);
     std::thread::scope(|sc| {
         let handles: Vec<_> = (0..threads)
@@ -176,7 +202,13 @@ fn run_threads(m: &Module, slot: CK_SLOT_ID, keys: Keys, case: Case, threads: us
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| die("a benchmark thread panicked"))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| die("a benchmark thread panicked"))
+            })
+            .collect()
     })
 }
 
@@ -188,7 +220,11 @@ fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
             for _ in 0..n {
                 op();
             }
-            ThreadResult { ops: n, elapsed: Duration::ZERO, hist: Histogram::new() }
+            ThreadResult {
+                ops: n,
+                elapsed: Duration::ZERO,
+                hist: Histogram::new(),
+            }
         }
         Plan::Timed { warmup, measure } => {
             let start = Instant::now();
@@ -208,7 +244,11 @@ fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
                 ops += 1;
                 now = t;
             }
-            ThreadResult { ops, elapsed: now - first, hist }
+            ThreadResult {
+                ops,
+                elapsed: now - first,
+                hist,
+            }
         }
     }
 }
@@ -220,7 +260,10 @@ fn report(results: &[ThreadResult], plan: Plan) {
     match plan {
         Plan::Count(_) => println!("RESULT ops={ops}"),
         Plan::Timed { .. } => {
-            let rate: f64 = results.iter().map(|r| r.ops as f64 / r.elapsed.as_secs_f64().max(1e-9)).sum();
+            let rate: f64 = results
+                .iter()
+                .map(|r| r.ops as f64 / r.elapsed.as_secs_f64().max(1e-9))
+                .sum();
             let mut hist = Histogram::new();
             for r in results {
                 hist.merge(&r.hist);
@@ -278,23 +321,65 @@ impl Ctx {
 
     fn digest(&mut self) {
         let f = &self.m.f;
-        let mut mech = CK_MECHANISM { mechanism: CKM_SHA256, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+        let mut mech = CK_MECHANISM {
+            mechanism: CKM_SHA256,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
         // SAFETY: a valid mechanism for the call.
-        check(unsafe { (f.digest_init)(self.s, &mut mech) }, "C_DigestInit");
+        check(
+            unsafe { (f.digest_init)(self.s, &mut mech) },
+            "C_DigestInit",
+        );
         let mut n = self.out.len() as CK_ULONG;
         // SAFETY: input and output buffers of the lengths given.
-        check(unsafe { (f.digest)(self.s, self.data.as_mut_ptr(), 64, self.out.as_mut_ptr(), &mut n) }, "C_Digest");
+        check(
+            unsafe {
+                (f.digest)(
+                    self.s,
+                    self.data.as_mut_ptr(),
+                    64,
+                    self.out.as_mut_ptr(),
+                    &mut n,
+                )
+            },
+            "C_Digest",
+        );
         Self::expect_len("C_Digest", n, 32);
     }
 
-    fn sign(&mut self, mechanism: CK_MECHANISM_TYPE, key: CK_OBJECT_HANDLE, input: usize, sig: usize) {
+    fn sign(
+        &mut self,
+        mechanism: CK_MECHANISM_TYPE,
+        key: CK_OBJECT_HANDLE,
+        input: usize,
+        sig: usize,
+    ) {
         let f = &self.m.f;
-        let mut mech = CK_MECHANISM { mechanism, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+        let mut mech = CK_MECHANISM {
+            mechanism,
+            pParameter: ptr::null_mut(),
+            ulParameterLen: 0,
+        };
         // SAFETY: a valid mechanism for the call.
-        check(unsafe { (f.sign_init)(self.s, &mut mech, key) }, "C_SignInit");
+        check(
+            unsafe { (f.sign_init)(self.s, &mut mech, key) },
+            "C_SignInit",
+        );
         let mut n = self.out.len() as CK_ULONG;
         // SAFETY: input and output buffers of the lengths given.
-        check(unsafe { (f.sign)(self.s, self.data.as_mut_ptr(), input as CK_ULONG, self.out.as_mut_ptr(), &mut n) }, "C_Sign");
+        check(
+            unsafe {
+                (f.sign)(
+                    self.s,
+                    self.data.as_mut_ptr(),
+                    input as CK_ULONG,
+                    self.out.as_mut_ptr(),
+                    &mut n,
+                )
+            },
+            "C_Sign",
+        );
         Self::expect_len("C_Sign", n, sig);
     }
 
@@ -326,10 +411,24 @@ impl Ctx {
             ulParameterLen: std::mem::size_of::<CK_GCM_PARAMS>() as CK_ULONG,
         };
         // SAFETY: the mechanism and its parameters live across the call.
-        check(unsafe { (f.encrypt_init)(self.s, &mut mech, self.keys.aes) }, "C_EncryptInit");
+        check(
+            unsafe { (f.encrypt_init)(self.s, &mut mech, self.keys.aes) },
+            "C_EncryptInit",
+        );
         let mut n = self.out.len() as CK_ULONG;
         // SAFETY: input and output buffers of the lengths given.
-        check(unsafe { (f.encrypt)(self.s, self.gcm_in.as_mut_ptr(), GCM_IN as CK_ULONG, self.out.as_mut_ptr(), &mut n) }, "C_Encrypt");
+        check(
+            unsafe {
+                (f.encrypt)(
+                    self.s,
+                    self.gcm_in.as_mut_ptr(),
+                    GCM_IN as CK_ULONG,
+                    self.out.as_mut_ptr(),
+                    &mut n,
+                )
+            },
+            "C_Encrypt",
+        );
         Self::expect_len("C_Encrypt", n, GCM_IN + GCM_TAG);
     }
 
@@ -337,15 +436,26 @@ impl Ctx {
         let f = &self.m.f;
         let mut t = [attr_bytes(CKA_LABEL, FIND_LABEL.as_bytes())];
         // SAFETY: the template points to live values for the call.
-        check(unsafe { (f.find_objects_init)(self.s, t.as_mut_ptr(), 1) }, "C_FindObjectsInit");
+        check(
+            unsafe { (f.find_objects_init)(self.s, t.as_mut_ptr(), 1) },
+            "C_FindObjectsInit",
+        );
         let mut found = [CK_INVALID_HANDLE; 4];
         let mut n: CK_ULONG = 0;
         // SAFETY: `found` holds 4 handles.
-        check(unsafe { (f.find_objects)(self.s, found.as_mut_ptr(), 4, &mut n) }, "C_FindObjects");
+        check(
+            unsafe { (f.find_objects)(self.s, found.as_mut_ptr(), 4, &mut n) },
+            "C_FindObjects",
+        );
         // SAFETY: no pointers.
-        check(unsafe { (f.find_objects_final)(self.s) }, "C_FindObjectsFinal");
+        check(
+            unsafe { (f.find_objects_final)(self.s) },
+            "C_FindObjectsFinal",
+        );
         if n != 1 {
-            die(format_args!("C_FindObjects found {n} objects labelled {FIND_LABEL:?}, expected 1"));
+            die(format_args!(
+                "C_FindObjects found {n} objects labelled {FIND_LABEL:?}, expected 1"
+            ));
         }
     }
 
@@ -353,17 +463,33 @@ impl Ctx {
         let f = &self.m.f;
         let mut h: CK_SESSION_HANDLE = 0;
         // SAFETY: no application pointer nor callback; a writable handle.
-        check(unsafe { (f.open_session)(self.slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut h) }, "C_OpenSession");
+        check(
+            unsafe {
+                (f.open_session)(self.slot, CKF_SERIAL_SESSION, ptr::null_mut(), None, &mut h)
+            },
+            "C_OpenSession",
+        );
         // SAFETY: no pointers.
         check(unsafe { (f.close_session)(h) }, "C_CloseSession");
     }
 
     fn get_label(&mut self) {
         let f = &self.m.f;
-        let mut a = [CK_ATTRIBUTE { type_: CKA_LABEL, pValue: self.label.as_mut_ptr().cast(), ulValueLen: self.label.len() as CK_ULONG }];
+        let mut a = [CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: self.label.as_mut_ptr().cast(),
+            ulValueLen: self.label.len() as CK_ULONG,
+        }];
         // SAFETY: the template's buffer is writable for its length.
-        check(unsafe { (f.get_attribute_value)(self.s, self.keys.rsa_pub, a.as_mut_ptr(), 1) }, "C_GetAttributeValue");
-        Self::expect_len("C_GetAttributeValue(CKA_LABEL)", a[0].ulValueLen, RSA_LABEL.len());
+        check(
+            unsafe { (f.get_attribute_value)(self.s, self.keys.rsa_pub, a.as_mut_ptr(), 1) },
+            "C_GetAttributeValue",
+        );
+        Self::expect_len(
+            "C_GetAttributeValue(CKA_LABEL)",
+            a[0].ulValueLen,
+            RSA_LABEL.len(),
+        );
     }
 }
 
@@ -395,8 +521,12 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
     generate_pair(m, s, CKM_RSA_PKCS_KEY_PAIR_GEN, &mut pub_t, &mut priv_t);
 
     // EC P-256.
-    let mut pub_t =
-        [attr(CKA_TOKEN, &t), attr(CKA_VERIFY, &t), attr_bytes(CKA_EC_PARAMS, &P256_OID), attr_bytes(CKA_LABEL, EC_LABEL.as_bytes())];
+    let mut pub_t = [
+        attr(CKA_TOKEN, &t),
+        attr(CKA_VERIFY, &t),
+        attr_bytes(CKA_EC_PARAMS, &P256_OID),
+        attr_bytes(CKA_LABEL, EC_LABEL.as_bytes()),
+    ];
     let mut priv_t = [
         attr(CKA_TOKEN, &t),
         attr(CKA_PRIVATE, &t),
@@ -417,10 +547,25 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         attr(CKA_VALUE_LEN, &len),
         attr_bytes(CKA_LABEL, AES_LABEL.as_bytes()),
     ];
-    let mut mech = CK_MECHANISM { mechanism: CKM_AES_KEY_GEN, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_AES_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
     let mut key = CK_INVALID_HANDLE;
     // SAFETY: the mechanism and template live across the call.
-    check(unsafe { (f.generate_key)(s, &mut mech, aes_t.as_mut_ptr(), aes_t.len() as CK_ULONG, &mut key) }, "C_GenerateKey");
+    check(
+        unsafe {
+            (f.generate_key)(
+                s,
+                &mut mech,
+                aes_t.as_mut_ptr(),
+                aes_t.len() as CK_ULONG,
+                &mut key,
+            )
+        },
+        "C_GenerateKey",
+    );
 
     // Labelled data objects.
     let class = CKO_DATA;
@@ -436,14 +581,27 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         ];
         let mut h = CK_INVALID_HANDLE;
         // SAFETY: the template lives across the call.
-        check(unsafe { (f.create_object)(s, tmpl.as_mut_ptr(), tmpl.len() as CK_ULONG, &mut h) }, "C_CreateObject");
+        check(
+            unsafe { (f.create_object)(s, tmpl.as_mut_ptr(), tmpl.len() as CK_ULONG, &mut h) },
+            "C_CreateObject",
+        );
     }
     m.logout(s);
     m.close_session(s);
 }
 
-fn generate_pair(m: &Module, s: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_TYPE, pub_t: &mut [CK_ATTRIBUTE], priv_t: &mut [CK_ATTRIBUTE]) {
-    let mut mech = CK_MECHANISM { mechanism, pParameter: ptr::null_mut(), ulParameterLen: 0 };
+fn generate_pair(
+    m: &Module,
+    s: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_TYPE,
+    pub_t: &mut [CK_ATTRIBUTE],
+    priv_t: &mut [CK_ATTRIBUTE],
+) {
+    let mut mech = CK_MECHANISM {
+        mechanism,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
     let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
     // SAFETY: the mechanism and templates live across the call.
     check(

@@ -102,7 +102,11 @@ impl Error {
     /// Turns a vendor return code into a result.
     #[inline]
     pub fn check(rv: CK_RV) -> Result<()> {
-        if rv == CKR_OK { Ok(()) } else { Err(Error::Vendor(rv)) }
+        if rv == CKR_OK {
+            Ok(())
+        } else {
+            Err(Error::Vendor(rv))
+        }
     }
 }
 
@@ -209,15 +213,24 @@ mod tests {
     #[test]
     fn vendor_codes_pass_through_unchanged() {
         assert_eq!(Error::Vendor(CKR_PIN_INCORRECT).rv(), CKR_PIN_INCORRECT);
-        assert_eq!(Error::Vendor(CKR_VENDOR_DEFINED | 42).rv(), CKR_VENDOR_DEFINED | 42);
+        assert_eq!(
+            Error::Vendor(CKR_VENDOR_DEFINED | 42).rv(),
+            CKR_VENDOR_DEFINED | 42
+        );
         assert!(Error::check(CKR_OK).is_ok());
-        assert_eq!(Error::check(CKR_DEVICE_ERROR), Err(Error::Vendor(CKR_DEVICE_ERROR)));
+        assert_eq!(
+            Error::check(CKR_DEVICE_ERROR),
+            Err(Error::Vendor(CKR_DEVICE_ERROR))
+        );
     }
 
     #[test]
     fn names_known_and_unknown_codes() {
         assert_eq!(rv_name(CKR_BUFFER_TOO_SMALL), "CKR_BUFFER_TOO_SMALL");
         assert_eq!(rv_name(0x1234_5678), "CKR_0x12345678");
-        assert_eq!(rv_name(vendor_rv::CONFIG_INVALID), "CKR_P11SHIM_CONFIG_INVALID");
+        assert_eq!(
+            rv_name(vendor_rv::CONFIG_INVALID),
+            "CKR_P11SHIM_CONFIG_INVALID"
+        );
     }
 }

@@ -65,7 +65,10 @@ fn level_filter(level: LogLevel) -> LevelFilter {
 /// Applies a log configuration; may be called again on every
 /// `C_Initialize` (a new level or file takes effect).
 pub fn setup(cfg: &LogConfig) {
-    let level = std::env::var(LOG_ENV).ok().and_then(|l| LogLevel::parse(&l)).unwrap_or(cfg.level);
+    let level = std::env::var(LOG_ENV)
+        .ok()
+        .and_then(|l| LogLevel::parse(&l))
+        .unwrap_or(cfg.level);
     let sink = match &cfg.file {
         None => Sink::Stderr,
         Some(path) => {
@@ -75,7 +78,11 @@ pub fn setup(cfg: &LogConfig) {
             match opts.open(path) {
                 Ok(f) => Sink::File(f),
                 Err(e) => {
-                    let _ = writeln!(std::io::stderr(), "p11shim: cannot open log file {}: {e}; logging to stderr", path.display());
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "p11shim: cannot open log file {}: {e}; logging to stderr",
+                        path.display()
+                    );
                     Sink::Stderr
                 }
             }

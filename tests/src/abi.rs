@@ -17,17 +17,25 @@ pub struct Module {
 impl Module {
     pub fn load(path: &Path) -> Module {
         // SAFETY: loading a PKCS#11 module.
-        let lib = unsafe { libloading::Library::new(path) }.unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
+        let lib = unsafe { libloading::Library::new(path) }
+            .unwrap_or_else(|e| panic!("dlopen {}: {e}", path.display()));
         let mut fl: CK_FUNCTION_LIST_PTR = null_mut();
         // SAFETY: C_GetFunctionList has this signature.
         let rv = unsafe {
-            let f = lib.get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(b"C_GetFunctionList\0").expect("C_GetFunctionList");
+            let f = lib
+                .get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(
+                    b"C_GetFunctionList\0",
+                )
+                .expect("C_GetFunctionList");
             f(&mut fl)
         };
         assert_eq!(rv, CKR_OK);
         // SAFETY: the module's list lives as long as the library, which this
         // struct keeps loaded.
-        Module { fl: unsafe { &*fl }, lib }
+        Module {
+            fl: unsafe { &*fl },
+            lib,
+        }
     }
 }
 
@@ -35,9 +43,11 @@ impl Module {
 #[macro_export]
 macro_rules! call {
     ($m:expr, $f:ident($($a:expr),*)) => {
-        // SAFETY: arguments are valid for the call or deliberately invalid
-        // in the ways the spec says a module must detect.
-        unsafe { ($m.fl.$f.expect(stringify!($f)))($($a),*) }
+        {
+            // SAFETY: arguments are valid for the call or deliberately
+            // invalid in the ways the spec says a module must detect.
+            unsafe { ($m.fl.$f.expect(stringify!($f)))($($a),*) }
+        }
     };
 }
 
@@ -62,12 +72,23 @@ pub unsafe fn status_fn(iface: CK_INTERFACE_PTR) -> StatusFn {
 /// process already initialized, found again with dlopen).
 pub fn status_json(path: &Path) -> String {
     let m = Module::load(path);
-    type Gi = unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_VERSION_PTR, CK_INTERFACE_PTR_PTR, CK_FLAGS) -> CK_RV;
+    type Gi = unsafe extern "C" fn(
+        CK_UTF8CHAR_PTR,
+        CK_VERSION_PTR,
+        CK_INTERFACE_PTR_PTR,
+        CK_FLAGS,
+    ) -> CK_RV;
     // SAFETY: the symbol has the spec's signature; the interface is p11shim's.
     unsafe {
-        let gi = m.lib.get::<Gi>(b"C_GetInterface\0").expect("C_GetInterface");
+        let gi = m
+            .lib
+            .get::<Gi>(b"C_GetInterface\0")
+            .expect("C_GetInterface");
         let mut iface: CK_INTERFACE_PTR = null_mut();
-        assert_eq!(gi(b"p11shim\0".as_ptr().cast_mut(), null_mut(), &mut iface, 0), CKR_OK);
+        assert_eq!(
+            gi(b"p11shim\0".as_ptr().cast_mut(), null_mut(), &mut iface, 0),
+            CKR_OK
+        );
         let status = status_fn(iface);
         let mut len: CK_ULONG = 0;
         assert_eq!(status(null_mut(), &mut len), CKR_OK);

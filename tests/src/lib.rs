@@ -5,6 +5,8 @@
 //! its token directory and its `p11shim.toml`; [`TestEnv::apply`] points
 //! this process at them, [`TestEnv::command`] a child process.
 
+#![allow(clippy::undocumented_unsafe_blocks, clippy::manual_c_str_literals)]
+
 pub mod abi;
 
 pub use abi::{status_fn, status_json};
@@ -25,7 +27,11 @@ pub fn softhsm_lib() -> PathBuf {
     if let Some(p) = std::env::var_os("SOFTHSM2_LIB") {
         return PathBuf::from(p);
     }
-    for p in ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so"] {
+    for p in [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/local/lib/softhsm/libsofthsm2.so",
+    ] {
         if Path::new(p).exists() {
             return PathBuf::from(p);
         }
@@ -37,12 +43,18 @@ pub fn softhsm_lib() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     // The test binary lives in target/<profile>/deps/.
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
 }
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 /// The p11shim module under test: `P11SHIM_LIB`, else the one built next
@@ -52,7 +64,11 @@ pub fn p11shim_lib() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = target_dir().join("libp11shim.so");
-    assert!(p.exists(), "{} is missing: run `cargo build -p p11shim` (make test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p p11shim` (make test does)",
+        p.display()
+    );
     p
 }
 
@@ -60,7 +76,11 @@ pub fn p11shim_lib() -> PathBuf {
 /// (`cargo build -p p11shim-faultmod`; `make test` does).
 pub fn faultmod_lib() -> PathBuf {
     let p = target_dir().join("libp11faultmod.so");
-    assert!(p.exists(), "{} is missing: run `cargo build -p p11shim-faultmod` (make test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p p11shim-faultmod` (make test does)",
+        p.display()
+    );
     p
 }
 
@@ -100,7 +120,10 @@ impl FaultyMember {
         std::fs::read_to_string(PathBuf::from(p))
             .unwrap_or_default()
             .lines()
-            .filter_map(|l| l.split_once(' ').and_then(|(f, n)| Some((f.to_owned(), n.parse().ok()?))))
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .and_then(|(f, n)| Some((f.to_owned(), n.parse().ok()?)))
+            })
             .collect()
     }
 }
@@ -116,7 +139,11 @@ pub enum Target {
 
 /// Whether an external tool is on the PATH.
 pub fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool} >/dev/null 2>&1")).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool} >/dev/null 2>&1"))
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Fails the test when a tool is missing, unless `P11SHIM_ALLOW_SKIP=1`
@@ -130,7 +157,9 @@ pub fn require(tool: &str) -> bool {
         eprintln!("SKIPPED: {tool} is not installed");
         return false;
     }
-    panic!("{tool} is not installed; `make test` installs every client (set P11SHIM_ALLOW_SKIP=1 to skip locally)");
+    panic!(
+        "{tool} is not installed; `make test` installs every client (set P11SHIM_ALLOW_SKIP=1 to skip locally)"
+    );
 }
 
 /// One test's private SoftHSM2 tokens and p11shim configuration.
@@ -148,7 +177,10 @@ impl Default for TestEnv {
 impl TestEnv {
     /// A fresh directory with an empty SoftHSM2 token store.
     pub fn new() -> TestEnv {
-        let dir = tempfile::Builder::new().prefix("p11shim-test-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("p11shim-test-")
+            .tempdir()
+            .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("tokens")).expect("tokens dir");
         std::fs::write(
             dir.path().join("softhsm2.conf"),
@@ -182,10 +214,23 @@ impl TestEnv {
     pub fn init_token_with(&self, label: &str, so_pin: &str, user_pin: &str) {
         let out = Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", self.softhsm_conf())
-            .args(["--init-token", "--free", "--label", label, "--so-pin", so_pin, "--pin", user_pin])
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                so_pin,
+                "--pin",
+                user_pin,
+            ])
             .output()
             .expect("softhsm2-util (apt-get install softhsm2)");
-        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "softhsm2-util: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Imports a PEM private key (PKCS#8) into a token, with its public key.
@@ -194,10 +239,16 @@ impl TestEnv {
             .env("SOFTHSM2_CONF", self.softhsm_conf())
             .args(["--import"])
             .arg(pem)
-            .args(["--token", token, "--label", label, "--id", id_hex, "--pin", USER_PIN])
+            .args([
+                "--token", token, "--label", label, "--id", id_hex, "--pin", USER_PIN,
+            ])
             .output()
             .expect("softhsm2-util");
-        assert!(out.status.success(), "softhsm2-util --import: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "softhsm2-util --import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `n` members named `ha-a`, `ha-b`, ...: a token each, holding the
@@ -205,13 +256,26 @@ impl TestEnv {
     /// copy of the fault module. Returns the members.
     pub fn ha_members(&self, n: usize) -> Vec<FaultyMember> {
         let pem = self.path().join("rsa.pem");
-        run_ok(Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"]).arg(&pem));
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ])
+                .arg(&pem),
+        );
         (0..n)
             .map(|i| {
                 let token = format!("ha-{}", (b'a' + i as u8) as char);
                 self.init_token(&token);
                 self.import_key(&token, &pem, "rsa", "01");
-                let library = self.path().join(format!("member-{}.so", (b'a' + i as u8) as char));
+                let library = self
+                    .path()
+                    .join(format!("member-{}.so", (b'a' + i as u8) as char));
                 std::fs::copy(faultmod_lib(), &library).expect("copy the fault module");
                 FaultyMember { library, token }
             })
@@ -221,9 +285,16 @@ impl TestEnv {
     /// A one-slot configuration over HA members; `extra` is appended to the
     /// `[[slot]]` table.
     pub fn ha_config(&self, members: &[FaultyMember], extra: &str) -> PathBuf {
-        let mut toml = format!("[log]\nlevel = \"info\"\nfile = \"{}\"\n\n[[slot]]\nid = 0\nlabel = \"ha\"\n{extra}\n", self.path().join("p11shim.log").display());
+        let mut toml = format!(
+            "[log]\nlevel = \"info\"\nfile = \"{}\"\n\n[[slot]]\nid = 0\nlabel = \"ha\"\n{extra}\n",
+            self.path().join("p11shim.log").display()
+        );
         for m in members {
-            toml.push_str(&format!("\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{}\"\n", m.library.display(), m.token));
+            toml.push_str(&format!(
+                "\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{}\"\n",
+                m.library.display(),
+                m.token
+            ));
         }
         self.write_config(&toml)
     }
@@ -262,7 +333,9 @@ impl TestEnv {
     /// A command with the environment set.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new(program);
-        c.env("SOFTHSM2_CONF", self.softhsm_conf()).env("P11SHIM_CONFIG", self.config_path()).current_dir(self.path());
+        c.env("SOFTHSM2_CONF", self.softhsm_conf())
+            .env("P11SHIM_CONFIG", self.config_path())
+            .current_dir(self.path());
         c
     }
 
@@ -278,7 +351,9 @@ impl TestEnv {
 /// Runs a command and returns its output, failing the test with both
 /// streams when it does not succeed.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\n--- stdout\n{}\n--- stderr\n{}",

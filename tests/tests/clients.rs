@@ -15,7 +15,9 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::Attribute;
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
-use p11shim_tests::{Target, TestEnv, USER_PIN, p11shim_lib, repo_root, require, run_ok, softhsm_lib};
+use p11shim_tests::{
+    Target, TestEnv, USER_PIN, p11shim_lib, repo_root, require, run_ok, softhsm_lib,
+};
 
 /// Label of the SoftHSM2 token behind the virtual slot.
 const TOKEN: &str = "backing-token";
@@ -42,13 +44,23 @@ fn shim_env() -> TestEnv {
 
 /// Both output streams, for assertions and failure messages.
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs a command that must fail; returns both streams.
 fn run_fail(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(!out.status.success(), "{cmd:?} succeeded but must fail:\n{}", text(&out));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        !out.status.success(),
+        "{cmd:?} succeeded but must fail:\n{}",
+        text(&out)
+    );
     text(&out)
 }
 
@@ -70,19 +82,48 @@ fn pkcs11_tool(env: &TestEnv) -> Command {
 /// Generates a key pair through p11shim with pkcs11-tool (`rsa:2048`,
 /// `EC:prime256v1`).
 fn keygen(env: &TestEnv, key_type: &str, id: &str, label: &str) {
-    let out =
-        run_ok(pkcs11_tool(env).args(["--login", "--pin", USER_PIN, "--keypairgen", "--key-type", key_type, "--id", id, "--label", label]));
+    let out = run_ok(pkcs11_tool(env).args([
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--keypairgen",
+        "--key-type",
+        key_type,
+        "--id",
+        id,
+        "--label",
+        label,
+    ]));
     assert!(text(&out).contains("Key pair generated"), "{}", text(&out));
 }
 
 /// `pkcs11-tool --sign` of `input` into `output` with the key `id`; ECDSA
 /// signatures are DER, as OpenSSL writes them.
-fn pkcs11_tool_sign(env: &TestEnv, target: Target, mechanism: &str, id: &str, input: &Path, output: &Path) -> Command {
+fn pkcs11_tool_sign(
+    env: &TestEnv,
+    target: Target,
+    mechanism: &str,
+    id: &str,
+    input: &Path,
+    output: &Path,
+) -> Command {
     let mut c = pkcs11_tool_on(env, target);
-    c.args(["--login", "--pin", USER_PIN, "--sign", "--signature-format", "openssl", "-m", mechanism, "--id", id, "-i"])
-        .arg(input)
-        .arg("-o")
-        .arg(output);
+    c.args([
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--sign",
+        "--signature-format",
+        "openssl",
+        "-m",
+        mechanism,
+        "--id",
+        id,
+        "-i",
+    ])
+    .arg(input)
+    .arg("-o")
+    .arg(output);
     c
 }
 
@@ -90,9 +131,16 @@ fn pkcs11_tool_sign(env: &TestEnv, target: Target, mechanism: &str, id: &str, in
 /// returns the file it was written to.
 fn read_pubkey(env: &TestEnv, target: Target, id: &str) -> PathBuf {
     let path = env.path().join(format!("pub-{id}-{target:?}.der"));
-    run_ok(pkcs11_tool_on(env, target).args(["--read-object", "--type", "pubkey", "--id", id, "-o"]).arg(&path));
+    run_ok(
+        pkcs11_tool_on(env, target)
+            .args(["--read-object", "--type", "pubkey", "--id", id, "-o"])
+            .arg(&path),
+    );
     let der = std::fs::read(&path).expect("public key");
-    assert!(der.len() > 50 && der[0] == 0x30, "not a DER public key: {der:02x?}");
+    assert!(
+        der.len() > 50 && der[0] == 0x30,
+        "not a DER public key: {der:02x?}"
+    );
     path
 }
 
@@ -108,12 +156,22 @@ fn write(env: &TestEnv, name: &str, data: impl AsRef<[u8]>) -> PathBuf {
 /// verify for another message.
 fn openssl_verify(env: &TestEnv, pubkey: &Path, msg: &Path, sig: &Path) {
     let out = run_ok(
-        env.command("openssl").args(["dgst", "-sha256", "-keyform", "DER", "-verify"]).arg(pubkey).arg("-signature").arg(sig).arg(msg),
+        env.command("openssl")
+            .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
+            .arg(pubkey)
+            .arg("-signature")
+            .arg(sig)
+            .arg(msg),
     );
     assert!(text(&out).contains("Verified OK"), "{}", text(&out));
     let other = write(env, "other-message.txt", "not the signed message");
     let out = run_fail(
-        env.command("openssl").args(["dgst", "-sha256", "-keyform", "DER", "-verify"]).arg(pubkey).arg("-signature").arg(sig).arg(other),
+        env.command("openssl")
+            .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
+            .arg(pubkey)
+            .arg("-signature")
+            .arg(sig)
+            .arg(other),
     );
     assert!(out.contains("Verification failure"), "{out}");
 }
@@ -121,9 +179,17 @@ fn openssl_verify(env: &TestEnv, pubkey: &Path, msg: &Path, sig: &Path) {
 /// The OpenSSL engine module of the pkcs11 engine (libengine-pkcs11-openssl).
 fn pkcs11_engine() -> PathBuf {
     let out = run_ok(Command::new("openssl").args(["version", "-e"]));
-    let dir = text(&out).split('"').nth(1).map(PathBuf::from).expect("ENGINESDIR in `openssl version -e`");
+    let dir = text(&out)
+        .split('"')
+        .nth(1)
+        .map(PathBuf::from)
+        .expect("ENGINESDIR in `openssl version -e`");
     let engine = dir.join("pkcs11.so");
-    assert!(engine.exists(), "{} is missing (apt-get install libengine-pkcs11-openssl)", engine.display());
+    assert!(
+        engine.exists(),
+        "{} is missing (apt-get install libengine-pkcs11-openssl)",
+        engine.display()
+    );
     engine
 }
 
@@ -131,7 +197,8 @@ fn pkcs11_engine() -> PathBuf {
 /// annotated conf/openssl-pkcs11.cnf with this machine's paths.
 fn openssl_cnf(env: &TestEnv) -> PathBuf {
     let example = repo_root().join("conf/openssl-pkcs11.cnf");
-    let example = std::fs::read_to_string(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    let example =
+        std::fs::read_to_string(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
     let cnf: Vec<String> = example
         .lines()
         .map(|line| match line.split_once(" = ") {
@@ -161,8 +228,26 @@ fn engine_self_signed(env: &TestEnv, cnf: &Path, label: &str) -> PathBuf {
     let der = env.path().join(format!("{label}.cert.der"));
     run_ok(
         openssl(env, cnf)
-            .args(["req", "-x509", "-new", "-engine", "pkcs11", "-keyform", "engine", "-key", &key_uri(label)])
-            .args(["-subj", &format!("/CN={label}"), "-days", "2", "-outform", "DER", "-out"])
+            .args([
+                "req",
+                "-x509",
+                "-new",
+                "-engine",
+                "pkcs11",
+                "-keyform",
+                "engine",
+                "-key",
+                &key_uri(label),
+            ])
+            .args([
+                "-subj",
+                &format!("/CN={label}"),
+                "-days",
+                "2",
+                "-outform",
+                "DER",
+                "-out",
+            ])
             .arg(&der),
     );
     der
@@ -191,7 +276,8 @@ fn keys_with_certs(env: &TestEnv) {
 fn softhsm_sign_only_rsa_key(env: &TestEnv, id: u8, label: &str) {
     env.apply();
     let p11 = Pkcs11::new(softhsm_lib()).expect("load SoftHSM2");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
     let slot = p11
         .get_slots_with_token()
         .expect("C_GetSlotList")
@@ -199,8 +285,14 @@ fn softhsm_sign_only_rsa_key(env: &TestEnv, id: u8, label: &str) {
         .find(|s| p11.get_token_info(*s).is_ok_and(|t| t.label() == TOKEN))
         .expect("the SoftHSM2 token");
     let session = p11.open_rw_session(slot).expect("C_OpenSession");
-    session.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("C_Login");
-    let common = [Attribute::Token(true), Attribute::Id(vec![id]), Attribute::Label(label.as_bytes().to_vec())];
+    session
+        .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .expect("C_Login");
+    let common = [
+        Attribute::Token(true),
+        Attribute::Id(vec![id]),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
     let mut public = common.to_vec();
     public.extend([
         Attribute::ModulusBits(2048.into()),
@@ -209,29 +301,56 @@ fn softhsm_sign_only_rsa_key(env: &TestEnv, id: u8, label: &str) {
         Attribute::Encrypt(false),
     ]);
     let mut private = common.to_vec();
-    private.extend([Attribute::Private(true), Attribute::Sensitive(true), Attribute::Sign(true), Attribute::Decrypt(false)]);
-    session.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private).expect("C_GenerateKeyPair");
+    private.extend([
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Sign(true),
+        Attribute::Decrypt(false),
+    ]);
+    session
+        .generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private)
+        .expect("C_GenerateKeyPair");
     drop(session);
     p11.finalize().expect("C_Finalize");
 }
 
 /// A SunPKCS11 configuration naming p11shim and virtual slot 0.
 fn sunpkcs11_cfg(env: &TestEnv) -> PathBuf {
-    write(env, "sunpkcs11.cfg", format!("name = p11shim\nlibrary = {}\nslot = 0\n", p11shim_lib().display()))
+    write(
+        env,
+        "sunpkcs11.cfg",
+        format!(
+            "name = p11shim\nlibrary = {}\nslot = 0\n",
+            p11shim_lib().display()
+        ),
+    )
 }
 
 /// Compiles tests/clients/java/P11Sign.java into the test's directory and
 /// returns the class path.
 fn compile_p11sign(env: &TestEnv) -> PathBuf {
     let classes = env.path().join("java-classes");
-    run_ok(env.command("javac").arg("-d").arg(&classes).arg(repo_root().join("tests/clients/java/P11Sign.java")));
+    run_ok(
+        env.command("javac")
+            .arg("-d")
+            .arg(&classes)
+            .arg(repo_root().join("tests/clients/java/P11Sign.java")),
+    );
     classes
 }
 
 /// `keytool -list` on the virtual slot through SunPKCS11.
 fn keytool_list(env: &TestEnv, cfg: &Path) -> Command {
     let mut c = env.command("keytool");
-    c.args(["-list", "-storetype", "PKCS11", "-providerClass", "sun.security.pkcs11.SunPKCS11", "-providerArg"]).arg(cfg);
+    c.args([
+        "-list",
+        "-storetype",
+        "PKCS11",
+        "-providerClass",
+        "sun.security.pkcs11.SunPKCS11",
+        "-providerArg",
+    ])
+    .arg(cfg);
     c
 }
 
@@ -260,19 +379,45 @@ fn pkcs11_tool_self_test_and_fork_test() {
     // private key only, and skips EC keys: the RSA key is the only key.
     softhsm_sign_only_rsa_key(&env, 1, RSA_LABEL);
 
-    let out = text(&run_ok(pkcs11_tool(&env).args(["--login", "--pin", USER_PIN, "--test"])));
+    let out = text(&run_ok(
+        pkcs11_tool(&env).args(["--login", "--pin", USER_PIN, "--test"]),
+    ));
     assert!(out.contains("No errors"), "{out}");
-    assert!(out.contains(&format!("testing key 0 ({RSA_LABEL})")), "the RSA key was not tested:\n{out}");
-    for line in ["RSA-X-509: OK", "RSA-PKCS: OK", "SHA1-RSA-PKCS: OK", "all 4 digest functions seem to work"] {
+    assert!(
+        out.contains(&format!("testing key 0 ({RSA_LABEL})")),
+        "the RSA key was not tested:\n{out}"
+    );
+    for line in [
+        "RSA-X-509: OK",
+        "RSA-PKCS: OK",
+        "SHA1-RSA-PKCS: OK",
+        "all 4 digest functions seem to work",
+    ] {
         assert!(out.contains(line), "missing {line:?}:\n{out}");
     }
-    for bad in ["error:", "ERR", "failed", "FAILED", "Aborting", "doesn't match"] {
+    for bad in [
+        "error:",
+        "ERR",
+        "failed",
+        "FAILED",
+        "Aborting",
+        "doesn't match",
+    ] {
         assert!(!out.contains(bad), "{bad:?} in the output:\n{out}");
     }
 
     // The child of a fork initializes the module again; the parent goes on.
-    let out = text(&run_ok(pkcs11_tool(&env).args(["--test-fork", "--login", "--pin", USER_PIN, "--test"])));
-    assert!(out.contains("Calling C_Initialize in forked child process"), "{out}");
+    let out = text(&run_ok(pkcs11_tool(&env).args([
+        "--test-fork",
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--test",
+    ])));
+    assert!(
+        out.contains("Calling C_Initialize in forked child process"),
+        "{out}"
+    );
     assert!(out.contains("No errors"), "{out}");
     for bad in ["error:", "failed", "FAILED", "Aborting"] {
         assert!(!out.contains(bad), "{bad:?} in the output:\n{out}");
@@ -292,11 +437,22 @@ fn pkcs11_tool_keygen_and_sign_verified_by_openssl() {
 
     // The virtual slot is what pkcs11-tool sees.
     let out = text(&run_ok(pkcs11_tool(&env).arg("--list-slots")));
-    assert!(out.contains(&format!("token label        : {SLOT}")), "{out}");
+    assert!(
+        out.contains(&format!("token label        : {SLOT}")),
+        "{out}"
+    );
 
     // The keys are in the SoftHSM2 token, the public halves identical.
-    let objects = text(&run_ok(pkcs11_tool_on(&env, Target::Direct).args(["--login", "--pin", USER_PIN, "--list-objects"])));
-    assert!(objects.contains(RSA_LABEL) && objects.contains(EC_LABEL), "{objects}");
+    let objects = text(&run_ok(pkcs11_tool_on(&env, Target::Direct).args([
+        "--login",
+        "--pin",
+        USER_PIN,
+        "--list-objects",
+    ])));
+    assert!(
+        objects.contains(RSA_LABEL) && objects.contains(EC_LABEL),
+        "{objects}"
+    );
     for id in [RSA_ID, EC_ID] {
         let through = std::fs::read(read_pubkey(&env, Target::Shim, id)).unwrap();
         let direct = std::fs::read(read_pubkey(&env, Target::Direct, id)).unwrap();
@@ -307,21 +463,52 @@ fn pkcs11_tool_keygen_and_sign_verified_by_openssl() {
 
     // RSA: the token hashes (SHA256-RSA-PKCS).
     let rsa_sig = env.path().join("rsa.sig");
-    run_ok(&mut pkcs11_tool_sign(&env, Target::Shim, "SHA256-RSA-PKCS", RSA_ID, &msg, &rsa_sig));
+    run_ok(&mut pkcs11_tool_sign(
+        &env,
+        Target::Shim,
+        "SHA256-RSA-PKCS",
+        RSA_ID,
+        &msg,
+        &rsa_sig,
+    ));
     assert_eq!(std::fs::metadata(&rsa_sig).unwrap().len(), 256);
-    openssl_verify(&env, &read_pubkey(&env, Target::Shim, RSA_ID), &msg, &rsa_sig);
+    openssl_verify(
+        &env,
+        &read_pubkey(&env, Target::Shim, RSA_ID),
+        &msg,
+        &rsa_sig,
+    );
 
     // EC: SoftHSM2 2.6 has no CKM_ECDSA_SHA256 (C_SignInit returns
     // CKR_MECHANISM_INVALID, through p11shim as directly), so the digest is
     // computed here and signed with CKM_ECDSA.
     for target in [Target::Direct, Target::Shim] {
-        let out = run_fail(&mut pkcs11_tool_sign(&env, target, "ECDSA-SHA256", EC_ID, &msg, &env.path().join("unused.sig")));
+        let out = run_fail(&mut pkcs11_tool_sign(
+            &env,
+            target,
+            "ECDSA-SHA256",
+            EC_ID,
+            &msg,
+            &env.path().join("unused.sig"),
+        ));
         assert!(out.contains("CKR_MECHANISM_INVALID"), "{target:?}:\n{out}");
     }
     let digest = env.path().join("message.sha256");
-    run_ok(env.command("openssl").args(["dgst", "-sha256", "-binary", "-out"]).arg(&digest).arg(&msg));
+    run_ok(
+        env.command("openssl")
+            .args(["dgst", "-sha256", "-binary", "-out"])
+            .arg(&digest)
+            .arg(&msg),
+    );
     let ec_sig = env.path().join("ec.sig");
-    run_ok(&mut pkcs11_tool_sign(&env, Target::Shim, "ECDSA", EC_ID, &digest, &ec_sig));
+    run_ok(&mut pkcs11_tool_sign(
+        &env,
+        Target::Shim,
+        "ECDSA",
+        EC_ID,
+        &digest,
+        &ec_sig,
+    ));
     openssl_verify(&env, &read_pubkey(&env, Target::Shim, EC_ID), &msg, &ec_sig);
 }
 
@@ -333,25 +520,49 @@ fn pkcs11_tool_keygen_and_sign_verified_by_openssl() {
 /// them, logging in with the PIN.
 #[test]
 fn java_sunpkcs11_keytool_and_signatures_with_pin() {
-    if !require("keytool") || !require("javac") || !require("java") || !require("pkcs11-tool") || !require("openssl") {
+    if !require("keytool")
+        || !require("javac")
+        || !require("java")
+        || !require("pkcs11-tool")
+        || !require("openssl")
+    {
         return;
     }
     let env = shim_env();
     keys_with_certs(&env);
     let cfg = sunpkcs11_cfg(&env);
 
-    let out = text(&run_ok(keytool_list(&env, &cfg).args(["-storepass", USER_PIN])));
+    let out = text(&run_ok(
+        keytool_list(&env, &cfg).args(["-storepass", USER_PIN]),
+    ));
     assert!(out.contains("Your keystore contains 2 entries"), "{out}");
     for label in [RSA_LABEL, EC_LABEL] {
-        assert!(out.contains(&format!("{label}, PrivateKeyEntry")), "{label} is not a PrivateKeyEntry:\n{out}");
+        assert!(
+            out.contains(&format!("{label}, PrivateKeyEntry")),
+            "{label} is not a PrivateKeyEntry:\n{out}"
+        );
     }
 
     let classes = compile_p11sign(&env);
-    let out = text(&run_ok(env.command("java").arg("-cp").arg(&classes).arg("P11Sign").arg(&cfg).arg(USER_PIN)));
+    let out = text(&run_ok(
+        env.command("java")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("P11Sign")
+            .arg(&cfg)
+            .arg(USER_PIN),
+    ));
     assert_java_signed(&out);
 
     // A wrong PIN reaches the token.
-    let out = run_fail(env.command("java").arg("-cp").arg(&classes).arg("P11Sign").arg(&cfg).arg("0000"));
+    let out = run_fail(
+        env.command("java")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("P11Sign")
+            .arg(&cfg)
+            .arg("0000"),
+    );
     assert!(out.contains("CKR_PIN_INCORRECT"), "{out}");
 }
 
@@ -359,7 +570,12 @@ fn java_sunpkcs11_keytool_and_signatures_with_pin() {
 /// KeyStore with no password at all and signs: p11shim logs in for it.
 #[test]
 fn java_sunpkcs11_without_pin_uses_the_slot_pin_source() {
-    if !require("keytool") || !require("javac") || !require("java") || !require("pkcs11-tool") || !require("openssl") {
+    if !require("keytool")
+        || !require("javac")
+        || !require("java")
+        || !require("pkcs11-tool")
+        || !require("openssl")
+    {
         return;
     }
     let env = shim_env();
@@ -373,20 +589,51 @@ fn java_sunpkcs11_without_pin_uses_the_slot_pin_source() {
     let out = text(&run_ok(pkcs11_tool(&env).arg("--list-token-slots")));
     assert!(out.contains("PIN pad present"), "{out}");
 
-    let out = text(&run_ok(env.command("java").env("P11SHIM_PIN", USER_PIN).arg("-cp").arg(&classes).arg("P11Sign").arg(&cfg)));
+    let out = text(&run_ok(
+        env.command("java")
+            .env("P11SHIM_PIN", USER_PIN)
+            .arg("-cp")
+            .arg(&classes)
+            .arg("P11Sign")
+            .arg(&cfg),
+    ));
     assert_java_signed(&out);
 
     // keytool, told the password comes from a protected path, lists the keys.
-    let out = text(&run_ok(keytool_list(&env, &cfg).env("P11SHIM_PIN", USER_PIN).arg("-protected")));
+    let out = text(&run_ok(
+        keytool_list(&env, &cfg)
+            .env("P11SHIM_PIN", USER_PIN)
+            .arg("-protected"),
+    ));
     for label in [RSA_LABEL, EC_LABEL] {
-        assert!(out.contains(&format!("{label}, PrivateKeyEntry")), "{label} is not a PrivateKeyEntry:\n{out}");
+        assert!(
+            out.contains(&format!("{label}, PrivateKeyEntry")),
+            "{label} is not a PrivateKeyEntry:\n{out}"
+        );
     }
 
     // Without the PIN source, the login fails with p11shim's own code.
-    let out = run_fail(env.command("java").env_remove("P11SHIM_PIN").arg("-cp").arg(&classes).arg("P11Sign").arg(&cfg));
-    assert!(out.contains("0xD0530003"), "expected CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE:\n{out}");
+    let out = run_fail(
+        env.command("java")
+            .env_remove("P11SHIM_PIN")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("P11Sign")
+            .arg(&cfg),
+    );
+    assert!(
+        out.contains("0xD0530003"),
+        "expected CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE:\n{out}"
+    );
     // A wrong PIN in the source is the token's refusal.
-    let out = run_fail(env.command("java").env("P11SHIM_PIN", "0000").arg("-cp").arg(&classes).arg("P11Sign").arg(&cfg));
+    let out = run_fail(
+        env.command("java")
+            .env("P11SHIM_PIN", "0000")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("P11Sign")
+            .arg(&cfg),
+    );
     assert!(out.contains("CKR_PIN_INCORRECT"), "{out}");
 }
 
@@ -405,7 +652,9 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
     keygen(&env, "rsa:2048", RSA_ID, RSA_LABEL);
     keygen(&env, "EC:prime256v1", EC_ID, EC_LABEL);
     let cnf = openssl_cnf(&env);
-    let out = text(&run_ok(openssl(&env, &cnf).args(["engine", "-t", "pkcs11"])));
+    let out = text(&run_ok(
+        openssl(&env, &cnf).args(["engine", "-t", "pkcs11"]),
+    ));
     assert!(out.contains("[ available ]"), "{out}");
 
     let msg = write(&env, "message.txt", "p11shim signs for OpenSSL\n");
@@ -416,7 +665,17 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
     let rsa_sig = env.path().join("rsa.sig");
     run_ok(
         openssl(&env, &cnf)
-            .args(["dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign", &key_uri(RSA_LABEL), "-out"])
+            .args([
+                "dgst",
+                "-sha256",
+                "-engine",
+                "pkcs11",
+                "-keyform",
+                "engine",
+                "-sign",
+                &key_uri(RSA_LABEL),
+                "-out",
+            ])
             .arg(&rsa_sig)
             .arg(&msg),
     );
@@ -424,11 +683,26 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
 
     // EC with `openssl pkeyutl -sign` over the digest.
     let digest = env.path().join("message.sha256");
-    run_ok(env.command("openssl").args(["dgst", "-sha256", "-binary", "-out"]).arg(&digest).arg(&msg));
+    run_ok(
+        env.command("openssl")
+            .args(["dgst", "-sha256", "-binary", "-out"])
+            .arg(&digest)
+            .arg(&msg),
+    );
     let ec_sig = env.path().join("ec.sig");
     run_ok(
         openssl(&env, &cnf)
-            .args(["pkeyutl", "-sign", "-engine", "pkcs11", "-keyform", "engine", "-inkey", &key_uri(EC_LABEL), "-in"])
+            .args([
+                "pkeyutl",
+                "-sign",
+                "-engine",
+                "pkcs11",
+                "-keyform",
+                "engine",
+                "-inkey",
+                &key_uri(EC_LABEL),
+                "-in",
+            ])
             .arg(&digest)
             .arg("-out")
             .arg(&ec_sig),
@@ -439,12 +713,28 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
     let cert = env.path().join("cert.pem");
     run_ok(
         openssl(&env, &cnf)
-            .args(["req", "-x509", "-new", "-engine", "pkcs11", "-keyform", "engine", "-key", &key_uri(RSA_LABEL)])
+            .args([
+                "req",
+                "-x509",
+                "-new",
+                "-engine",
+                "pkcs11",
+                "-keyform",
+                "engine",
+                "-key",
+                &key_uri(RSA_LABEL),
+            ])
             .args(["-subj", "/CN=test", "-days", "2", "-out"])
             .arg(&cert),
     );
     let cert_pub = env.path().join("cert-pub.der");
-    run_ok(env.command("openssl").args(["x509", "-noout", "-pubkey", "-in"]).arg(&cert).arg("-out").arg(env.path().join("cert-pub.pem")));
+    run_ok(
+        env.command("openssl")
+            .args(["x509", "-noout", "-pubkey", "-in"])
+            .arg(&cert)
+            .arg("-out")
+            .arg(env.path().join("cert-pub.pem")),
+    );
     run_ok(
         env.command("openssl")
             .args(["pkey", "-pubin", "-outform", "DER", "-in"])
@@ -452,17 +742,32 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
             .arg("-out")
             .arg(&cert_pub),
     );
-    assert_eq!(std::fs::read(&cert_pub).unwrap(), std::fs::read(&rsa_pub).unwrap(), "the certificate's key is not the token's");
-    let out = text(&run_ok(env.command("openssl").args(["verify", "-CAfile"]).arg(&cert).arg(&cert)));
+    assert_eq!(
+        std::fs::read(&cert_pub).unwrap(),
+        std::fs::read(&rsa_pub).unwrap(),
+        "the certificate's key is not the token's"
+    );
+    let out = text(&run_ok(
+        env.command("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&cert)
+            .arg(&cert),
+    ));
     assert!(out.contains(": OK"), "{out}");
-    let subject = text(&run_ok(env.command("openssl").args(["x509", "-noout", "-subject", "-in"]).arg(&cert)));
+    let subject = text(&run_ok(
+        env.command("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(&cert),
+    ));
     assert!(subject.contains("CN = test"), "{subject}");
 
     // A wrong PIN in the URI fails.
     let uri = key_uri(RSA_LABEL).replace(USER_PIN, "0000");
     run_fail(
         openssl(&env, &cnf)
-            .args(["dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign", &uri, "-out"])
+            .args([
+                "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign", &uri, "-out",
+            ])
             .arg(env.path().join("bad.sig"))
             .arg(&msg),
     );
@@ -475,7 +780,8 @@ fn openssl_engine_signs_and_issues_a_self_signed_certificate() {
 /// the token, its certificates and keys, and signs a request with its key.
 #[test]
 fn nss_modutil_and_certutil_use_the_slot() {
-    if !require("modutil") || !require("certutil") || !require("pkcs11-tool") || !require("openssl") {
+    if !require("modutil") || !require("certutil") || !require("pkcs11-tool") || !require("openssl")
+    {
         return;
     }
     let env = shim_env();
@@ -484,27 +790,60 @@ fn nss_modutil_and_certutil_use_the_slot() {
     std::fs::create_dir(&db).unwrap();
     let dbarg = format!("sql:{}", db.display());
     let pinfile = write(&env, "nss-pin.txt", format!("{USER_PIN}\n"));
-    run_ok(env.command("certutil").args(["-N", "-d", &dbarg, "--empty-password"]));
+    run_ok(
+        env.command("certutil")
+            .args(["-N", "-d", &dbarg, "--empty-password"]),
+    );
 
-    let out =
-        text(&run_ok(env.command("modutil").args(["-dbdir", &dbarg, "-add", "p11shim", "-libfile"]).arg(p11shim_lib()).arg("-force")));
-    assert!(out.contains("Module \"p11shim\" added to database"), "{out}");
+    let out = text(&run_ok(
+        env.command("modutil")
+            .args(["-dbdir", &dbarg, "-add", "p11shim", "-libfile"])
+            .arg(p11shim_lib())
+            .arg("-force"),
+    ));
+    assert!(
+        out.contains("Module \"p11shim\" added to database"),
+        "{out}"
+    );
 
-    let out = text(&run_ok(env.command("modutil").args(["-dbdir", &dbarg, "-list"])));
-    let shim = out.split("library name: ").nth(1).unwrap_or_else(|| panic!("p11shim is not listed:\n{out}"));
-    assert!(shim.starts_with(&p11shim_lib().display().to_string()), "{out}");
-    for want in ["status: loaded", "slots: 1 slot attached", &format!("token: {SLOT}")] {
+    let out = text(&run_ok(
+        env.command("modutil").args(["-dbdir", &dbarg, "-list"]),
+    ));
+    let shim = out
+        .split("library name: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("p11shim is not listed:\n{out}"));
+    assert!(
+        shim.starts_with(&p11shim_lib().display().to_string()),
+        "{out}"
+    );
+    for want in [
+        "status: loaded",
+        "slots: 1 slot attached",
+        &format!("token: {SLOT}"),
+    ] {
         assert!(out.contains(want), "missing {want:?}:\n{out}");
     }
 
     let out = text(&run_ok(env.command("certutil").args(["-U", "-d", &dbarg])));
     assert!(out.contains(&format!("token: {SLOT}")), "{out}");
 
-    let out = text(&run_ok(env.command("certutil").args(["-L", "-d", &dbarg, "-h", SLOT, "-f"]).arg(&pinfile)));
+    let out = text(&run_ok(
+        env.command("certutil")
+            .args(["-L", "-d", &dbarg, "-h", SLOT, "-f"])
+            .arg(&pinfile),
+    ));
     for label in [RSA_LABEL, EC_LABEL] {
-        assert!(out.contains(&format!("{SLOT}:{label}")), "certificate {label} is not listed:\n{out}");
+        assert!(
+            out.contains(&format!("{SLOT}:{label}")),
+            "certificate {label} is not listed:\n{out}"
+        );
     }
-    let out = text(&run_ok(env.command("certutil").args(["-K", "-d", &dbarg, "-h", SLOT, "-f"]).arg(&pinfile)));
+    let out = text(&run_ok(
+        env.command("certutil")
+            .args(["-K", "-d", &dbarg, "-h", SLOT, "-f"])
+            .arg(&pinfile),
+    ));
     assert!(out.contains(RSA_LABEL) && out.contains(EC_LABEL), "{out}");
 
     // NSS signs a certificate request with each token key.
@@ -512,17 +851,46 @@ fn nss_modutil_and_certutil_use_the_slot() {
         let req = env.path().join(format!("{cn}.csr.der"));
         run_ok(
             env.command("certutil")
-                .args(["-R", "-d", &dbarg, "-h", SLOT, "-k", id, "-s", &format!("CN={cn}"), "-z", "/dev/null", "-f"])
+                .args([
+                    "-R",
+                    "-d",
+                    &dbarg,
+                    "-h",
+                    SLOT,
+                    "-k",
+                    id,
+                    "-s",
+                    &format!("CN={cn}"),
+                    "-z",
+                    "/dev/null",
+                    "-f",
+                ])
                 .arg(&pinfile)
                 .arg("-o")
                 .arg(&req),
         );
-        let out = text(&run_ok(env.command("openssl").args(["req", "-inform", "DER", "-noout", "-verify", "-in"]).arg(&req)));
+        let out = text(&run_ok(
+            env.command("openssl")
+                .args(["req", "-inform", "DER", "-noout", "-verify", "-in"])
+                .arg(&req),
+        ));
         assert!(out.contains("verify OK"), "{out}");
         let csr_pub = env.path().join(format!("{cn}.pub.pem"));
-        run_ok(env.command("openssl").args(["req", "-inform", "DER", "-noout", "-pubkey", "-in"]).arg(&req).arg("-out").arg(&csr_pub));
+        run_ok(
+            env.command("openssl")
+                .args(["req", "-inform", "DER", "-noout", "-pubkey", "-in"])
+                .arg(&req)
+                .arg("-out")
+                .arg(&csr_pub),
+        );
         let csr_der = env.path().join(format!("{cn}.pub.der"));
-        run_ok(env.command("openssl").args(["pkey", "-pubin", "-outform", "DER", "-in"]).arg(&csr_pub).arg("-out").arg(&csr_der));
+        run_ok(
+            env.command("openssl")
+                .args(["pkey", "-pubin", "-outform", "DER", "-in"])
+                .arg(&csr_pub)
+                .arg("-out")
+                .arg(&csr_der),
+        );
         assert_eq!(
             std::fs::read(&csr_der).unwrap(),
             std::fs::read(read_pubkey(&env, Target::Shim, id)).unwrap(),
@@ -545,7 +913,9 @@ fn gnutls_p11tool_lists_objects_and_signs() {
     keys_with_certs(&env);
     let p11tool = || {
         let mut c = env.command("p11tool");
-        c.arg("--provider").arg(p11shim_lib()).env("GNUTLS_PIN", USER_PIN);
+        c.arg("--provider")
+            .arg(p11shim_lib())
+            .env("GNUTLS_PIN", USER_PIN);
         c
     };
     let token = format!("pkcs11:token={SLOT}");
@@ -560,16 +930,30 @@ fn gnutls_p11tool_lists_objects_and_signs() {
             assert!(out.contains(&want), "missing {want}:\n{out}");
         }
     }
-    assert!(out.contains("Private key (RSA-2048)") && out.contains("Private key (EC/ECDSA-SECP256R1)"), "{out}");
+    assert!(
+        out.contains("Private key (RSA-2048)") && out.contains("Private key (EC/ECDSA-SECP256R1)"),
+        "{out}"
+    );
 
     // Without login the private keys stay hidden.
     let out = text(&run_ok(p11tool().args(["--list-all", &token])));
-    assert!(out.contains("type=public") && !out.contains("type=private"), "{out}");
+    assert!(
+        out.contains("type=public") && !out.contains("type=private"),
+        "{out}"
+    );
 
     for (label, alg) in [(RSA_LABEL, "RSA-SHA256"), (EC_LABEL, "ECDSA-SHA256")] {
-        let out = text(&run_ok(p11tool().args(["--login", "--test-sign", &format!("{token};object={label}")])));
+        let out = text(&run_ok(p11tool().args([
+            "--login",
+            "--test-sign",
+            &format!("{token};object={label}"),
+        ])));
         let signed = format!("Signing using {alg}... ok");
-        for want in [signed.as_str(), "Verifying against private key parameters... ok", "Verifying against public key in the token... ok"] {
+        for want in [
+            signed.as_str(),
+            "Verifying against private key parameters... ok",
+            "Verifying against public key in the token... ok",
+        ] {
             assert!(out.contains(want), "missing {want:?}:\n{out}");
         }
     }
@@ -620,8 +1004,13 @@ fn c_program_linked_with_libp11shim() {
     let env = shim_env();
     keygen(&env, "rsa:2048", RSA_ID, RSA_LABEL);
 
-    let libdir = p11shim_lib().parent().expect("library directory").to_path_buf();
-    let cflags = text(&run_ok(Command::new("pkg-config").args(["--cflags", "p11-kit-1"])));
+    let libdir = p11shim_lib()
+        .parent()
+        .expect("library directory")
+        .to_path_buf();
+    let cflags = text(&run_ok(
+        Command::new("pkg-config").args(["--cflags", "p11-kit-1"]),
+    ));
     let exe = env.path().join("linked");
     run_ok(
         env.command("cc")
@@ -636,11 +1025,23 @@ fn c_program_linked_with_libp11shim() {
     );
     // It is linked, not loaded, and finds the module through its rpath: the
     // test runner's LD_LIBRARY_PATH would take precedence.
-    let ldd = text(&run_ok(Command::new("ldd").arg(&exe).env_remove("LD_LIBRARY_PATH")));
-    assert!(ldd.contains(&format!("libp11shim.so => {}", libdir.join("libp11shim.so").display())), "{ldd}");
+    let ldd = text(&run_ok(
+        Command::new("ldd").arg(&exe).env_remove("LD_LIBRARY_PATH"),
+    ));
+    assert!(
+        ldd.contains(&format!(
+            "libp11shim.so => {}",
+            libdir.join("libp11shim.so").display()
+        )),
+        "{ldd}"
+    );
 
     let broken = write(&env, "broken.toml", "[[slot]]\nid = \"zero\"\n");
-    let msg = write(&env, "message.txt", "p11shim signs for a linked C program\n");
+    let msg = write(
+        &env,
+        "message.txt",
+        "p11shim signs for a linked C program\n",
+    );
     let sig = env.path().join("c.sig");
     let out = text(&run_ok(
         env.command(&exe.display().to_string())

@@ -29,14 +29,20 @@ struct Ha {
 fn ha(n: usize, extra: &str) -> Ha {
     let env = TestEnv::new();
     let members = env.ha_members(n);
-    env.ha_config(&members, &format!("recovery_interval_ms = 20\nrecovery_max_interval_ms = 100\n{extra}"));
+    env.ha_config(
+        &members,
+        &format!("recovery_interval_ms = 20\nrecovery_max_interval_ms = 100\n{extra}"),
+    );
     env.apply();
     let pkcs11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
-    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    pkcs11
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
     let slot = pkcs11.get_slots_with_token().expect("slots")[0];
     // An AES key made through the virtual slot reaches every member.
     let s = pkcs11.open_rw_session(slot).expect("session");
-    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("login");
+    s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+        .expect("login");
     s.create_object(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -49,16 +55,24 @@ fn ha(n: usize, extra: &str) -> Ha {
     ])
     .expect("create the AES key");
     drop(s);
-    Ha { env, members, pkcs11, slot }
+    Ha {
+        env,
+        members,
+        pkcs11,
+        slot,
+    }
 }
 
 impl Ha {
     fn session(&self) -> Session {
-        self.pkcs11.open_rw_session(self.slot).expect("open session")
+        self.pkcs11
+            .open_rw_session(self.slot)
+            .expect("open session")
     }
 
     fn login(&self, s: &Session) {
-        s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into()))).expect("login");
+        s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+            .expect("login");
     }
 
     /// Waits (bounded) until every member marked down has recovered, and
@@ -67,18 +81,26 @@ impl Ha {
         let start = Instant::now();
         loop {
             let log = self.env.log();
-            let (down, up) = (log.matches("member marked down").count(), log.matches("member recovered").count());
+            let (down, up) = (
+                log.matches("member marked down").count(),
+                log.matches("member recovered").count(),
+            );
             if up >= n && up >= down {
                 return;
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "no recovery within 10 s:\n{log}");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no recovery within 10 s:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
 
 fn key(s: &Session, label: &str) -> ObjectHandle {
-    let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())]).expect("find");
+    let found = s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .expect("find");
     *found.iter().find(|&&h| {
         s.get_attributes(h, &[cryptoki::object::AttributeType::Class])
             .map(|a| matches!(a.first(), Some(Attribute::Class(c)) if *c != ObjectClass::PUBLIC_KEY))
@@ -103,24 +125,45 @@ fn single_part_operations_move_to_another_member() {
     ha.login(&s);
     let (rsa, aes) = (key(&s, "rsa"), key(&s, "aes"));
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap();
-    let ct = s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext").unwrap();
+    let ct = s
+        .encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext")
+        .unwrap();
 
     // The first session went to member a; it fails every call now.
     ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
-    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap(), sig);
-    assert_eq!(s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext").unwrap(), ct);
-    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(), b"secret plaintext");
+    assert_eq!(
+        s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap(),
+        sig
+    );
+    assert_eq!(
+        s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"secret plaintext")
+            .unwrap(),
+        ct
+    );
+    assert_eq!(
+        s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(),
+        b"secret plaintext"
+    );
     let log = ha.env.log();
-    assert!(log.contains("member marked down") && log.contains("session moved"), "{log}");
+    assert!(
+        log.contains("member marked down") && log.contains("session moved"),
+        "{log}"
+    );
     // The status query shows it.
     let status = p11shim_tests::status_json(&p11shim_lib());
-    assert!(status.contains(r#""name":"ha#0""#) && status.contains(r#""state":"down""#), "{status}");
+    assert!(
+        status.contains(r#""name":"ha#0""#) && status.contains(r#""state":"down""#),
+        "{status}"
+    );
     assert!(status.contains(r#""failovers":1"#), "{status}");
 
     ha.members[0].heal();
     ha.wait_recoveries(1);
     let status = p11shim_tests::status_json(&p11shim_lib());
-    assert!(!status.contains(r#""state":"down""#) && status.contains(r#""recoveries":1"#), "{status}");
+    assert!(
+        !status.contains(r#""state":"down""#) && status.contains(r#""recoveries":1"#),
+        "{status}"
+    );
 }
 
 /// Multi-part sign and encrypt with the member failing between updates:
@@ -165,7 +208,11 @@ fn an_operation_past_the_replay_limit_is_lost_not_wrong() {
     s.sign_update(&[1u8; 150]).unwrap();
     ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
     let e = s.sign_update(&[2u8; 10]).unwrap_err();
-    assert_eq!(rv(&e), Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0004)), "{e}");
+    assert_eq!(
+        rv(&e),
+        Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0004)),
+        "{e}"
+    );
     // A new operation works on the other member.
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"again").unwrap();
     assert_eq!(sig.len(), 256);
@@ -219,27 +266,60 @@ fn token_objects_reach_every_member() {
             Attribute::Value(b"payload".to_vec()),
         ])
         .unwrap();
-    s.update_attributes(data, &[Attribute::Label(b"shared-v2".to_vec())]).unwrap();
+    s.update_attributes(data, &[Attribute::Label(b"shared-v2".to_vec())])
+        .unwrap();
     // Each member alone holds it, changed.
     for alive in 0..3 {
         for (i, m) in ha.members.iter().enumerate() {
-            m.set(if i == alive { "" } else { "fail all CKR_DEVICE_ERROR\n" });
+            m.set(if i == alive {
+                ""
+            } else {
+                "fail all CKR_DEVICE_ERROR\n"
+            });
         }
-        assert!(s.find_objects(&[Attribute::Label(b"shared".to_vec())]).unwrap().is_empty(), "member {alive}");
-        let found = s.find_objects(&[Attribute::Label(b"shared-v2".to_vec())]).unwrap();
-        assert_eq!(found, vec![data], "member {alive}: the same object, under the same handle");
-        let v = s.get_attributes(data, &[cryptoki::object::AttributeType::Value]).unwrap();
-        assert_eq!(v, vec![Attribute::Value(b"payload".to_vec())], "member {alive}");
+        assert!(
+            s.find_objects(&[Attribute::Label(b"shared".to_vec())])
+                .unwrap()
+                .is_empty(),
+            "member {alive}"
+        );
+        let found = s
+            .find_objects(&[Attribute::Label(b"shared-v2".to_vec())])
+            .unwrap();
+        assert_eq!(
+            found,
+            vec![data],
+            "member {alive}: the same object, under the same handle"
+        );
+        let v = s
+            .get_attributes(data, &[cryptoki::object::AttributeType::Value])
+            .unwrap();
+        assert_eq!(
+            v,
+            vec![Attribute::Value(b"payload".to_vec())],
+            "member {alive}"
+        );
         for m in &ha.members {
             m.heal();
         }
         ha.wait_recoveries(0);
     }
     let e = s
-        .generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(true), Attribute::ValueLen(32.into())])
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[Attribute::Token(true), Attribute::ValueLen(32.into())],
+        )
         .unwrap_err();
-    assert_eq!(rv(&e), Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0005)), "{e}");
-    s.generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(false), Attribute::ValueLen(32.into())]).unwrap();
+    assert_eq!(
+        rv(&e),
+        Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0005)),
+        "{e}"
+    );
+    s.generate_key(
+        &Mechanism::AesKeyGen,
+        &[Attribute::Token(false), Attribute::ValueLen(32.into())],
+    )
+    .unwrap();
 }
 
 /// 16 threads sign, encrypt and decrypt through one virtual slot for a
@@ -253,15 +333,31 @@ fn sixteen_threads_while_members_fail_and_recover_in_turn() {
     ha.login(&admin);
     let (rsa, aes) = (key(&admin, "rsa"), key(&admin, "aes"));
     let msgs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 64]).collect();
-    let sigs: Vec<Vec<u8>> = msgs.iter().map(|m| admin.sign(&Mechanism::Sha256RsaPkcs, rsa, m).unwrap()).collect();
-    let cts: Vec<Vec<u8>> = msgs.iter().map(|m| admin.encrypt(&Mechanism::AesCbcPad(IV), aes, m).unwrap()).collect();
+    let sigs: Vec<Vec<u8>> = msgs
+        .iter()
+        .map(|m| admin.sign(&Mechanism::Sha256RsaPkcs, rsa, m).unwrap())
+        .collect();
+    let cts: Vec<Vec<u8>> = msgs
+        .iter()
+        .map(|m| admin.encrypt(&Mechanism::AesCbcPad(IV), aes, m).unwrap())
+        .collect();
     let (msgs, sigs, cts) = (Arc::new(msgs), Arc::new(sigs), Arc::new(cts));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, wrong) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (ok, failed, wrong) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let workers: Vec<_> = (0..16)
         .map(|t| {
-            let (ha, stop, ok, failed, wrong) = (ha.clone(), stop.clone(), ok.clone(), failed.clone(), wrong.clone());
+            let (ha, stop, ok, failed, wrong) = (
+                ha.clone(),
+                stop.clone(),
+                ok.clone(),
+                failed.clone(),
+                wrong.clone(),
+            );
             let (msgs, sigs, cts) = (msgs.clone(), sigs.clone(), cts.clone());
             std::thread::spawn(move || {
                 let s = ha.session();
@@ -269,9 +365,15 @@ fn sixteen_threads_while_members_fail_and_recover_in_turn() {
                 while !stop.load(Ordering::Relaxed) {
                     let k = i % msgs.len();
                     let result = match i % 3 {
-                        0 => s.sign(&Mechanism::Sha256RsaPkcs, rsa, &msgs[k]).map(|v| v == sigs[k]),
-                        1 => s.encrypt(&Mechanism::AesCbcPad(IV), aes, &msgs[k]).map(|v| v == cts[k]),
-                        _ => s.decrypt(&Mechanism::AesCbcPad(IV), aes, &cts[k]).map(|v| v == msgs[k]),
+                        0 => s
+                            .sign(&Mechanism::Sha256RsaPkcs, rsa, &msgs[k])
+                            .map(|v| v == sigs[k]),
+                        1 => s
+                            .encrypt(&Mechanism::AesCbcPad(IV), aes, &msgs[k])
+                            .map(|v| v == cts[k]),
+                        _ => s
+                            .decrypt(&Mechanism::AesCbcPad(IV), aes, &cts[k])
+                            .map(|v| v == msgs[k]),
                     };
                     match result {
                         Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
@@ -287,7 +389,12 @@ fn sixteen_threads_while_members_fail_and_recover_in_turn() {
         })
         .collect();
 
-    let faults = ["fail all CKR_DEVICE_ERROR\n", "remove\n", "restart 1\n", "fail C_Sign CKR_GENERAL_ERROR\n"];
+    let faults = [
+        "fail all CKR_DEVICE_ERROR\n",
+        "remove\n",
+        "restart 1\n",
+        "fail C_Sign CKR_GENERAL_ERROR\n",
+    ];
     let start = Instant::now();
     let mut round = 0;
     while start.elapsed() < Duration::from_secs(4) {
@@ -302,7 +409,11 @@ fn sixteen_threads_while_members_fail_and_recover_in_turn() {
     for w in workers {
         w.join().expect("worker");
     }
-    let (ok, failed, wrong) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed));
+    let (ok, failed, wrong) = (
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        wrong.load(Ordering::Relaxed),
+    );
     let log = ha.env.log();
     println!(
         "{ok} operations verified, {failed} failed, {wrong} wrong; {round} fault rounds, {} sessions moved, {} recoveries",

@@ -8,7 +8,9 @@ use p11shim_tests::{TestEnv, p11shim_lib};
 use pkcs11_sys::*;
 
 fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Resident set size in KiB.
@@ -27,20 +29,38 @@ fn cycle() {
     // SAFETY: the symbol has the spec's signature; every call below passes
     // valid pointers.
     unsafe {
-        let gfl = lib.get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(b"C_GetFunctionList\0").unwrap();
+        let gfl = lib
+            .get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(b"C_GetFunctionList\0")
+            .unwrap();
         let mut fl: CK_FUNCTION_LIST_PTR = null_mut();
         assert_eq!(gfl(&mut fl), CKR_OK);
         let fl = &*fl;
-        let mut args = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
-        assert_eq!((fl.C_Initialize.unwrap())((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()), CKR_OK);
+        let mut args = CK_C_INITIALIZE_ARGS {
+            flags: CKF_OS_LOCKING_OK,
+            ..Default::default()
+        };
+        assert_eq!(
+            (fl.C_Initialize.unwrap())((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()),
+            CKR_OK
+        );
         let mut h: CK_SESSION_HANDLE = 0;
-        assert_eq!((fl.C_OpenSession.unwrap())(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h), CKR_OK);
-        let mut mech = CK_MECHANISM { mechanism: CKM_SHA256, pParameter: null_mut(), ulParameterLen: 0 };
+        assert_eq!(
+            (fl.C_OpenSession.unwrap())(0, CKF_SERIAL_SESSION, null_mut(), None, &mut h),
+            CKR_OK
+        );
+        let mut mech = CK_MECHANISM {
+            mechanism: CKM_SHA256,
+            pParameter: null_mut(),
+            ulParameterLen: 0,
+        };
         assert_eq!((fl.C_DigestInit.unwrap())(h, &mut mech), CKR_OK);
         let mut data = [7u8; 64];
         let mut out = [0u8; 32];
         let mut len: CK_ULONG = 32;
-        assert_eq!((fl.C_Digest.unwrap())(h, data.as_mut_ptr(), 64, out.as_mut_ptr(), &mut len), CKR_OK);
+        assert_eq!(
+            (fl.C_Digest.unwrap())(h, data.as_mut_ptr(), 64, out.as_mut_ptr(), &mut len),
+            CKR_OK
+        );
         assert_eq!((fl.C_Finalize.unwrap())(null_mut()), CKR_OK);
     }
     lib.close().expect("dlclose");
@@ -67,5 +87,8 @@ fn load_initialize_finalize_unload_200_times() {
     assert_eq!(threads(), threads_before, "a thread was left behind");
     // 180 cycles: a leak of 8 KiB per cycle would show as 1.4 MiB.
     let growth = end.saturating_sub(warm);
-    assert!(growth < 1024, "memory grew by {growth} KiB over 180 cycles (from {warm} KiB to {end} KiB)");
+    assert!(
+        growth < 1024,
+        "memory grew by {growth} KiB over 180 cycles (from {warm} KiB to {end} KiB)"
+    );
 }

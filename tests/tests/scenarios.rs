@@ -12,8 +12,16 @@ fn through_p11shim(name: &str) {
     let scenario = by_name(name).unwrap_or_else(|| panic!("no scenario {name}"));
     let run = run(&env.module(Target::Shim), scenario);
     let t = &run.transcript;
-    assert!(t.violations().is_empty(), "scenario {name} through p11shim\n{}", t.report());
-    assert_eq!(run.slot, Some(0), "the scenario ran on virtual slot 0 (the only one configured)");
+    assert!(
+        t.violations().is_empty(),
+        "scenario {name} through p11shim\n{}",
+        t.report()
+    );
+    assert_eq!(
+        run.slot,
+        Some(0),
+        "the scenario ran on virtual slot 0 (the only one configured)"
+    );
 }
 
 macro_rules! scenarios {

@@ -13,14 +13,19 @@ fn run_in_child(name: &str, target: Target) -> Transcript {
     let mut cmd = env.command(env!("CARGO_BIN_EXE_scenario-runner"));
     cmd.arg(name).arg(env.module(target));
     let out = run_ok(&mut cmd);
-    Transcript::parse(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|e| panic!("{target:?}: {e}"))
+    Transcript::parse(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("{target:?}: {e}"))
 }
 
 /// Runs a scenario against both targets and compares the transcripts.
 fn transparent(name: &str) {
     let direct = run_in_child(name, Target::Direct);
     let shim = run_in_child(name, Target::Shim);
-    assert!(direct.violations().is_empty(), "scenario {name} fails against SoftHSM2 itself\n{}", direct.report());
+    assert!(
+        direct.violations().is_empty(),
+        "scenario {name} fails against SoftHSM2 itself\n{}",
+        direct.report()
+    );
     let diff = direct.diff(&shim, "SoftHSM2", "p11shim");
     assert!(
         diff.is_empty(),
@@ -29,7 +34,11 @@ fn transparent(name: &str) {
         diff.join("\n"),
         shim.to_text()
     );
-    assert!(shim.violations().is_empty(), "scenario {name} through p11shim\n{}", shim.report());
+    assert!(
+        shim.violations().is_empty(),
+        "scenario {name} through p11shim\n{}",
+        shim.report()
+    );
 }
 
 macro_rules! transparency {

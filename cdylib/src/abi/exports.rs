@@ -10,7 +10,9 @@
 use pkcs11_sys::*;
 
 use super::guard::guard;
-use super::mem::{self, Bytes, BytesMut, Mechanism, Out, OutBytes, OutHandles, OutList, Param, Template};
+use super::mem::{
+    self, Bytes, BytesMut, Mechanism, Out, OutBytes, OutHandles, OutList, Param, Template,
+};
 use super::{FUNCTION_LIST, INTERFACE_NAME, INTERFACES};
 use crate::dispatch::{self, current};
 use crate::error::Error;
@@ -135,11 +137,8 @@ cryptoki! {
 
     fn C_InitToken(slot: CK_SLOT_ID, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG, label: CK_UTF8CHAR_PTR) {
         let lib = current()?;
-        if label.is_null() {
-            return Err(Error::ArgumentsBad("NULL label"));
-        }
         // SAFETY: see above.
-        lib.init_token(slot, unsafe { Bytes::new(pin, pin_len)? }, label)
+        lib.init_token(slot, unsafe { Bytes::new(pin, pin_len)? }, unsafe { mem::Label::new(label)? })
     }
 
     fn C_InitPIN(h: Sh, pin: CK_UTF8CHAR_PTR, pin_len: CK_ULONG) {
@@ -646,7 +645,10 @@ cryptoki! {
 
 /// p11shim's status query (`P11SHIM_FUNCTION_LIST.P11shim_GetStatus`):
 /// every virtual slot and member, as JSON, with the two-call convention.
-pub(super) unsafe extern "C" fn p11shim_get_status(buf: CK_UTF8CHAR_PTR, len: CK_ULONG_PTR) -> CK_RV {
+pub(super) unsafe extern "C" fn p11shim_get_status(
+    buf: CK_UTF8CHAR_PTR,
+    len: CK_ULONG_PTR,
+) -> CK_RV {
     guard("P11shim_GetStatus", || {
         let lib = current()?;
         // SAFETY: see above.
@@ -661,7 +663,10 @@ pub(super) unsafe extern "C" fn get_info_v2(info: CK_INFO_PTR) -> CK_RV {
         current()?;
         // SAFETY: see above.
         let mut out = unsafe { Out::new(info)? };
-        out.write(dispatch::info(CK_VERSION { major: 2, minor: 40 }));
+        out.write(dispatch::info(CK_VERSION {
+            major: 2,
+            minor: 40,
+        }));
         Ok(())
     })
 }

@@ -17,7 +17,10 @@ pub fn guard(function: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV
         }
         Ok(Err(e)) => failed(function, &e),
         Err(_) => {
-            tracing::error!(function, "internal error: a panic was caught at the C boundary");
+            tracing::error!(
+                function,
+                "internal error: a panic was caught at the C boundary"
+            );
             CKR_GENERAL_ERROR
         }
     }
@@ -46,7 +49,13 @@ mod tests {
     #[test]
     fn errors_become_their_codes() {
         assert_eq!(guard("C_Test", || Ok(())), CKR_OK);
-        assert_eq!(guard("C_Test", || Err(Error::ArgumentsBad("x"))), CKR_ARGUMENTS_BAD);
-        assert_eq!(guard("C_Test", || Err(Error::Vendor(CKR_PIN_INCORRECT))), CKR_PIN_INCORRECT);
+        assert_eq!(
+            guard("C_Test", || Err(Error::ArgumentsBad("x"))),
+            CKR_ARGUMENTS_BAD
+        );
+        assert_eq!(
+            guard("C_Test", || Err(Error::Vendor(CKR_PIN_INCORRECT))),
+            CKR_PIN_INCORRECT
+        );
     }
 }

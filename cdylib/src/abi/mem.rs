@@ -38,12 +38,20 @@ impl<'a> Bytes<'a> {
         if ptr.is_null() && len != 0 {
             return Err(Error::ArgumentsBad("NULL buffer with a non-zero length"));
         }
-        Ok(Bytes { ptr, len, _life: PhantomData })
+        Ok(Bytes {
+            ptr,
+            len,
+            _life: PhantomData,
+        })
     }
 
     /// A view of memory owned by the module.
     pub fn from_slice(s: &'a [u8]) -> Self {
-        Bytes { ptr: s.as_ptr().cast_mut(), len: s.len() as CK_ULONG, _life: PhantomData }
+        Bytes {
+            ptr: s.as_ptr().cast_mut(),
+            len: s.len() as CK_ULONG,
+            _life: PhantomData,
+        }
     }
 
     #[inline]
@@ -93,7 +101,11 @@ impl BytesMut<'_> {
         if ptr.is_null() && len != 0 {
             return Err(Error::ArgumentsBad("NULL buffer with a non-zero length"));
         }
-        Ok(BytesMut { ptr, len, _life: PhantomData })
+        Ok(BytesMut {
+            ptr,
+            len,
+            _life: PhantomData,
+        })
     }
 
     #[inline]
@@ -104,7 +116,11 @@ impl BytesMut<'_> {
     /// The same buffer, for one more call (a retry on another member).
     #[inline]
     pub fn reborrow(&mut self) -> BytesMut<'_> {
-        BytesMut { ptr: self.ptr, len: self.len, _life: PhantomData }
+        BytesMut {
+            ptr: self.ptr,
+            len: self.len,
+            _life: PhantomData,
+        }
     }
 }
 
@@ -127,7 +143,11 @@ impl Param<'_> {
         if ptr.is_null() && len != 0 {
             return Err(Error::ArgumentsBad("NULL parameter with a non-zero length"));
         }
-        Ok(Param { ptr, len, _life: PhantomData })
+        Ok(Param {
+            ptr,
+            len,
+            _life: PhantomData,
+        })
     }
 
     #[inline]
@@ -153,19 +173,31 @@ impl<'a> OutBytes<'a> {
         if len.is_null() {
             return Err(Error::ArgumentsBad("NULL output length"));
         }
-        Ok(OutBytes { ptr, len, _life: PhantomData })
+        Ok(OutBytes {
+            ptr,
+            len,
+            _life: PhantomData,
+        })
     }
 
     /// An output over the module's own buffer.
     pub fn from_local(buf: &'a mut [u8], len: &'a mut CK_ULONG) -> Self {
         *len = buf.len() as CK_ULONG;
-        OutBytes { ptr: buf.as_mut_ptr(), len, _life: PhantomData }
+        OutBytes {
+            ptr: buf.as_mut_ptr(),
+            len,
+            _life: PhantomData,
+        }
     }
 
     /// The same output, for one more call (a retry on another member).
     #[inline]
     pub fn reborrow(&mut self) -> OutBytes<'_> {
-        OutBytes { ptr: self.ptr, len: self.len, _life: PhantomData }
+        OutBytes {
+            ptr: self.ptr,
+            len: self.len,
+            _life: PhantomData,
+        }
     }
 
     /// Whether the application only asks for the size (NULL buffer).
@@ -181,7 +213,11 @@ impl<'a> OutBytes<'a> {
     /// As for [`OutBytes::new`], `len` may also be NULL.
     #[inline]
     pub unsafe fn new_optional(ptr: CK_BYTE_PTR, len: CK_ULONG_PTR) -> Self {
-        OutBytes { ptr, len, _life: PhantomData }
+        OutBytes {
+            ptr,
+            len,
+            _life: PhantomData,
+        }
     }
 
     #[inline]
@@ -205,7 +241,10 @@ impl<T> Out<'_, T> {
         if ptr.is_null() {
             return Err(Error::ArgumentsBad("NULL output pointer"));
         }
-        Ok(Out { ptr, _life: PhantomData })
+        Ok(Out {
+            ptr,
+            _life: PhantomData,
+        })
     }
 
     #[inline]
@@ -222,7 +261,10 @@ impl<T> Out<'_, T> {
     /// The same output, for one more call (a retry on another member).
     #[inline]
     pub fn reborrow(&mut self) -> Out<'_, T> {
-        Out { ptr: self.ptr, _life: PhantomData }
+        Out {
+            ptr: self.ptr,
+            _life: PhantomData,
+        }
     }
 }
 
@@ -244,7 +286,11 @@ impl<'a, T: Copy> OutList<'a, T> {
         if count.is_null() {
             return Err(Error::ArgumentsBad("NULL count pointer"));
         }
-        Ok(OutList { ptr, count, _life: PhantomData })
+        Ok(OutList {
+            ptr,
+            count,
+            _life: PhantomData,
+        })
     }
 
     /// Writes `items`, or only their number when the application asked for
@@ -270,7 +316,11 @@ impl<'a, T: Copy> OutList<'a, T> {
     /// The same output, for one more call (a retry on another member).
     #[inline]
     pub fn reborrow(&mut self) -> OutList<'_, T> {
-        OutList { ptr: self.ptr, count: self.count, _life: PhantomData }
+        OutList {
+            ptr: self.ptr,
+            count: self.count,
+            _life: PhantomData,
+        }
     }
 
     /// A list over the module's own memory: `buf` of `None` asks for the size.
@@ -282,7 +332,11 @@ impl<'a, T: Copy> OutList<'a, T> {
             }
             None => std::ptr::null_mut(),
         };
-        OutList { ptr, count, _life: PhantomData }
+        OutList {
+            ptr,
+            count,
+            _life: PhantomData,
+        }
     }
 
     #[inline]
@@ -303,12 +357,21 @@ pub struct OutHandles<'a> {
 impl OutHandles<'_> {
     /// # Safety
     /// `ptr` points to `max` writable handles, and `count` is writable.
-    pub unsafe fn new(ptr: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: CK_ULONG_PTR) -> Result<Self> {
+    pub unsafe fn new(
+        ptr: CK_OBJECT_HANDLE_PTR,
+        max: CK_ULONG,
+        count: CK_ULONG_PTR,
+    ) -> Result<Self> {
         // A NULL array is refused even with `max == 0`, as vendors do.
         if count.is_null() || ptr.is_null() {
             return Err(Error::ArgumentsBad("NULL handle array or count"));
         }
-        Ok(OutHandles { ptr, max, count, _life: PhantomData })
+        Ok(OutHandles {
+            ptr,
+            max,
+            count,
+            _life: PhantomData,
+        })
     }
 
     /// The application's array, to be filled with at most `max` handles.
@@ -345,12 +408,20 @@ impl<'a> Template<'a> {
         if ptr.is_null() && count != 0 {
             return Err(Error::ArgumentsBad("NULL template with a non-zero count"));
         }
-        Ok(Template { ptr, count, _life: PhantomData })
+        Ok(Template {
+            ptr,
+            count,
+            _life: PhantomData,
+        })
     }
 
     /// A template owned by the module.
     pub fn from_slice(attrs: &'a mut [CK_ATTRIBUTE]) -> Self {
-        Template { ptr: attrs.as_mut_ptr(), count: attrs.len() as CK_ULONG, _life: PhantomData }
+        Template {
+            ptr: attrs.as_mut_ptr(),
+            count: attrs.len() as CK_ULONG,
+            _life: PhantomData,
+        }
     }
 
     pub fn attrs(&self) -> &'a [CK_ATTRIBUTE] {
@@ -406,7 +477,11 @@ impl SavedTemplate {
             .iter()
             .map(|(t, v)| CK_ATTRIBUTE {
                 type_: *t,
-                pValue: if v.is_empty() { std::ptr::null_mut() } else { v.as_ptr().cast_mut().cast() },
+                pValue: if v.is_empty() {
+                    std::ptr::null_mut()
+                } else {
+                    v.as_ptr().cast_mut().cast()
+                },
                 ulValueLen: v.len() as CK_ULONG,
             })
             .collect()
@@ -426,7 +501,9 @@ impl Template<'_> {
                 return None;
             }
             // SAFETY: pValue points to ulValueLen readable bytes (or is NULL with 0).
-            attrs.push((a.type_, unsafe { copy_bytes(a.pValue as *const u8, a.ulValueLen) }));
+            attrs.push((a.type_, unsafe {
+                copy_bytes(a.pValue as *const u8, a.ulValueLen)
+            }));
         }
         Some(SavedTemplate { attrs })
     }
@@ -447,7 +524,10 @@ impl Mechanism<'_> {
         if ptr.is_null() {
             return Err(Error::ArgumentsBad("NULL mechanism"));
         }
-        Ok(Mechanism { ptr, _life: PhantomData })
+        Ok(Mechanism {
+            ptr,
+            _life: PhantomData,
+        })
     }
 
     /// The mechanism type.
@@ -566,7 +646,9 @@ impl Mechanism<'_> {
         let kind = m.mechanism;
         let param = if m.pParameter.is_null() || m.ulParameterLen == 0 {
             SavedParam::None
-        } else if kind == CKM_AES_GCM && m.ulParameterLen as usize == std::mem::size_of::<CK_GCM_PARAMS>() {
+        } else if kind == CKM_AES_GCM
+            && m.ulParameterLen as usize == std::mem::size_of::<CK_GCM_PARAMS>()
+        {
             // SAFETY: the parameter of CKM_AES_GCM is a CK_GCM_PARAMS whose
             // pointers are valid for their lengths for the call.
             unsafe {
@@ -574,27 +656,44 @@ impl Mechanism<'_> {
                 let iv = copy_bytes(p.pIv, p.ulIvLen);
                 let aad = copy_bytes(p.pAAD, p.ulAADLen);
                 let params = CK_GCM_PARAMS {
-                    pIv: if iv.is_empty() { std::ptr::null_mut() } else { iv.as_ptr().cast_mut() },
-                    pAAD: if aad.is_empty() { std::ptr::null_mut() } else { aad.as_ptr().cast_mut() },
+                    pIv: if iv.is_empty() {
+                        std::ptr::null_mut()
+                    } else {
+                        iv.as_ptr().cast_mut()
+                    },
+                    pAAD: if aad.is_empty() {
+                        std::ptr::null_mut()
+                    } else {
+                        aad.as_ptr().cast_mut()
+                    },
                     ..p
                 };
                 SavedParam::Gcm(Box::new((params, iv, aad)))
             }
-        } else if kind == CKM_RSA_PKCS_OAEP && m.ulParameterLen as usize == std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>() {
+        } else if kind == CKM_RSA_PKCS_OAEP
+            && m.ulParameterLen as usize == std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>()
+        {
             // SAFETY: the parameter of CKM_RSA_PKCS_OAEP is a
             // CK_RSA_PKCS_OAEP_PARAMS valid for the call.
             unsafe {
                 let p = (m.pParameter as *const CK_RSA_PKCS_OAEP_PARAMS).read_unaligned();
                 let source = copy_bytes(p.pSourceData as *const u8, p.ulSourceDataLen);
                 let params = CK_RSA_PKCS_OAEP_PARAMS {
-                    pSourceData: if source.is_empty() { std::ptr::null_mut() } else { source.as_ptr().cast_mut().cast() },
+                    pSourceData: if source.is_empty() {
+                        std::ptr::null_mut()
+                    } else {
+                        source.as_ptr().cast_mut().cast()
+                    },
                     ..p
                 };
                 SavedParam::Oaep(Box::new((params, source)))
             }
         } else if flat_param(kind) {
             // SAFETY: pParameter points to ulParameterLen readable bytes.
-            SavedParam::Flat(unsafe { copy_bytes(m.pParameter as *const u8, m.ulParameterLen) }.into_boxed_slice())
+            SavedParam::Flat(
+                unsafe { copy_bytes(m.pParameter as *const u8, m.ulParameterLen) }
+                    .into_boxed_slice(),
+            )
         } else {
             return None;
         };
@@ -612,10 +711,20 @@ impl SavedMechanism {
         let (ptr, len): (CK_VOID_PTR, usize) = match &self.param {
             SavedParam::None => (std::ptr::null_mut(), 0),
             SavedParam::Flat(v) => (v.as_ptr().cast_mut().cast(), v.len()),
-            SavedParam::Gcm(b) => ((&b.0 as *const CK_GCM_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_GCM_PARAMS>()),
-            SavedParam::Oaep(b) => ((&b.0 as *const CK_RSA_PKCS_OAEP_PARAMS).cast_mut().cast(), std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>()),
+            SavedParam::Gcm(b) => (
+                (&b.0 as *const CK_GCM_PARAMS).cast_mut().cast(),
+                std::mem::size_of::<CK_GCM_PARAMS>(),
+            ),
+            SavedParam::Oaep(b) => (
+                (&b.0 as *const CK_RSA_PKCS_OAEP_PARAMS).cast_mut().cast(),
+                std::mem::size_of::<CK_RSA_PKCS_OAEP_PARAMS>(),
+            ),
         };
-        CK_MECHANISM { mechanism: self.kind, pParameter: ptr, ulParameterLen: len as CK_ULONG }
+        CK_MECHANISM {
+            mechanism: self.kind,
+            pParameter: ptr,
+            ulParameterLen: len as CK_ULONG,
+        }
     }
 }
 
@@ -625,7 +734,10 @@ pub struct RawMechanism(pub CK_MECHANISM);
 
 impl RawMechanism {
     pub fn view(&self) -> Mechanism<'_> {
-        Mechanism { ptr: (&self.0 as *const CK_MECHANISM).cast_mut(), _life: PhantomData }
+        Mechanism {
+            ptr: (&self.0 as *const CK_MECHANISM).cast_mut(),
+            _life: PhantomData,
+        }
     }
 }
 
@@ -638,7 +750,10 @@ pub struct OwnedMechanism<'b> {
 
 impl OwnedMechanism<'_> {
     pub fn view(&self) -> Mechanism<'_> {
-        Mechanism { ptr: (&self.m as *const CK_MECHANISM).cast_mut(), _life: PhantomData }
+        Mechanism {
+            ptr: (&self.m as *const CK_MECHANISM).cast_mut(),
+            _life: PhantomData,
+        }
     }
 }
 
@@ -661,9 +776,16 @@ pub unsafe fn init_args(ptr: CK_VOID_PTR) -> Result<InitArgs> {
     }
     // SAFETY: the caller promised a valid structure.
     let a = unsafe { (ptr as *const CK_C_INITIALIZE_ARGS).read_unaligned() };
-    let given = [a.CreateMutex.is_some(), a.DestroyMutex.is_some(), a.LockMutex.is_some(), a.UnlockMutex.is_some()];
+    let given = [
+        a.CreateMutex.is_some(),
+        a.DestroyMutex.is_some(),
+        a.LockMutex.is_some(),
+        a.UnlockMutex.is_some(),
+    ];
     if given.contains(&true) && given.contains(&false) {
-        return Err(Error::ArgumentsBad("either all four mutex functions or none"));
+        return Err(Error::ArgumentsBad(
+            "either all four mutex functions or none",
+        ));
     }
     // p11shim locks with native OS primitives: application-supplied mutex
     // functions are accepted and not needed.
@@ -672,6 +794,32 @@ pub unsafe fn init_args(ptr: CK_VOID_PTR) -> Result<InitArgs> {
         reserved: unsafe { c_str(a.pReserved) },
         no_threads: a.flags & CKF_LIBRARY_CANT_CREATE_OS_THREADS != 0,
     })
+}
+
+/// The 32-byte label of `C_InitToken`.
+#[derive(Debug, Clone, Copy)]
+pub struct Label<'a> {
+    ptr: CK_UTF8CHAR_PTR,
+    _life: PhantomData<&'a [CK_UTF8CHAR; 32]>,
+}
+
+impl Label<'_> {
+    /// # Safety
+    /// `ptr` is NULL or points to 32 readable bytes valid for the call.
+    pub unsafe fn new(ptr: CK_UTF8CHAR_PTR) -> Result<Self> {
+        if ptr.is_null() {
+            return Err(Error::ArgumentsBad("NULL label"));
+        }
+        Ok(Label {
+            ptr,
+            _life: PhantomData,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn raw(&self) -> CK_UTF8CHAR_PTR {
+        self.ptr
+    }
 }
 
 /// Reads the optional configuration path passed in `pReserved`.
@@ -701,7 +849,59 @@ pub fn padded<const N: usize>(s: &str) -> [CK_UTF8CHAR; N] {
 
 /// A blank-padded field as a trimmed string.
 pub fn unpadded(field: &[CK_UTF8CHAR]) -> String {
-    String::from_utf8_lossy(field).trim_end_matches([' ', '\0']).to_owned()
+    String::from_utf8_lossy(field)
+        .trim_end_matches([' ', '\0'])
+        .to_owned()
+}
+
+/// Passing a view to one more vendor call: `Copy` views are copied, output
+/// views re-borrowed.
+pub trait ReborrowArg {
+    type Out<'b>
+    where
+        Self: 'b;
+    fn reborrow_arg(&mut self) -> Self::Out<'_>;
+}
+
+impl<'a> ReborrowArg for Bytes<'a> {
+    type Out<'b>
+        = Bytes<'a>
+    where
+        Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> Bytes<'a> {
+        *self
+    }
+}
+
+impl<'a> ReborrowArg for Param<'a> {
+    type Out<'b>
+        = Param<'a>
+    where
+        Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> Param<'a> {
+        *self
+    }
+}
+
+impl ReborrowArg for CK_ULONG {
+    type Out<'b> = CK_ULONG;
+    #[inline]
+    fn reborrow_arg(&mut self) -> CK_ULONG {
+        *self
+    }
+}
+
+impl ReborrowArg for OutBytes<'_> {
+    type Out<'b>
+        = OutBytes<'b>
+    where
+        Self: 'b;
+    #[inline]
+    fn reborrow_arg(&mut self) -> OutBytes<'_> {
+        self.reborrow()
+    }
 }
 
 #[cfg(test)]
@@ -743,52 +943,16 @@ mod tests {
         // SAFETY: NULL pointers are never dereferenced by the constructors.
         unsafe {
             assert!(Bytes::new(std::ptr::null_mut(), 1).is_err());
-            assert!(Bytes::new(std::ptr::null_mut(), 0).unwrap().as_slice().is_empty());
+            assert!(
+                Bytes::new(std::ptr::null_mut(), 0)
+                    .unwrap()
+                    .as_slice()
+                    .is_empty()
+            );
             assert!(OutBytes::new(std::ptr::null_mut(), std::ptr::null_mut()).is_err());
             assert!(Out::<CK_ULONG>::new(std::ptr::null_mut()).is_err());
             assert!(Mechanism::new(std::ptr::null_mut()).is_err());
             assert!(Template::new(std::ptr::null_mut(), 2).is_err());
         }
-    }
-}
-
-/// Passing a view to one more vendor call: `Copy` views are copied, output
-/// views re-borrowed.
-pub trait ReborrowArg {
-    type Out<'b>
-    where
-        Self: 'b;
-    fn reborrow_arg(&mut self) -> Self::Out<'_>;
-}
-
-impl<'a> ReborrowArg for Bytes<'a> {
-    type Out<'b> = Bytes<'a> where Self: 'b;
-    #[inline]
-    fn reborrow_arg(&mut self) -> Bytes<'a> {
-        *self
-    }
-}
-
-impl<'a> ReborrowArg for Param<'a> {
-    type Out<'b> = Param<'a> where Self: 'b;
-    #[inline]
-    fn reborrow_arg(&mut self) -> Param<'a> {
-        *self
-    }
-}
-
-impl ReborrowArg for CK_ULONG {
-    type Out<'b> = CK_ULONG;
-    #[inline]
-    fn reborrow_arg(&mut self) -> CK_ULONG {
-        *self
-    }
-}
-
-impl ReborrowArg for OutBytes<'_> {
-    type Out<'b> = OutBytes<'b> where Self: 'b;
-    #[inline]
-    fn reborrow_arg(&mut self) -> OutBytes<'_> {
-        self.reborrow()
     }
 }

@@ -14,7 +14,10 @@ use pkcs11_sys::*;
 
 /// The 2.40 function list returned by `C_GetFunctionList`.
 pub static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
-    version: CK_VERSION { major: 2, minor: 40 },
+    version: CK_VERSION {
+        major: 2,
+        minor: 40,
+    },
     C_Initialize: Some(exports::C_Initialize),
     C_Finalize: Some(exports::C_Finalize),
     C_GetInfo: Some(exports::get_info_v2),
@@ -206,8 +209,10 @@ pub struct P11shimFunctionList {
 }
 
 /// The function list of p11shim's own interface.
-pub static P11SHIM_FUNCTION_LIST: P11shimFunctionList =
-    P11shimFunctionList { version: CK_VERSION { major: 1, minor: 0 }, get_status: exports::p11shim_get_status };
+pub static P11SHIM_FUNCTION_LIST: P11shimFunctionList = P11shimFunctionList {
+    version: CK_VERSION { major: 1, minor: 0 },
+    get_status: exports::p11shim_get_status,
+};
 
 /// The interfaces of `C_GetInterfaceList`, the default one first.
 pub static INTERFACES: [Interface; 3] = [

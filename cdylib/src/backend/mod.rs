@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 
 use pkcs11_sys::*;
 
-use crate::abi::mem::{Bytes, BytesMut, Mechanism, Out, OutBytes, OutList, Param, Pin, Template};
+use crate::abi::mem::{
+    Bytes, BytesMut, Label, Mechanism, Out, OutBytes, OutList, Param, Pin, Template,
+};
 use crate::error::{Error, Result};
 
 /// A loaded vendor library and its function list.
@@ -30,7 +32,13 @@ pub struct Vendor {
 
 impl std::fmt::Debug for Vendor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Vendor({}, v{}.{})", self.path.display(), self.version.major, self.version.minor)
+        write!(
+            f,
+            "Vendor({}, v{}.{})",
+            self.path.display(),
+            self.version.major,
+            self.version.minor
+        )
     }
 }
 
@@ -40,7 +48,8 @@ unsafe impl Send for Vendor {}
 // SAFETY: as above.
 unsafe impl Sync for Vendor {}
 
-type GetInterfaceFn = unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_VERSION_PTR, CK_INTERFACE_PTR_PTR, CK_FLAGS) -> CK_RV;
+type GetInterfaceFn =
+    unsafe extern "C" fn(CK_UTF8CHAR_PTR, CK_VERSION_PTR, CK_INTERFACE_PTR_PTR, CK_FLAGS) -> CK_RV;
 type GetFunctionListFn = unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV;
 
 impl Vendor {
@@ -61,7 +70,7 @@ impl Vendor {
         let mut found = false;
         if let Some(gi) = get_interface {
             let mut iface: CK_INTERFACE_PTR = std::ptr::null_mut();
-            let name = b"PKCS 11\0".as_ptr().cast_mut();
+            let name = c"PKCS 11".as_ptr().cast_mut().cast();
             // SAFETY: valid name, NULL version (the default), writable out pointer.
             let rv = unsafe { gi(name, std::ptr::null_mut(), &mut iface, 0) };
             if rv == CKR_OK && !iface.is_null() {
@@ -78,9 +87,13 @@ impl Vendor {
         }
         if !found {
             // SAFETY: the symbol has the C_GetFunctionList signature of the spec.
-            let gfl = unsafe { lib.get::<GetFunctionListFn>(b"C_GetFunctionList\0") }.map_err(|_| {
-                Error::Backend(format!("{} is not a PKCS#11 library (no C_GetFunctionList)", path.display()))
-            })?;
+            let gfl =
+                unsafe { lib.get::<GetFunctionListFn>(b"C_GetFunctionList\0") }.map_err(|_| {
+                    Error::Backend(format!(
+                        "{} is not a PKCS#11 library (no C_GetFunctionList)",
+                        path.display()
+                    ))
+                })?;
             let mut list: CK_FUNCTION_LIST_PTR = std::ptr::null_mut();
             // SAFETY: writable out pointer.
             let rv = unsafe { gfl(&mut list) };
@@ -94,21 +107,49 @@ impl Vendor {
             // SAFETY: a valid 2.x function list starts with its version.
             version = unsafe { (*list).version };
             // SAFETY: see copy_list; a 2.x list is copied as such.
-            unsafe { copy_list(&mut fl, list.cast(), CK_VERSION { major: 2, minor: 40 }) };
+            unsafe {
+                copy_list(
+                    &mut fl,
+                    list.cast(),
+                    CK_VERSION {
+                        major: 2,
+                        minor: 40,
+                    },
+                )
+            };
         }
         if fl.C_Initialize.is_none() {
-            return Err(Error::Backend(format!("{} has no C_Initialize", path.display())));
+            return Err(Error::Backend(format!(
+                "{} has no C_Initialize",
+                path.display()
+            )));
         }
         if fl.C_Initialize.map(|f| f as usize) == own.map(|f| f as usize) {
-            return Err(Error::Backend(format!("{} is p11shim itself; a member must be a vendor library", path.display())));
+            return Err(Error::Backend(format!(
+                "{} is p11shim itself; a member must be a vendor library",
+                path.display()
+            )));
         }
-        Ok(Vendor { path: path.to_path_buf(), fl, version, _lib: Some(lib) })
+        Ok(Vendor {
+            path: path.to_path_buf(),
+            fl,
+            version,
+            _lib: Some(lib),
+        })
     }
 
     /// A vendor with no functions, for unit tests of the routing logic.
     #[cfg(test)]
     pub fn for_tests() -> Vendor {
-        Vendor { path: "/test".into(), fl: Default::default(), version: CK_VERSION { major: 2, minor: 40 }, _lib: None }
+        Vendor {
+            path: "/test".into(),
+            fl: Default::default(),
+            version: CK_VERSION {
+                major: 2,
+                minor: 40,
+            },
+            _lib: None,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -125,7 +166,10 @@ impl Vendor {
     /// else in this process (then it must not be finalized by us).
     pub fn initialize(&self) -> Result<bool> {
         let f = self.fl.C_Initialize.ok_or(Error::FunctionNotSupported)?;
-        let mut args = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
+        let mut args = CK_C_INITIALIZE_ARGS {
+            flags: CKF_OS_LOCKING_OK,
+            ..Default::default()
+        };
         // SAFETY: args is a valid, fully initialized structure living across the call.
         let rv = unsafe { f((&mut args as *mut CK_C_INITIALIZE_ARGS).cast()) };
         match rv {
@@ -176,7 +220,9 @@ unsafe fn copy_list(dst: &mut CK_FUNCTION_LIST_3_0, src: *const u8, version: CK_
     };
     // SAFETY: the 3.0 list extends the 2.x list field for field, every field
     // is a version or a nullable function pointer, and `src` holds `n` bytes.
-    unsafe { std::ptr::copy_nonoverlapping(src, (dst as *mut CK_FUNCTION_LIST_3_0).cast::<u8>(), n) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, (dst as *mut CK_FUNCTION_LIST_3_0).cast::<u8>(), n)
+    };
 }
 
 type Sh = CK_SESSION_HANDLE;
@@ -210,7 +256,7 @@ forward! {
     get_token_info => C_GetTokenInfo(slot: CK_SLOT_ID, out: &mut CK_TOKEN_INFO) => (slot, out);
     get_mechanism_list => C_GetMechanismList(slot: CK_SLOT_ID, out: OutList<'_, CK_MECHANISM_TYPE>) => (slot, out.raw().0, out.raw().1);
     get_mechanism_info => C_GetMechanismInfo(slot: CK_SLOT_ID, ty: CK_MECHANISM_TYPE, out: Out<'_, CK_MECHANISM_INFO>) => (slot, ty, out.raw());
-    init_token => C_InitToken(slot: CK_SLOT_ID, pin: Pin<'_>, label: *mut CK_UTF8CHAR) => (slot, pin.raw().0, pin.raw().1, label);
+    init_token => C_InitToken(slot: CK_SLOT_ID, pin: Pin<'_>, label: Label<'_>) => (slot, pin.raw().0, pin.raw().1, label.raw());
     init_pin => C_InitPIN(s: Sh, pin: Pin<'_>) => (s, pin.raw().0, pin.raw().1);
     set_pin => C_SetPIN(s: Sh, old: Pin<'_>, new: Pin<'_>) => (s, old.raw().0, old.raw().1, new.raw().0, new.raw().1);
     open_session => C_OpenSession(slot: CK_SLOT_ID, flags: CK_FLAGS, out: &mut Sh) => (slot, flags, std::ptr::null_mut(), None, out);
@@ -309,7 +355,8 @@ impl Vendor {
             pValue: (&mut value as *mut CK_BBOOL).cast(),
             ulValueLen: std::mem::size_of::<CK_BBOOL>() as CK_ULONG,
         }];
-        self.get_attribute_value(s, o, Template::from_slice(&mut attr)).ok()?;
+        self.get_attribute_value(s, o, Template::from_slice(&mut attr))
+            .ok()?;
         Some(value != CK_FALSE)
     }
 }

@@ -247,7 +247,12 @@ impl Ctx<'_> {
         self.text[..end].bytes().filter(|&b| b == b'\n').count() + 1
     }
 
-    fn err(&self, span: Option<&Range<usize>>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<&Range<usize>>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_path_buf(),
             line: span.map(|s| self.line_of(s)),
@@ -312,16 +317,24 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     let level = match &raw.log.level {
         None => LogLevel::Warn,
         Some(l) => LogLevel::parse(l.get_ref()).ok_or_else(|| {
-            ctx.err(Some(&l.span()), "log.level", format!(
-                "unknown level {:?} (expected off, error, warn, info, debug or trace)",
-                l.get_ref()
-            ))
+            ctx.err(
+                Some(&l.span()),
+                "log.level",
+                format!(
+                    "unknown level {:?} (expected off, error, warn, info, debug or trace)",
+                    l.get_ref()
+                ),
+            )
         })?,
     };
     let file = match &raw.log.file {
         None => None,
         Some(f) if f.get_ref().is_empty() => {
-            return Err(ctx.err(Some(&f.span()), "log.file", "must not be empty (leave it out to log to stderr)"));
+            return Err(ctx.err(
+                Some(&f.span()),
+                "log.file",
+                "must not be empty (leave it out to log to stderr)",
+            ));
         }
         Some(f) => Some(PathBuf::from(f.get_ref())),
     };
@@ -343,45 +356,82 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
 
         let id = *s.id.get_ref();
         if let Some(prev) = slots.iter().position(|p| p.id == id) {
-            return Err(ctx.err(Some(&s.id.span()), key("id"), format!("slot id {id} is already used by slot[{prev}]")));
+            return Err(ctx.err(
+                Some(&s.id.span()),
+                key("id"),
+                format!("slot id {id} is already used by slot[{prev}]"),
+            ));
         }
         let label = s.label.get_ref().clone();
         if label.trim().is_empty() || label.len() > 32 {
-            return Err(ctx.err(Some(&s.label.span()), key("label"), "a token label has 1 to 32 bytes"));
+            return Err(ctx.err(
+                Some(&s.label.span()),
+                key("label"),
+                "a token label has 1 to 32 bytes",
+            ));
         }
         if let Some(prev) = slots.iter().position(|p| p.label == label) {
-            return Err(ctx.err(Some(&s.label.span()), key("label"), format!("label {label:?} is already used by slot[{prev}]")));
+            return Err(ctx.err(
+                Some(&s.label.span()),
+                key("label"),
+                format!("label {label:?} is already used by slot[{prev}]"),
+            ));
         }
         let serial = match &s.serial {
-            Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 16 || !v.get_ref().is_ascii() => {
-                return Err(ctx.err(Some(&v.span()), key("serial"), "a token serial has 1 to 16 ASCII characters"));
+            Some(v)
+                if v.get_ref().is_empty() || v.get_ref().len() > 16 || !v.get_ref().is_ascii() =>
+            {
+                return Err(ctx.err(
+                    Some(&v.span()),
+                    key("serial"),
+                    "a token serial has 1 to 16 ASCII characters",
+                ));
             }
             Some(v) => v.get_ref().clone(),
             None => default_serial(id, &label),
         };
         let pin = match &s.pin {
             None => None,
-            Some(p) => Some(parse_pin_source(p.get_ref()).map_err(|m| ctx.err(Some(&p.span()), key("pin"), m))?),
+            Some(p) => Some(
+                parse_pin_source(p.get_ref())
+                    .map_err(|m| ctx.err(Some(&p.span()), key("pin"), m))?,
+            ),
         };
 
         if s.members.is_empty() {
-            return Err(ctx.err(Some(&s_span), key("member"), "a slot needs at least one [[slot.member]]"));
+            return Err(ctx.err(
+                Some(&s_span),
+                key("member"),
+                "a slot needs at least one [[slot.member]]",
+            ));
         }
         if s.members.len() > MAX_MEMBERS {
-            return Err(ctx.err(Some(&s_span), key("member"), format!("a slot has at most {MAX_MEMBERS} members")));
+            return Err(ctx.err(
+                Some(&s_span),
+                key("member"),
+                format!("a slot has at most {MAX_MEMBERS} members"),
+            ));
         }
         let replay_limit = s.replay_limit.as_ref().map_or(1 << 20, |v| *v.get_ref());
         let recovery_interval_ms = match &s.recovery_interval_ms {
             None => 200,
             Some(v) if !(10..=60_000).contains(v.get_ref()) => {
-                return Err(ctx.err(Some(&v.span()), key("recovery_interval_ms"), "between 10 and 60000"));
+                return Err(ctx.err(
+                    Some(&v.span()),
+                    key("recovery_interval_ms"),
+                    "between 10 and 60000",
+                ));
             }
             Some(v) => *v.get_ref(),
         };
         let recovery_max_interval_ms = match &s.recovery_max_interval_ms {
             None => 5_000.max(recovery_interval_ms),
             Some(v) if *v.get_ref() < recovery_interval_ms || *v.get_ref() > 600_000 => {
-                return Err(ctx.err(Some(&v.span()), key("recovery_max_interval_ms"), "between recovery_interval_ms and 600000"));
+                return Err(ctx.err(
+                    Some(&v.span()),
+                    key("recovery_max_interval_ms"),
+                    "between recovery_interval_ms and 600000",
+                ));
             }
             Some(v) => *v.get_ref(),
         };
@@ -392,45 +442,92 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             let m = m.get_ref();
             let library = PathBuf::from(m.library.get_ref());
             if !library.is_absolute() {
-                return Err(ctx.err(Some(&m.library.span()), mkey("library"), "the vendor library must be an absolute path"));
+                return Err(ctx.err(
+                    Some(&m.library.span()),
+                    mkey("library"),
+                    "the vendor library must be an absolute path",
+                ));
             }
             let selector = match (&m.token, &m.uri) {
                 (Some(t), None) => {
                     let t_ref = t.get_ref();
                     if t_ref.is_empty() || t_ref.len() > 32 {
-                        return Err(ctx.err(Some(&t.span()), mkey("token"), "a token label has 1 to 32 bytes"));
+                        return Err(ctx.err(
+                            Some(&t.span()),
+                            mkey("token"),
+                            "a token label has 1 to 32 bytes",
+                        ));
                     }
                     TokenSelector::Label(t_ref.clone())
                 }
                 (None, Some(u)) => TokenSelector::Uri(
-                    Pkcs11Uri::parse(u.get_ref()).map_err(|e| ctx.err(Some(&u.span()), mkey("uri"), e.0))?,
+                    Pkcs11Uri::parse(u.get_ref())
+                        .map_err(|e| ctx.err(Some(&u.span()), mkey("uri"), e.0))?,
                 ),
                 (Some(_), Some(u)) => {
-                    return Err(ctx.err(Some(&u.span()), mkey("uri"), "give either `token` or `uri`, not both"));
+                    return Err(ctx.err(
+                        Some(&u.span()),
+                        mkey("uri"),
+                        "give either `token` or `uri`, not both",
+                    ));
                 }
                 (None, None) => {
-                    return Err(ctx.err(Some(&m_span), mkey("token"), "a member names its token with `token` or `uri`"));
+                    return Err(ctx.err(
+                        Some(&m_span),
+                        mkey("token"),
+                        "a member names its token with `token` or `uri`",
+                    ));
                 }
             };
             let weight = match &m.weight {
                 None => 1,
                 Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1000 => {
-                    return Err(ctx.err(Some(&w.span()), mkey("weight"), "weight is between 1 and 1000"));
+                    return Err(ctx.err(
+                        Some(&w.span()),
+                        mkey("weight"),
+                        "weight is between 1 and 1000",
+                    ));
                 }
                 Some(w) => *w.get_ref(),
             };
-            if members.iter().any(|p: &MemberConfig| p.library == library && p.selector == selector) {
+            if members
+                .iter()
+                .any(|p: &MemberConfig| p.library == library && p.selector == selector)
+            {
                 return Err(ctx.err(Some(&m_span), mkey("token"), "this member is listed twice"));
             }
-            members.push(MemberConfig { library, selector, weight, standby: m.standby });
+            members.push(MemberConfig {
+                library,
+                selector,
+                weight,
+                standby: m.standby,
+            });
         }
         if members.iter().all(|m| m.standby) {
-            return Err(ctx.err(Some(&s_span), key("member"), "every member is a standby; at least one must be active"));
+            return Err(ctx.err(
+                Some(&s_span),
+                key("member"),
+                "every member is a standby; at least one must be active",
+            ));
         }
-        slots.push(SlotConfig { id, label, serial, pin, replay_limit, allow_unreplicated: s.allow_unreplicated, recovery_interval_ms, recovery_max_interval_ms, members });
+        slots.push(SlotConfig {
+            id,
+            label,
+            serial,
+            pin,
+            replay_limit,
+            allow_unreplicated: s.allow_unreplicated,
+            recovery_interval_ms,
+            recovery_max_interval_ms,
+            members,
+        });
     }
 
-    Ok(Config { source: ctx.file.to_path_buf(), log: LogConfig { level, file }, slots })
+    Ok(Config {
+        source: ctx.file.to_path_buf(),
+        log: LogConfig { level, file },
+        slots,
+    })
 }
 
 fn parse_pin_source(s: &str) -> Result<PinSource, String> {
@@ -438,11 +535,19 @@ fn parse_pin_source(s: &str) -> Result<PinSource, String> {
         let ok = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        return if ok { Ok(PinSource::Env(name.to_owned())) } else { Err(format!("{name:?} is not an environment variable name")) };
+        return if ok {
+            Ok(PinSource::Env(name.to_owned()))
+        } else {
+            Err(format!("{name:?} is not an environment variable name"))
+        };
     }
     if let Some(path) = s.strip_prefix("file:") {
         let path = PathBuf::from(path);
-        return if path.is_absolute() { Ok(PinSource::File(path)) } else { Err("a PIN file must be an absolute path".into()) };
+        return if path.is_absolute() {
+            Ok(PinSource::File(path))
+        } else {
+            Err("a PIN file must be an absolute path".into())
+        };
     }
     // The value itself is never echoed: it may be a PIN written in by mistake.
     Err("expected \"env:NAME\" or \"file:/path\" (a PIN itself is never written in the configuration)".into())
@@ -495,7 +600,9 @@ standby = true
         assert_eq!(s.pin, Some(PinSource::Env("P11SHIM_PIN".into())));
         assert_eq!(s.serial.len(), 16);
         assert_eq!(s.members[0].selector, TokenSelector::Label("ha-a".into()));
-        assert!(matches!(&s.members[1].selector, TokenSelector::Uri(u) if u.token.as_deref() == Some("ha-b")));
+        assert!(
+            matches!(&s.members[1].selector, TokenSelector::Uri(u) if u.token.as_deref() == Some("ha-b"))
+        );
         assert_eq!((s.members[1].weight, s.members[1].standby), (2, true));
     }
 
@@ -504,7 +611,11 @@ standby = true
         let e = err("[[slot]]\nid = 0\nlabel = \"a\"\nlabell = \"b\"\n");
         assert_eq!(e.line, Some(4));
         assert_eq!(e.key.as_deref(), Some("labell"));
-        assert!(e.to_string().starts_with("/etc/p.toml:4: key `labell`: unknown field"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/p.toml:4: key `labell`: unknown field"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -516,20 +627,36 @@ standby = true
     #[test]
     fn validation_errors_name_the_key() {
         let base = "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n";
-        let e = err(&format!("{base}[[slot]]\nid = 0\nlabel = \"b\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"u\"\n"));
+        let e = err(&format!(
+            "{base}[[slot]]\nid = 0\nlabel = \"b\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"u\"\n"
+        ));
         assert_eq!((e.line, e.key.as_deref()), (Some(8), Some("slot[1].id")));
-        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"lib.so\"\ntoken = \"t\"\n");
-        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("slot[0].member[0].library")));
+        let e = err(
+            "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"lib.so\"\ntoken = \"t\"\n",
+        );
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(5), Some("slot[0].member[0].library"))
+        );
         let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n");
         assert_eq!(e.key.as_deref(), Some("slot[0].member"));
-        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\npin = \"1234\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n");
+        let e = err(
+            "[[slot]]\nid = 0\nlabel = \"a\"\npin = \"1234\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n",
+        );
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("slot[0].pin")));
-        assert!(!e.to_string().contains("1234"), "a mistyped PIN must not be echoed: {e}");
+        assert!(
+            !e.to_string().contains("1234"),
+            "a mistyped PIN must not be echoed: {e}"
+        );
         let e = err("[log]\nlevel = \"loud\"\n");
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("log.level")));
-        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\nuri = \"pkcs11:token=t\"\n");
+        let e = err(
+            "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\nuri = \"pkcs11:token=t\"\n",
+        );
         assert_eq!(e.key.as_deref(), Some("slot[0].member[0].uri"));
-        let e = err("[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\nuri = \"pkcs11:token=t?pin-value=99\"\n");
+        let e = err(
+            "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\nuri = \"pkcs11:token=t?pin-value=99\"\n",
+        );
         assert!(e.message.contains("pin-value"));
         assert!(err("").message.contains("no [[slot]]"));
         let long = "x".repeat(33);
@@ -547,7 +674,10 @@ standby = true
 
     #[test]
     fn pin_sources() {
-        assert_eq!(parse_pin_source("env:A_B1"), Ok(PinSource::Env("A_B1".into())));
+        assert_eq!(
+            parse_pin_source("env:A_B1"),
+            Ok(PinSource::Env("A_B1".into()))
+        );
         assert!(parse_pin_source("env:1A").is_err());
         assert!(parse_pin_source("file:rel/p").is_err());
         let dir = tempfile::tempdir().unwrap();
@@ -556,7 +686,11 @@ standby = true
         assert_eq!(&PinSource::File(p.clone()).read().unwrap()[..], b"1234");
         std::fs::write(&p, "\n").unwrap();
         assert!(PinSource::File(p).read().is_err());
-        assert!(PinSource::Env("P11SHIM_TEST_SURELY_UNSET".into()).read().is_err());
+        assert!(
+            PinSource::Env("P11SHIM_TEST_SURELY_UNSET".into())
+                .read()
+                .is_err()
+        );
     }
 
     #[test]
@@ -566,7 +700,10 @@ standby = true
             assert_eq!(locate(Some("/a.toml")), PathBuf::from("/a.toml"));
             assert_eq!(locate(None), PathBuf::from(DEFAULT_PATH));
             assert_eq!(locate(Some("  ")), PathBuf::from(DEFAULT_PATH));
-            assert_eq!(locate(Some("configdir='sql:/x' flags=readOnly")), PathBuf::from(DEFAULT_PATH));
+            assert_eq!(
+                locate(Some("configdir='sql:/x' flags=readOnly")),
+                PathBuf::from(DEFAULT_PATH)
+            );
         }
     }
 }

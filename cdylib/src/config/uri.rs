@@ -109,7 +109,9 @@ impl Pkcs11Uri {
             }
         }
         if uri == Pkcs11Uri::default() {
-            return Err(UriError("the URI selects no token (give token=, serial= or slot-id=)".into()));
+            return Err(UriError(
+                "the URI selects no token (give token=, serial= or slot-id=)".into(),
+            ));
         }
         Ok(uri)
     }
@@ -129,7 +131,12 @@ mod tests {
 
     #[test]
     fn refuses_pins_and_nonsense() {
-        assert!(Pkcs11Uri::parse("pkcs11:token=a?pin-value=1234").unwrap_err().0.contains("pin-value"));
+        assert!(
+            Pkcs11Uri::parse("pkcs11:token=a?pin-value=1234")
+                .unwrap_err()
+                .0
+                .contains("pin-value")
+        );
         assert!(Pkcs11Uri::parse("pkcs:token=a").is_err());
         assert!(Pkcs11Uri::parse("pkcs11:").is_err());
         assert!(Pkcs11Uri::parse("pkcs11:token=a;token=b").is_err());

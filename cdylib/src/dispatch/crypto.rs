@@ -20,11 +20,22 @@ type Oh = CK_OBJECT_HANDLE;
 impl Library {
     /// `*Init` with a key: translates the key for the serving member and
     /// records the operation.
-    fn op_init(&self, h: Sh, kind: OpKind, m: Mechanism<'_>, key: Oh, init: impl Fn(&Vendor, Sh, Mechanism<'_>, Oh) -> Result<()>) -> Result<()> {
+    fn op_init(
+        &self,
+        h: Sh,
+        kind: OpKind,
+        m: Mechanism<'_>,
+        key: Oh,
+        init: impl Fn(&Vendor, Sh, Mechanism<'_>, Oh) -> Result<()>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |mem, mi, vh| {
-            let k = if key == CK_INVALID_HANDLE { key } else { self.object_on(slot, mi, key)? };
+            let k = if key == CK_INVALID_HANDLE {
+                key
+            } else {
+                self.object_on(slot, mi, key)?
+            };
             init(&mem.vendor, vh, m, k)
         })?;
         if sess.replay {
@@ -35,7 +46,13 @@ impl Library {
 
     /// A call that ends an operation unless it is a size query or
     /// `CKR_BUFFER_TOO_SMALL` (single-part calls and `*Final`).
-    fn op_last(&self, h: Sh, kind: OpKind, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+    fn op_last(
+        &self,
+        h: Sh,
+        kind: OpKind,
+        size_query: bool,
+        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
         if sess.replay && final_outcome(&r, size_query) == Outcome::Ended {
@@ -46,7 +63,14 @@ impl Library {
 
     /// `*Update`: records the input for replay (a size query consumes
     /// none), or ends the operation on failure.
-    fn op_update(&self, h: Sh, kind: OpKind, input: Bytes<'_>, size_query: bool, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+    fn op_update(
+        &self,
+        h: Sh,
+        kind: OpKind,
+        input: Bytes<'_>,
+        size_query: bool,
+        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
         if !sess.replay {
@@ -65,7 +89,12 @@ impl Library {
 
     /// Dual-function updates feed two operations whose inputs p11shim does
     /// not both see: both become unreplayable.
-    fn dual_update(&self, h: Sh, kinds: [OpKind; 2], mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+    fn dual_update(
+        &self,
+        h: Sh,
+        kinds: [OpKind; 2],
+        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let r = self.on_session(&sess, None, |m, _, vh| call(&m.vendor, vh));
         let mut st = sess.state.lock();
@@ -81,65 +110,99 @@ impl Library {
     }
 
     pub fn encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Encrypt, m, key, |v, s, m, k| v.encrypt_init(s, m, k))
+        self.op_init(h, OpKind::Encrypt, m, key, |v, s, m, k| {
+            v.encrypt_init(s, m, k)
+        })
     }
     pub fn decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Decrypt, m, key, |v, s, m, k| v.decrypt_init(s, m, k))
+        self.op_init(h, OpKind::Decrypt, m, key, |v, s, m, k| {
+            v.decrypt_init(s, m, k)
+        })
     }
     pub fn sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         self.op_init(h, OpKind::Sign, m, key, |v, s, m, k| v.sign_init(s, m, k))
     }
     pub fn verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Verify, m, key, |v, s, m, k| v.verify_init(s, m, k))
+        self.op_init(h, OpKind::Verify, m, key, |v, s, m, k| {
+            v.verify_init(s, m, k)
+        })
     }
     pub fn sign_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::SignRecover, m, key, |v, s, m, k| v.sign_recover_init(s, m, k))
+        self.op_init(h, OpKind::SignRecover, m, key, |v, s, m, k| {
+            v.sign_recover_init(s, m, k)
+        })
     }
     pub fn verify_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::VerifyRecover, m, key, |v, s, m, k| v.verify_recover_init(s, m, k))
+        self.op_init(h, OpKind::VerifyRecover, m, key, |v, s, m, k| {
+            v.verify_recover_init(s, m, k)
+        })
     }
     pub fn digest_init(&self, h: Sh, m: Mechanism<'_>) -> Result<()> {
-        self.op_init(h, OpKind::Digest, m, CK_INVALID_HANDLE, |v, s, m, _| v.digest_init(s, m))
+        self.op_init(h, OpKind::Digest, m, CK_INVALID_HANDLE, |v, s, m, _| {
+            v.digest_init(s, m)
+        })
     }
 
     pub fn encrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt(s, d, out.reborrow()))
+        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| {
+            v.encrypt(s, d, out.reborrow())
+        })
     }
     pub fn encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Encrypt, d, out.is_size_query(), |v, s| v.encrypt_update(s, d, out.reborrow()))
+        self.op_update(h, OpKind::Encrypt, d, out.is_size_query(), |v, s| {
+            v.encrypt_update(s, d, out.reborrow())
+        })
     }
     pub fn encrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| v.encrypt_final(s, out.reborrow()))
+        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| {
+            v.encrypt_final(s, out.reborrow())
+        })
     }
     pub fn decrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt(s, d, out.reborrow()))
+        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| {
+            v.decrypt(s, d, out.reborrow())
+        })
     }
     pub fn decrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Decrypt, d, out.is_size_query(), |v, s| v.decrypt_update(s, d, out.reborrow()))
+        self.op_update(h, OpKind::Decrypt, d, out.is_size_query(), |v, s| {
+            v.decrypt_update(s, d, out.reborrow())
+        })
     }
     pub fn decrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| v.decrypt_final(s, out.reborrow()))
+        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| {
+            v.decrypt_final(s, out.reborrow())
+        })
     }
     pub fn digest(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest(s, d, out.reborrow()))
+        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| {
+            v.digest(s, d, out.reborrow())
+        })
     }
     pub fn digest_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
         self.op_update(h, OpKind::Digest, d, false, |v, s| v.digest_update(s, d))
     }
     pub fn digest_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| v.digest_final(s, out.reborrow()))
+        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| {
+            v.digest_final(s, out.reborrow())
+        })
     }
     pub fn sign(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign(s, d, out.reborrow()))
+        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| {
+            v.sign(s, d, out.reborrow())
+        })
     }
     pub fn sign_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
         self.op_update(h, OpKind::Sign, d, false, |v, s| v.sign_update(s, d))
     }
     pub fn sign_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| v.sign_final(s, out.reborrow()))
+        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| {
+            v.sign_final(s, out.reborrow())
+        })
     }
     pub fn sign_recover(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::SignRecover, out.is_size_query(), |v, s| v.sign_recover(s, d, out.reborrow()))
+        self.op_last(h, OpKind::SignRecover, out.is_size_query(), |v, s| {
+            v.sign_recover(s, d, out.reborrow())
+        })
     }
     pub fn verify(&self, h: Sh, d: Bytes<'_>, sig: Bytes<'_>) -> Result<()> {
         self.op_last(h, OpKind::Verify, false, |v, s| v.verify(s, d, sig))
@@ -151,13 +214,17 @@ impl Library {
         self.op_last(h, OpKind::Verify, false, |v, s| v.verify_final(s, sig))
     }
     pub fn verify_recover(&self, h: Sh, sig: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::VerifyRecover, out.is_size_query(), |v, s| v.verify_recover(s, sig, out.reborrow()))
+        self.op_last(h, OpKind::VerifyRecover, out.is_size_query(), |v, s| {
+            v.verify_recover(s, sig, out.reborrow())
+        })
     }
 
     pub fn digest_key(&self, h: Sh, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| m.vendor.digest_key(vh, self.object_on(slot, mi, key)?));
+        let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| {
+            m.vendor.digest_key(vh, self.object_on(slot, mi, key)?)
+        });
         let mut st = sess.state.lock();
         match r {
             Ok(()) => st.ops.taint(OpKind::Digest),
@@ -167,16 +234,24 @@ impl Library {
     }
 
     pub fn digest_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.dual_update(h, [OpKind::Digest, OpKind::Encrypt], |v, s| v.digest_encrypt_update(s, d, out.reborrow()))
+        self.dual_update(h, [OpKind::Digest, OpKind::Encrypt], |v, s| {
+            v.digest_encrypt_update(s, d, out.reborrow())
+        })
     }
     pub fn decrypt_digest_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.dual_update(h, [OpKind::Decrypt, OpKind::Digest], |v, s| v.decrypt_digest_update(s, d, out.reborrow()))
+        self.dual_update(h, [OpKind::Decrypt, OpKind::Digest], |v, s| {
+            v.decrypt_digest_update(s, d, out.reborrow())
+        })
     }
     pub fn sign_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.dual_update(h, [OpKind::Sign, OpKind::Encrypt], |v, s| v.sign_encrypt_update(s, d, out.reborrow()))
+        self.dual_update(h, [OpKind::Sign, OpKind::Encrypt], |v, s| {
+            v.sign_encrypt_update(s, d, out.reborrow())
+        })
     }
     pub fn decrypt_verify_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.dual_update(h, [OpKind::Decrypt, OpKind::Verify], |v, s| v.decrypt_verify_update(s, d, out.reborrow()))
+        self.dual_update(h, [OpKind::Decrypt, OpKind::Verify], |v, s| {
+            v.decrypt_verify_update(s, d, out.reborrow())
+        })
     }
 
     pub fn seed_random(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
@@ -199,14 +274,28 @@ impl Library {
     /// multi-member slot that p11shim cannot put on every member.
     fn unreplicated(&self, sess: &Session, templates: &[Template<'_>]) -> Result<()> {
         let slot = &self.slots[sess.slot as usize];
-        if slot.members.len() > 1 && !slot.cfg.allow_unreplicated && templates.iter().any(|t| t.bool_attr(CKA_TOKEN) == Some(true)) {
-            tracing::warn!(slot = slot.cfg.id, "a token key generated on one member would not reach the others; refused");
+        if slot.members.len() > 1
+            && !slot.cfg.allow_unreplicated
+            && templates
+                .iter()
+                .any(|t| t.bool_attr(CKA_TOKEN) == Some(true))
+        {
+            tracing::warn!(
+                slot = slot.cfg.id,
+                "a token key generated on one member would not reach the others; refused"
+            );
             return Err(Error::NotReplicated);
         }
         Ok(())
     }
 
-    pub fn generate_key(&self, h: Sh, m: Mechanism<'_>, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+    pub fn generate_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        t: Template<'_>,
+        mut out: Out<'_, Oh>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         self.unreplicated(&sess, &[t])?;
         let o = self.on_session(&sess, None, |mem, mi, vh| {
@@ -218,41 +307,90 @@ impl Library {
         Ok(())
     }
 
-    pub fn generate_key_pair(&self, h: Sh, m: Mechanism<'_>, pub_t: Template<'_>, priv_t: Template<'_>, mut pub_out: Out<'_, Oh>, mut priv_out: Out<'_, Oh>) -> Result<()> {
+    pub fn generate_key_pair(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        pub_t: Template<'_>,
+        priv_t: Template<'_>,
+        mut pub_out: Out<'_, Oh>,
+        mut priv_out: Out<'_, Oh>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         self.unreplicated(&sess, &[priv_t])?;
         let (pk, sk) = self.on_session(&sess, None, |mem, mi, vh| {
             let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
-            mem.vendor.generate_key_pair(vh, m, pub_t, priv_t, &mut pk, &mut sk)?;
-            Ok((self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), pk), self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), sk)))
+            mem.vendor
+                .generate_key_pair(vh, m, pub_t, priv_t, &mut pk, &mut sk)?;
+            Ok((
+                self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), pk),
+                self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), sk),
+            ))
         })?;
         pub_out.write(pk);
         priv_out.write(sk);
         Ok(())
     }
 
-    pub fn wrap_key(&self, h: Sh, m: Mechanism<'_>, wrapping: Oh, key: Oh, mut out: OutBytes<'_>) -> Result<()> {
+    pub fn wrap_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        wrapping: Oh,
+        key: Oh,
+        mut out: OutBytes<'_>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor.wrap_key(vh, m, self.object_on(slot, mi, wrapping)?, self.object_on(slot, mi, key)?, out.reborrow())
+            mem.vendor.wrap_key(
+                vh,
+                m,
+                self.object_on(slot, mi, wrapping)?,
+                self.object_on(slot, mi, key)?,
+                out.reborrow(),
+            )
         })
     }
 
     /// `C_UnwrapKey`: a token key is unwrapped on every member that is up,
     /// from the same wrapped bytes under the same unwrapping key.
-    pub fn unwrap_key(&self, h: Sh, m: Mechanism<'_>, unwrapping: Oh, wrapped: Bytes<'_>, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+    pub fn unwrap_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        unwrapping: Oh,
+        wrapped: Bytes<'_>,
+        t: Template<'_>,
+        mut out: Out<'_, Oh>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
             let mut k = CK_INVALID_HANDLE;
-            mem.vendor.unwrap_key(vh, m, self.object_on(slot, mi, unwrapping)?, wrapped, t, &mut k)?;
+            mem.vendor.unwrap_key(
+                vh,
+                m,
+                self.object_on(slot, mi, unwrapping)?,
+                wrapped,
+                t,
+                &mut k,
+            )?;
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         })?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             self.replicate(&sess, made_on, o, "C_UnwrapKey", |mem, mi, cs| {
                 let mut k = CK_INVALID_HANDLE;
-                mem.vendor.unwrap_key(cs, m, self.object_on(slot, mi, unwrapping)?, wrapped, t, &mut k).map(|_| k)
+                mem.vendor
+                    .unwrap_key(
+                        cs,
+                        m,
+                        self.object_on(slot, mi, unwrapping)?,
+                        wrapped,
+                        t,
+                        &mut k,
+                    )
+                    .map(|_| k)
             });
         }
         out.write(o);
@@ -261,7 +399,14 @@ impl Library {
 
     /// `C_DeriveKey`: a token key is derived on every member that is up,
     /// from the same base key and parameters.
-    pub fn derive_key(&self, h: Sh, m: Mechanism<'_>, base: Oh, t: Template<'_>, mut out: Out<'_, Oh>) -> Result<()> {
+    pub fn derive_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        base: Oh,
+        t: Template<'_>,
+        mut out: Out<'_, Oh>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let derive = |mem: &crate::router::Member, mi: u32, vh: Sh| -> Result<Oh> {
@@ -278,7 +423,8 @@ impl Library {
                 }
                 None => m,
             };
-            mem.vendor.derive_key(vh, m, self.object_on(slot, mi, base)?, t, &mut k)?;
+            mem.vendor
+                .derive_key(vh, m, self.object_on(slot, mi, base)?, t, &mut k)?;
             Ok(k)
         };
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
@@ -337,18 +483,30 @@ impl Library {
     }
     pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)?))
+        self.on_session(&sess, None, |mem, mi, vh| {
+            mem.vendor
+                .message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
+        })
     }
     pub fn message_decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)?))
+        self.on_session(&sess, None, |mem, mi, vh| {
+            mem.vendor
+                .message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
+        })
     }
     pub fn message_sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_sign_init(vh, m, self.object_on(sess.slot, mi, key)?))
+        self.on_session(&sess, None, |mem, mi, vh| {
+            mem.vendor
+                .message_sign_init(vh, m, self.object_on(sess.slot, mi, key)?)
+        })
     }
     pub fn message_verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |mem, mi, vh| mem.vendor.message_verify_init(vh, m, self.object_on(sess.slot, mi, key)?))
+        self.on_session(&sess, None, |mem, mi, vh| {
+            mem.vendor
+                .message_verify_init(vh, m, self.object_on(sess.slot, mi, key)?)
+        })
     }
 }

@@ -154,14 +154,17 @@ impl Sessions {
     /// Removes every session of a slot.
     pub fn remove_slot(&self, slot: u32) -> Vec<(CK_SESSION_HANDLE, Arc<Session>)> {
         let mut map = self.map.write();
-        let gone: Vec<_> = map.iter().filter(|(_, s)| s.slot == slot).map(|(h, s)| (*h, s.clone())).collect();
+        let gone: Vec<_> = map
+            .iter()
+            .filter(|(_, s)| s.slot == slot)
+            .map(|(h, s)| (*h, s.clone()))
+            .collect();
         for (h, _) in &gone {
             map.remove(h);
         }
         invalidate_cached_sessions();
         gone
     }
-
 }
 
 /// Who an object's lifetime depends on.
@@ -219,7 +222,12 @@ pub struct Objects {
 impl Objects {
     /// The object's handle on a member, when known.
     #[inline]
-    pub fn on_member(&self, h: CK_OBJECT_HANDLE, slot: u32, member: u32) -> Option<CK_OBJECT_HANDLE> {
+    pub fn on_member(
+        &self,
+        h: CK_OBJECT_HANDLE,
+        slot: u32,
+        member: u32,
+    ) -> Option<CK_OBJECT_HANDLE> {
         let maps = self.maps.read();
         let e = maps.by_handle.get(&h)?;
         if e.slot != slot {
@@ -234,14 +242,25 @@ impl Objects {
 
     /// The handle already issued for a vendor object, if any.
     #[inline]
-    pub fn lookup_vendor(&self, slot: u32, member: u32, vendor: CK_OBJECT_HANDLE) -> Option<CK_OBJECT_HANDLE> {
-        self.maps.read().by_vendor.get(&(slot, member, vendor)).copied()
+    pub fn lookup_vendor(
+        &self,
+        slot: u32,
+        member: u32,
+        vendor: CK_OBJECT_HANDLE,
+    ) -> Option<CK_OBJECT_HANDLE> {
+        self.maps
+            .read()
+            .by_vendor
+            .get(&(slot, member, vendor))
+            .copied()
     }
 
     /// Records the object's handle on another member.
     pub fn set_on_member(&self, h: CK_OBJECT_HANDLE, member: u32, vendor: CK_OBJECT_HANDLE) {
         let mut maps = self.maps.write();
-        let Some(e) = maps.by_handle.get_mut(&h) else { return };
+        let Some(e) = maps.by_handle.get_mut(&h) else {
+            return;
+        };
         let slot = e.slot;
         let old = std::mem::replace(&mut e.handles[member as usize], vendor);
         if old != CK_INVALID_HANDLE {
@@ -253,7 +272,14 @@ impl Objects {
     /// Issues a handle for a vendor object, or returns the one it already
     /// has (found on this member before, or on another member under the
     /// same identity).
-    pub fn insert(&self, slot: u32, member: u32, vendor: CK_OBJECT_HANDLE, owner: Owner, identity: Option<Identity>) -> CK_OBJECT_HANDLE {
+    pub fn insert(
+        &self,
+        slot: u32,
+        member: u32,
+        vendor: CK_OBJECT_HANDLE,
+        owner: Owner,
+        identity: Option<Identity>,
+    ) -> CK_OBJECT_HANDLE {
         let mut maps = self.maps.write();
         if let Some(h) = maps.by_vendor.get(&(slot, member, vendor)) {
             return *h;
@@ -289,7 +315,15 @@ impl Objects {
         if let (Owner::Token, Some(id), true) = (owner, &identity, identity_free) {
             maps.by_identity.insert((slot, id.clone()), h);
         }
-        maps.by_handle.insert(h, ObjectEntry { slot, owner, identity, handles });
+        maps.by_handle.insert(
+            h,
+            ObjectEntry {
+                slot,
+                owner,
+                identity,
+                handles,
+            },
+        );
         maps.by_vendor.insert((slot, member, vendor), h);
         if owner == Owner::SlotSessions {
             maps.found_session.entry(slot).or_default().push(h);
@@ -300,7 +334,9 @@ impl Objects {
     /// Replaces an object's identity (its `CKA_LABEL` or `CKA_ID` changed).
     pub fn set_identity(&self, h: CK_OBJECT_HANDLE, identity: Option<Identity>) {
         let mut maps = self.maps.write();
-        let Some(e) = maps.by_handle.get_mut(&h) else { return };
+        let Some(e) = maps.by_handle.get_mut(&h) else {
+            return;
+        };
         let (slot, owner) = (e.slot, e.owner);
         let old = std::mem::replace(&mut e.identity, identity.map(Arc::new));
         let new = e.identity.clone();
@@ -353,7 +389,12 @@ impl Objects {
     /// Forgets the session objects found by search on a slot (its last
     /// session closed, so they are gone).
     pub fn forget_found_session_objects(&self, slot: u32) {
-        let gone = self.maps.write().found_session.remove(&slot).unwrap_or_default();
+        let gone = self
+            .maps
+            .write()
+            .found_session
+            .remove(&slot)
+            .unwrap_or_default();
         self.forget(&gone);
     }
 
@@ -361,7 +402,11 @@ impl Objects {
     /// its handles may have changed).
     pub fn forget_member(&self, slot: u32, member: u32) {
         let mut maps = self.maps.write();
-        let ObjectMaps { by_handle, by_vendor, .. } = &mut *maps;
+        let ObjectMaps {
+            by_handle,
+            by_vendor,
+            ..
+        } = &mut *maps;
         for e in by_handle.values_mut().filter(|e| e.slot == slot) {
             let v = std::mem::replace(&mut e.handles[member as usize], CK_INVALID_HANDLE);
             if v != CK_INVALID_HANDLE {
@@ -376,7 +421,12 @@ mod tests {
     use super::*;
 
     fn id(label: &str) -> Option<Identity> {
-        Some(Identity { class: Some(3), id: Some(vec![1]), label: Some(label.as_bytes().to_vec()), key_type: Some(0) })
+        Some(Identity {
+            class: Some(3),
+            id: Some(vec![1]),
+            label: Some(label.as_bytes().to_vec()),
+            key_type: Some(0),
+        })
     }
 
     #[test]

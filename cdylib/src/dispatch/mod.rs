@@ -78,7 +78,10 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
     let cfg = match config::load(&path) {
         Ok(cfg) => cfg,
         Err(e) => {
-            logging::setup(&config::LogConfig { level: config::LogLevel::Info, file: None });
+            logging::setup(&config::LogConfig {
+                level: config::LogLevel::Info,
+                file: None,
+            });
             tracing::error!(error = %e, "C_Initialize: invalid configuration");
             return Err(Error::Config(e.to_string()));
         }
@@ -98,14 +101,21 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         None => Vec::new(),
     };
     handles::invalidate_cached_sessions();
-    let lib = Arc::new(Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
-        tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
-    })?);
-    let multi = lib.slots.iter().any(|s| s.members.len() > 1 || s.members.iter().any(|m| m.vendor_slot().is_none()));
+    let lib = Arc::new(
+        Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
+            tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
+        })?,
+    );
+    let multi = lib
+        .slots
+        .iter()
+        .any(|s| s.members.len() > 1 || s.members.iter().any(|m| m.vendor_slot().is_none()));
     if multi && !no_threads {
         match recovery::Thread::start(Arc::downgrade(&lib) as Weak<Library>, lib.recovery.clone()) {
             Ok(t) => *RECOVERY.lock() = Some(t),
-            Err(e) => tracing::warn!(error = %e, "cannot start the recovery thread; members recover inline"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the recovery thread; members recover inline")
+            }
         }
     }
     tracing::info!(config = %path.display(), slots = lib.slots.len(), "p11shim initialized");
@@ -184,7 +194,9 @@ impl Slot {
     /// The credential to log a member in with, if the slot is logged in.
     fn credential(&self) -> Result<Option<(CK_USER_TYPE, Zeroizing<Vec<u8>>)>> {
         let login = self.login.lock();
-        let Some(user) = login.user else { return Ok(None) };
+        let Some(user) = login.user else {
+            return Ok(None);
+        };
         match (&self.cfg.pin, user, &login.pin) {
             (Some(src), CKU_USER, _) => Ok(Some((user, src.read().map_err(Error::PinSource)?))),
             (_, _, Some(pin)) => Ok(Some((user, pin.clone()))),
@@ -209,7 +221,13 @@ pub struct Library {
 }
 
 impl Library {
-    fn open(cfg: Config, fork_gen: u64, inherited: Vec<Arc<Vendor>>, own: CK_C_Initialize, no_threads: bool) -> Result<Library> {
+    fn open(
+        cfg: Config,
+        fork_gen: u64,
+        inherited: Vec<Arc<Vendor>>,
+        own: CK_C_Initialize,
+        no_threads: bool,
+    ) -> Result<Library> {
         let mut vendors: Vec<LoadedVendor> = Vec::new();
         let result = (|| {
             let mut slots = Vec::with_capacity(cfg.slots.len());
@@ -219,25 +237,37 @@ impl Library {
                     let vendor = match vendors.iter().find(|v| v.vendor.path() == mc.library) {
                         Some(v) => v.vendor.clone(),
                         None => {
-                            let (vendor, after_fork) = match inherited.iter().find(|v| v.path() == mc.library) {
-                                Some(v) => (v.clone(), true),
-                                None => (Arc::new(Vendor::load(&mc.library, own)?), false),
+                            let (vendor, after_fork) =
+                                match inherited.iter().find(|v| v.path() == mc.library) {
+                                    Some(v) => (v.clone(), true),
+                                    None => (Arc::new(Vendor::load(&mc.library, own)?), false),
+                                };
+                            let init = if after_fork {
+                                vendor.initialize_after_fork()
+                            } else {
+                                vendor.initialize()
                             };
-                            let init = if after_fork { vendor.initialize_after_fork() } else { vendor.initialize() };
                             let owned = init.map_err(|e| {
                                 tracing::error!(library = %mc.library.display(), error = %e, "vendor C_Initialize failed");
                                 Error::Backend(format!("{}: C_Initialize failed: {e}", mc.library.display()))
                             })?;
-                            vendors.push(LoadedVendor { vendor: vendor.clone(), owned });
+                            vendors.push(LoadedVendor {
+                                vendor: vendor.clone(),
+                                owned,
+                            });
                             vendor
                         }
                     };
                     let name = format!("{}#{i}", sc.label);
                     let vendor_slot = resolve_member(&vendor, mc);
                     match vendor_slot {
-                        Some(s) => tracing::info!(slot = sc.id, member = %name, vendor_slot = s, "member resolved"),
-                        None => tracing::warn!(slot = sc.id, member = %name, selector = %mc.selector,
-                            library = %mc.library.display(), "member token not found; it will be probed"),
+                        Some(s) => {
+                            tracing::info!(slot = sc.id, member = %name, vendor_slot = s, "member resolved")
+                        }
+                        None => {
+                            tracing::warn!(slot = sc.id, member = %name, selector = %mc.selector,
+                            library = %mc.library.display(), "member token not found; it will be probed")
+                        }
                     }
                     let m = Member::new(name, vendor, mc.clone(), vendor_slot);
                     if vendor_slot.is_none() {
@@ -245,7 +275,12 @@ impl Library {
                     }
                     members.push(m);
                 }
-                slots.push(Slot { cfg: sc.clone(), members, login: Mutex::new(Login::default()), open_sessions: Default::default() });
+                slots.push(Slot {
+                    cfg: sc.clone(),
+                    members,
+                    login: Mutex::new(Login::default()),
+                    open_sessions: Default::default(),
+                });
             }
             Ok(slots)
         })();
@@ -277,7 +312,11 @@ impl Library {
     /// A virtual slot by its id.
     #[inline]
     fn slot_index(&self, id: CK_SLOT_ID) -> Result<u32> {
-        self.slots.iter().position(|s| s.cfg.id == id as u64).map(|i| i as u32).ok_or(Error::SlotIdInvalid)
+        self.slots
+            .iter()
+            .position(|s| s.cfg.id == id as u64)
+            .map(|i| i as u32)
+            .ok_or(Error::SlotIdInvalid)
     }
 
     /// The member that answers slot-level questions (token info,
@@ -312,7 +351,11 @@ impl Library {
         let mut moves = 0;
         loop {
             let (m, vh, sample) = if sess.single {
-                (0, sess.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE, false)
+                (
+                    0,
+                    sess.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE,
+                    false,
+                )
             } else {
                 let mut st = sess.state.lock();
                 if kind.is_some_and(|k| st.ops.take_lost(k)) {
@@ -322,13 +365,19 @@ impl Library {
                 (st.member, st.vendor, st.calls % 64 == 1)
             };
             let member = &slot.members[m as usize];
-            if !sess.single && !member.is_up() && moves < slot.members.len() && self.move_session(sess, m, None) {
+            if !sess.single
+                && !member.is_up()
+                && moves < slot.members.len()
+                && self.move_session(sess, m, None)
+            {
                 moves += 1;
                 continue;
             }
             let r = member.track(sample, || call(member, m, vh));
             match &r {
-                Err(Error::Vendor(rv)) if moves < slot.members.len() && router::is_failover(*rv, slot.logged_in()) => {
+                Err(Error::Vendor(rv))
+                    if moves < slot.members.len() && router::is_failover(*rv, slot.logged_in()) =>
+                {
                     moves += 1;
                     if !self.move_session(sess, m, Some(*rv)) {
                         return r;
@@ -361,8 +410,10 @@ impl Library {
         let state_only = rv.is_some_and(router::lost_state_only);
         let mut excluded: u32 = 1 << from;
         loop {
-            let target = router::pick(&slot.members, excluded)
-                .or_else(|| (state_only && failed.vendor_slot().is_some() && excluded == 1 << from).then_some(from));
+            let target = router::pick(&slot.members, excluded).or_else(|| {
+                (state_only && failed.vendor_slot().is_some() && excluded == 1 << from)
+                    .then_some(from)
+            });
             let Some(to) = target else {
                 if let Some(rv) = rv {
                     tracing::warn!(slot = slot.cfg.id, member = %failed.name, rv = %crate::error::rv_name(rv),
@@ -381,7 +432,10 @@ impl Library {
             }
             match self.rebind(sess, &mut st, to) {
                 Ok(()) => {
-                    failed.stats.failovers.fetch_add(u64::from(to != from), Ordering::Relaxed);
+                    failed
+                        .stats
+                        .failovers
+                        .fetch_add(u64::from(to != from), Ordering::Relaxed);
                     tracing::info!(slot = slot.cfg.id, from = %failed.name, to = %slot.members[to as usize].name,
                         reason = %rv.map_or_else(|| "member down".to_owned(), crate::error::rv_name), "session moved");
                     return true;
@@ -421,7 +475,9 @@ impl Library {
         let member = &slot.members[to as usize];
         let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
         let mut vh: CK_SESSION_HANDLE = 0;
-        member.track(false, || member.vendor.open_session(vs, sess.flags, &mut vh))?;
+        member.track(false, || {
+            member.vendor.open_session(vs, sess.flags, &mut vh)
+        })?;
         let result = (|| {
             self.ensure_login(slot, member, vh)?;
             let mut lost = Vec::new();
@@ -432,7 +488,9 @@ impl Library {
                 }
                 match self.replay(sess.slot, to, member, vh, kind, rec) {
                     Ok(()) => {}
-                    Err(Error::Vendor(rv)) if router::is_failover(rv, true) => return Err(Error::Vendor(rv)),
+                    Err(Error::Vendor(rv)) if router::is_failover(rv, true) => {
+                        return Err(Error::Vendor(rv));
+                    }
                     Err(e) => {
                         tracing::warn!(member = %member.name, op = ?kind, error = %e, "operation could not be replayed");
                         lost.push(kind);
@@ -443,7 +501,9 @@ impl Library {
                 match &find.template {
                     Some(t) => {
                         let mut raw = t.to_raw();
-                        member.vendor.find_objects_init(vh, Template::from_slice(&mut raw))?;
+                        member
+                            .vendor
+                            .find_objects_init(vh, Template::from_slice(&mut raw))?;
                         find.restarted = true;
                     }
                     None => st.ops.find = None,
@@ -477,11 +537,25 @@ impl Library {
     /// Starts an operation again on another member and feeds it the input
     /// given so far (outputs of the replayed updates are discarded: the
     /// application already has them).
-    fn replay(&self, slot: u32, m: u32, member: &Member, vh: CK_SESSION_HANDLE, kind: OpKind, rec: &OpRecord) -> Result<()> {
-        let Some(mech) = &rec.mechanism else { return Err(Error::OperationLost) };
+    fn replay(
+        &self,
+        slot: u32,
+        m: u32,
+        member: &Member,
+        vh: CK_SESSION_HANDLE,
+        kind: OpKind,
+        rec: &OpRecord,
+    ) -> Result<()> {
+        let Some(mech) = &rec.mechanism else {
+            return Err(Error::OperationLost);
+        };
         let raw = RawMechanism(mech.to_raw());
         let mech = raw.view();
-        let key = if rec.key == CK_INVALID_HANDLE { CK_INVALID_HANDLE } else { self.object_on(slot, m, rec.key)? };
+        let key = if rec.key == CK_INVALID_HANDLE {
+            CK_INVALID_HANDLE
+        } else {
+            self.object_on(slot, m, rec.key)?
+        };
         let v = &member.vendor;
         match kind {
             OpKind::Encrypt => v.encrypt_init(vh, mech, key)?,
@@ -504,7 +578,11 @@ impl Library {
                 let mut scratch = Zeroizing::new(vec![0u8; rec.input.len() + 256]);
                 let mut len: CK_ULONG = 0;
                 let out = OutBytes::from_local(&mut scratch, &mut len);
-                if kind == OpKind::Encrypt { v.encrypt_update(vh, input, out) } else { v.decrypt_update(vh, input, out) }
+                if kind == OpKind::Encrypt {
+                    v.encrypt_update(vh, input, out)
+                } else {
+                    v.decrypt_update(vh, input, out)
+                }
             }
             OpKind::SignRecover | OpKind::VerifyRecover => Ok(()),
         }
@@ -516,7 +594,9 @@ impl Library {
         if member.is_logged_in() {
             return Ok(());
         }
-        let Some((user, pin)) = slot.credential()? else { return Ok(()) };
+        let Some((user, pin)) = slot.credential()? else {
+            return Ok(());
+        };
         match member.vendor.login(vh, user, Bytes::from_slice(&pin)) {
             Ok(()) | Err(Error::Vendor(CKR_USER_ALREADY_LOGGED_IN)) => {
                 member.set_logged_in(true);
@@ -542,16 +622,26 @@ impl Library {
 
     /// Finds an object on a member by its identity.
     fn resolve(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Result<Option<CK_OBJECT_HANDLE>> {
-        let Some(e) = self.objects.get(h) else { return Ok(None) };
-        let (true, Owner::Token, Some(id)) = (e.slot == slot, e.owner, e.identity) else { return Ok(None) };
+        let Some(e) = self.objects.get(h) else {
+            return Ok(None);
+        };
+        let (true, Owner::Token, Some(id)) = (e.slot == slot, e.owner, e.identity) else {
+            return Ok(None);
+        };
         let member = &self.slots[slot as usize].members[m as usize];
         let mut template = identity_template(&id);
         let found = member.with_control(|cs| {
             let mut raw = template
                 .iter_mut()
-                .map(|(t, v)| CK_ATTRIBUTE { type_: *t, pValue: v.as_mut_ptr().cast(), ulValueLen: v.len() as CK_ULONG })
+                .map(|(t, v)| CK_ATTRIBUTE {
+                    type_: *t,
+                    pValue: v.as_mut_ptr().cast(),
+                    ulValueLen: v.len() as CK_ULONG,
+                })
                 .collect::<Vec<_>>();
-            member.vendor.find_objects_init(cs, Template::from_slice(&mut raw))?;
+            member
+                .vendor
+                .find_objects_init(cs, Template::from_slice(&mut raw))?;
             let mut found = [CK_INVALID_HANDLE; 2];
             let mut n: CK_ULONG = 0;
             let r = member.vendor.find_objects(cs, &mut found, &mut n);
@@ -568,7 +658,15 @@ impl Library {
 
     /// The application's handle for a vendor object, issued on first sight.
     /// `creator` is the session that created it, `None` when it was found.
-    fn app_object(&self, slot: u32, m: u32, vendor: &Vendor, vh: CK_SESSION_HANDLE, creator: Option<CK_SESSION_HANDLE>, o: CK_OBJECT_HANDLE) -> CK_OBJECT_HANDLE {
+    fn app_object(
+        &self,
+        slot: u32,
+        m: u32,
+        vendor: &Vendor,
+        vh: CK_SESSION_HANDLE,
+        creator: Option<CK_SESSION_HANDLE>,
+        o: CK_OBJECT_HANDLE,
+    ) -> CK_OBJECT_HANDLE {
         if let Some(h) = self.objects.lookup_vendor(slot, m, o) {
             return h;
         }
@@ -712,7 +810,11 @@ fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
 }
 
 /// Reads whether an object is a token object, and its identity, in one call.
-pub(super) fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> (Option<bool>, Option<Identity>) {
+pub(super) fn read_identity(
+    vendor: &Vendor,
+    vh: CK_SESSION_HANDLE,
+    o: CK_OBJECT_HANDLE,
+) -> (Option<bool>, Option<Identity>) {
     let mut token: CK_BBOOL = CK_FALSE;
     let mut class: CK_ULONG = 0;
     let mut key_type: CK_ULONG = 0;
@@ -720,14 +822,37 @@ pub(super) fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT
     let mut label = [0u8; 128];
     let size = |n: usize| n as CK_ULONG;
     let mut attrs = [
-        CK_ATTRIBUTE { type_: CKA_TOKEN, pValue: (&mut token as *mut CK_BBOOL).cast(), ulValueLen: size(1) },
-        CK_ATTRIBUTE { type_: CKA_CLASS, pValue: (&mut class as *mut CK_ULONG).cast(), ulValueLen: size(std::mem::size_of::<CK_ULONG>()) },
-        CK_ATTRIBUTE { type_: CKA_ID, pValue: id.as_mut_ptr().cast(), ulValueLen: size(id.len()) },
-        CK_ATTRIBUTE { type_: CKA_LABEL, pValue: label.as_mut_ptr().cast(), ulValueLen: size(label.len()) },
-        CK_ATTRIBUTE { type_: CKA_KEY_TYPE, pValue: (&mut key_type as *mut CK_ULONG).cast(), ulValueLen: size(std::mem::size_of::<CK_ULONG>()) },
+        CK_ATTRIBUTE {
+            type_: CKA_TOKEN,
+            pValue: (&mut token as *mut CK_BBOOL).cast(),
+            ulValueLen: size(1),
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: (&mut class as *mut CK_ULONG).cast(),
+            ulValueLen: size(std::mem::size_of::<CK_ULONG>()),
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_ID,
+            pValue: id.as_mut_ptr().cast(),
+            ulValueLen: size(id.len()),
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_LABEL,
+            pValue: label.as_mut_ptr().cast(),
+            ulValueLen: size(label.len()),
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_KEY_TYPE,
+            pValue: (&mut key_type as *mut CK_ULONG).cast(),
+            ulValueLen: size(std::mem::size_of::<CK_ULONG>()),
+        },
     ];
     match vendor.get_attribute_value(vh, o, Template::from_slice(&mut attrs)) {
-        Ok(()) | Err(Error::Vendor(CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE | CKR_BUFFER_TOO_SMALL)) => {}
+        Ok(())
+        | Err(Error::Vendor(
+            CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE | CKR_BUFFER_TOO_SMALL,
+        )) => {}
         Err(_) => return (None, None),
     }
     let got = |i: usize| attrs[i].ulValueLen != CK_UNAVAILABLE_INFORMATION;
@@ -739,16 +864,28 @@ pub(super) fn read_identity(vendor: &Vendor, vh: CK_SESSION_HANDLE, o: CK_OBJECT
         key_type: got(4).then_some(key_type),
     };
     // An identity without CKA_ID and CKA_LABEL does not single an object out.
-    let useful = identity.class.is_some() && (identity.id.as_ref().is_some_and(|v| !v.is_empty()) || identity.label.as_ref().is_some_and(|v| !v.is_empty()));
+    let useful = identity.class.is_some()
+        && (identity.id.as_ref().is_some_and(|v| !v.is_empty())
+            || identity.label.as_ref().is_some_and(|v| !v.is_empty()));
     (token, useful.then_some(identity))
 }
 
 /// Finds a member's token among its vendor library's slots.
 fn resolve_member(vendor: &Vendor, mc: &MemberConfig) -> Option<CK_SLOT_ID> {
     let mut count: CK_ULONG = 0;
-    vendor.get_slot_list(CK_TRUE, crate::abi::mem::OutList::from_local(None, &mut count)).ok()?;
+    vendor
+        .get_slot_list(
+            CK_TRUE,
+            crate::abi::mem::OutList::from_local(None, &mut count),
+        )
+        .ok()?;
     let mut ids = vec![0 as CK_SLOT_ID; count as usize];
-    vendor.get_slot_list(CK_TRUE, crate::abi::mem::OutList::from_local(Some(&mut ids), &mut count)).ok()?;
+    vendor
+        .get_slot_list(
+            CK_TRUE,
+            crate::abi::mem::OutList::from_local(Some(&mut ids), &mut count),
+        )
+        .ok()?;
     ids.truncate(count as usize);
     let mut lib_info = None;
     ids.into_iter().find(|&id| {
@@ -759,7 +896,9 @@ fn resolve_member(vendor: &Vendor, mc: &MemberConfig) -> Option<CK_SLOT_ID> {
         match &mc.selector {
             TokenSelector::Label(l) => unpadded(&ti.label) == *l,
             TokenSelector::Uri(u) => {
-                let eq = |want: &Option<String>, have: &[u8]| want.as_ref().is_none_or(|w| unpadded(have) == *w);
+                let eq = |want: &Option<String>, have: &[u8]| {
+                    want.as_ref().is_none_or(|w| unpadded(have) == *w)
+                };
                 let mut ok = eq(&u.token, &ti.label)
                     && eq(&u.manufacturer, &ti.manufacturerID)
                     && eq(&u.serial, &ti.serialNumber)
@@ -777,7 +916,8 @@ fn resolve_member(vendor: &Vendor, mc: &MemberConfig) -> Option<CK_SLOT_ID> {
                         vendor.get_info(&mut i).ok().map(|_| i)
                     });
                     ok = info.as_ref().is_some_and(|i| {
-                        eq(&u.library_manufacturer, &i.manufacturerID) && eq(&u.library_description, &i.libraryDescription)
+                        eq(&u.library_manufacturer, &i.manufacturerID)
+                            && eq(&u.library_description, &i.libraryDescription)
                     });
                 }
                 ok

@@ -44,9 +44,20 @@ impl Library {
     }
 
     /// Applies a change of a token object on every other member that is up.
-    fn on_other_members(&self, sess: &Session, done_on: u32, h: CK_OBJECT_HANDLE, mut f: impl FnMut(&Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> Result<()>) {
+    fn on_other_members(
+        &self,
+        sess: &Session,
+        done_on: u32,
+        h: CK_OBJECT_HANDLE,
+        mut f: impl FnMut(&Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> Result<()>,
+    ) {
         let slot = &self.slots[sess.slot as usize];
-        if slot.members.len() < 2 || self.objects.get(h).is_none_or(|e| e.owner != super::Owner::Token) {
+        if slot.members.len() < 2
+            || self
+                .objects
+                .get(h)
+                .is_none_or(|e| e.owner != super::Owner::Token)
+        {
             return;
         }
         for (i, m) in slot.members.iter().enumerate() {
@@ -74,12 +85,20 @@ impl Library {
         self.slots[sess.slot as usize].members.len() > 1
     }
 
-    pub fn create_object(&self, h: CK_SESSION_HANDLE, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
+    pub fn create_object(
+        &self,
+        h: CK_SESSION_HANDLE,
+        t: Template<'_>,
+        mut out: Out<'_, CK_OBJECT_HANDLE>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
             m.vendor.create_object(vh, t, &mut o)?;
-            Ok((self.app_object(sess.slot, mi, &m.vendor, vh, Some(h), o), mi))
+            Ok((
+                self.app_object(sess.slot, mi, &m.vendor, vh, Some(h), o),
+                mi,
+            ))
         })?;
         if self.multi(&sess) && t.bool_attr(CKA_TOKEN) == Some(true) {
             self.replicate(&sess, m, o, "C_CreateObject", |mem, _, cs| {
@@ -91,18 +110,32 @@ impl Library {
         Ok(())
     }
 
-    pub fn copy_object(&self, h: CK_SESSION_HANDLE, src: CK_OBJECT_HANDLE, t: Template<'_>, mut out: Out<'_, CK_OBJECT_HANDLE>) -> Result<()> {
+    pub fn copy_object(
+        &self,
+        h: CK_SESSION_HANDLE,
+        src: CK_OBJECT_HANDLE,
+        t: Template<'_>,
+        mut out: Out<'_, CK_OBJECT_HANDLE>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
-            m.vendor.copy_object(vh, self.object_on(slot, mi, src)?, t, &mut o)?;
+            m.vendor
+                .copy_object(vh, self.object_on(slot, mi, src)?, t, &mut o)?;
             Ok((self.app_object(slot, mi, &m.vendor, vh, Some(h), o), mi))
         })?;
-        if self.multi(&sess) && self.objects.get(o).is_some_and(|e| e.owner == super::Owner::Token) {
+        if self.multi(&sess)
+            && self
+                .objects
+                .get(o)
+                .is_some_and(|e| e.owner == super::Owner::Token)
+        {
             self.replicate(&sess, m, o, "C_CopyObject", |mem, mi, cs| {
                 let mut v = CK_INVALID_HANDLE;
-                mem.vendor.copy_object(cs, self.object_on(slot, mi, src)?, t, &mut v).map(|_| v)
+                mem.vendor
+                    .copy_object(cs, self.object_on(slot, mi, src)?, t, &mut v)
+                    .map(|_| v)
             });
         }
         out.write(o);
@@ -112,35 +145,66 @@ impl Library {
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let done_on = self.on_session(&sess, None, |m, mi, vh| m.vendor.destroy_object(vh, self.object_on(slot, mi, o)?).map(|_| mi))?;
+        let done_on = self.on_session(&sess, None, |m, mi, vh| {
+            m.vendor
+                .destroy_object(vh, self.object_on(slot, mi, o)?)
+                .map(|_| mi)
+        })?;
         self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.destroy_object(cs, v));
         self.objects.remove(o);
         Ok(())
     }
 
-    pub fn get_object_size(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, mut out: Out<'_, CK_ULONG>) -> Result<()> {
+    pub fn get_object_size(
+        &self,
+        h: CK_SESSION_HANDLE,
+        o: CK_OBJECT_HANDLE,
+        mut out: Out<'_, CK_ULONG>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_object_size(vh, self.object_on(sess.slot, mi, o)?, out.reborrow()))
+        self.on_session(&sess, None, |m, mi, vh| {
+            m.vendor
+                .get_object_size(vh, self.object_on(sess.slot, mi, o)?, out.reborrow())
+        })
     }
 
-    pub fn get_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
+    pub fn get_attribute_value(
+        &self,
+        h: CK_SESSION_HANDLE,
+        o: CK_OBJECT_HANDLE,
+        t: Template<'_>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |m, mi, vh| m.vendor.get_attribute_value(vh, self.object_on(sess.slot, mi, o)?, t))
+        self.on_session(&sess, None, |m, mi, vh| {
+            m.vendor
+                .get_attribute_value(vh, self.object_on(sess.slot, mi, o)?, t)
+        })
     }
 
-    pub fn set_attribute_value(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, t: Template<'_>) -> Result<()> {
+    pub fn set_attribute_value(
+        &self,
+        h: CK_SESSION_HANDLE,
+        o: CK_OBJECT_HANDLE,
+        t: Template<'_>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let changes_identity = t.attrs().iter().any(|a| a.type_ == CKA_LABEL || a.type_ == CKA_ID);
+        let changes_identity = t
+            .attrs()
+            .iter()
+            .any(|a| a.type_ == CKA_LABEL || a.type_ == CKA_ID);
         let done_on = self.on_session(&sess, None, |m, mi, vh| {
             let v = self.object_on(slot, mi, o)?;
             m.vendor.set_attribute_value(vh, v, t)?;
             if changes_identity {
-                self.objects.set_identity(o, super::read_identity(&m.vendor, vh, v).1);
+                self.objects
+                    .set_identity(o, super::read_identity(&m.vendor, vh, v).1);
             }
             Ok(mi)
         })?;
-        self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.set_attribute_value(cs, v, t));
+        self.on_other_members(&sess, done_on, o, |m, cs, v| {
+            m.vendor.set_attribute_value(cs, v, t)
+        });
         Ok(())
     }
 
@@ -148,7 +212,11 @@ impl Library {
         let sess = self.session(h)?;
         self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_init(vh, t))?;
         if sess.replay {
-            sess.state.lock().ops.find = Some(Box::new(FindRecord { template: t.save(), returned: Vec::new(), restarted: false }));
+            sess.state.lock().ops.find = Some(Box::new(FindRecord {
+                template: t.save(),
+                returned: Vec::new(),
+                restarted: false,
+            }));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@ use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
 use super::{Library, Session, SessionState, Slot};
-use crate::abi::mem::{Bytes, Out, OutBytes, OutList, Pin, padded};
+use crate::abi::mem::{Bytes, Label, Out, OutBytes, OutList, Pin, padded};
 use crate::error::{Error, Result};
 use crate::router::{self, Member};
 
@@ -21,12 +21,18 @@ pub fn info(version: CK_VERSION) -> CK_INFO {
 }
 
 fn crate_version() -> (u8, u8) {
-    let mut it = env!("CARGO_PKG_VERSION").split('.').map(|p| p.parse::<u8>().unwrap_or(0));
+    let mut it = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|p| p.parse::<u8>().unwrap_or(0));
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 impl Library {
-    pub fn get_slot_list(&self, token_present: bool, mut out: OutList<'_, CK_SLOT_ID>) -> Result<()> {
+    pub fn get_slot_list(
+        &self,
+        token_present: bool,
+        mut out: OutList<'_, CK_SLOT_ID>,
+    ) -> Result<()> {
         let ids: Vec<CK_SLOT_ID> = self
             .slots
             .iter()
@@ -75,17 +81,26 @@ impl Library {
         Ok(())
     }
 
-    pub fn get_mechanism_list(&self, slot: CK_SLOT_ID, out: OutList<'_, CK_MECHANISM_TYPE>) -> Result<()> {
+    pub fn get_mechanism_list(
+        &self,
+        slot: CK_SLOT_ID,
+        out: OutList<'_, CK_MECHANISM_TYPE>,
+    ) -> Result<()> {
         let (_, m, vs) = self.serving_member(self.slot_index(slot)?)?;
         m.vendor.get_mechanism_list(vs, out)
     }
 
-    pub fn get_mechanism_info(&self, slot: CK_SLOT_ID, ty: CK_MECHANISM_TYPE, out: Out<'_, CK_MECHANISM_INFO>) -> Result<()> {
+    pub fn get_mechanism_info(
+        &self,
+        slot: CK_SLOT_ID,
+        ty: CK_MECHANISM_TYPE,
+        out: Out<'_, CK_MECHANISM_INFO>,
+    ) -> Result<()> {
         let (_, m, vs) = self.serving_member(self.slot_index(slot)?)?;
         m.vendor.get_mechanism_info(vs, ty, out)
     }
 
-    pub fn init_token(&self, slot: CK_SLOT_ID, pin: Pin<'_>, label: *mut CK_UTF8CHAR) -> Result<()> {
+    pub fn init_token(&self, slot: CK_SLOT_ID, pin: Pin<'_>, label: Label<'_>) -> Result<()> {
         let i = self.slot_index(slot)?;
         if self.slots[i as usize].members.len() > 1 {
             // Re-initializing one member would make it differ from the
@@ -116,13 +131,22 @@ impl Library {
                 }
             }
         }
-        if supported { Err(Error::NoEvent) } else { Err(Error::FunctionNotSupported) }
+        if supported {
+            Err(Error::NoEvent)
+        } else {
+            Err(Error::FunctionNotSupported)
+        }
     }
 
     /// `C_OpenSession`: the new session goes to the member with the least
     /// outstanding work; a member that fails to open it is marked down and
     /// the next one tried.
-    pub fn open_session(&self, slot: CK_SLOT_ID, flags: CK_FLAGS, mut out: Out<'_, CK_SESSION_HANDLE>) -> Result<()> {
+    pub fn open_session(
+        &self,
+        slot: CK_SLOT_ID,
+        flags: CK_FLAGS,
+        mut out: Out<'_, CK_SESSION_HANDLE>,
+    ) -> Result<()> {
         let si = self.slot_index(slot)?;
         if flags & CKF_SERIAL_SESSION == 0 {
             return Err(Error::ParallelNotSupported);
@@ -137,7 +161,10 @@ impl Library {
             let mut vendor: CK_SESSION_HANDLE = 0;
             match m.track(false, || m.vendor.open_session(vs, flags, &mut vendor)) {
                 Ok(()) => {}
-                Err(Error::Vendor(rv)) if router::is_failover(rv, false) && router::pick(&s.members, excluded | 1 << mi).is_some() => {
+                Err(Error::Vendor(rv))
+                    if router::is_failover(rv, false)
+                        && router::pick(&s.members, excluded | 1 << mi).is_some() =>
+                {
                     self.member_down(s, mi, Some(rv));
                     excluded |= 1 << mi;
                     continue;
@@ -151,8 +178,15 @@ impl Library {
                 }
             }
             m.session_opened();
-            s.open_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let state = SessionState { member: mi, vendor, ops: Default::default(), owned: Vec::new(), calls: 0 };
+            s.open_sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let state = SessionState {
+                member: mi,
+                vendor,
+                ops: Default::default(),
+                owned: Vec::new(),
+                calls: 0,
+            };
             let single = s.members.len() == 1;
             let replay = !single && s.cfg.replay_limit > 0;
             let session = Session {
@@ -173,14 +207,22 @@ impl Library {
         let (m, vh) = sess.binding();
         let slot = &self.slots[sess.slot as usize];
         let member = &slot.members[m as usize];
-        let rv = if member.is_up() { member.vendor.close_session(vh) } else { Ok(()) };
+        let rv = if member.is_up() {
+            member.vendor.close_session(vh)
+        } else {
+            Ok(())
+        };
         // The session is gone for the application whatever the vendor said
         // (a member that failed may have lost it already).
         if let Some(closed) = self.sessions.remove(h) {
             member.session_closed();
             let owned = std::mem::take(&mut closed.state.lock().owned);
             self.objects.forget(&owned);
-            if slot.open_sessions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            if slot
+                .open_sessions
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+                == 1
+            {
                 self.objects.forget_found_session_objects(closed.slot);
                 self.slot_sessions_gone(slot);
             }
@@ -219,17 +261,24 @@ impl Library {
             s.members[sess.binding().0 as usize].session_closed();
             let owned = std::mem::take(&mut sess.state.lock().owned);
             self.objects.forget(&owned);
-            s.open_sessions.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            s.open_sessions
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
         self.objects.forget_found_session_objects(i);
         self.slot_sessions_gone(s);
         result
     }
 
-    pub fn get_session_info(&self, h: CK_SESSION_HANDLE, mut out: Out<'_, CK_SESSION_INFO>) -> Result<()> {
+    pub fn get_session_info(
+        &self,
+        h: CK_SESSION_HANDLE,
+        mut out: Out<'_, CK_SESSION_INFO>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let mut info = CK_SESSION_INFO::default();
-        self.on_session(&sess, None, |m, _, vh| m.vendor.get_session_info(vh, &mut info))?;
+        self.on_session(&sess, None, |m, _, vh| {
+            m.vendor.get_session_info(vh, &mut info)
+        })?;
         info.slotID = self.slots[sess.slot as usize].cfg.id as CK_SLOT_ID;
         out.write(info);
         Ok(())
@@ -260,7 +309,11 @@ impl Library {
         {
             let mut login = slot.login.lock();
             login.user = Some(user);
-            login.pin = if source.is_none() { Some(Zeroizing::new(secret.as_slice().to_vec())) } else { None };
+            login.pin = if source.is_none() {
+                Some(Zeroizing::new(secret.as_slice().to_vec()))
+            } else {
+                None
+            };
         }
         let (serving, _) = sess.binding();
         slot.members[serving as usize].set_logged_in(true);
@@ -278,18 +331,28 @@ impl Library {
         Ok(())
     }
 
-    pub fn login_user(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>, name: Bytes<'_>) -> Result<()> {
+    pub fn login_user(
+        &self,
+        h: CK_SESSION_HANDLE,
+        user: CK_USER_TYPE,
+        pin: Pin<'_>,
+        name: Bytes<'_>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let source = match (&slot.cfg.pin, user) {
-            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(src.read().map_err(Error::PinSource)?),
+            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => {
+                Some(src.read().map_err(Error::PinSource)?)
+            }
             _ => None,
         };
         let secret = match &source {
             Some(s) => Bytes::from_slice(s),
             None => pin,
         };
-        self.on_session(&sess, None, |m, _, vh| m.vendor.login_user(vh, user, secret, name))
+        self.on_session(&sess, None, |m, _, vh| {
+            m.vendor.login_user(vh, user, secret, name)
+        })
     }
 
     pub fn logout(&self, h: CK_SESSION_HANDLE) -> Result<()> {
@@ -308,23 +371,42 @@ impl Library {
     }
 
     pub fn init_pin(&self, h: CK_SESSION_HANDLE, pin: Pin<'_>) -> Result<()> {
-        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.init_pin(vh, pin))
+        self.on_session(&*self.session(h)?, None, |m, _, vh| {
+            m.vendor.init_pin(vh, pin)
+        })
     }
 
     pub fn set_pin(&self, h: CK_SESSION_HANDLE, old: Pin<'_>, new: Pin<'_>) -> Result<()> {
-        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.set_pin(vh, old, new))
+        self.on_session(&*self.session(h)?, None, |m, _, vh| {
+            m.vendor.set_pin(vh, old, new)
+        })
     }
 
     pub fn get_operation_state(&self, h: CK_SESSION_HANDLE, mut out: OutBytes<'_>) -> Result<()> {
-        self.on_session(&*self.session(h)?, None, |m, _, vh| m.vendor.get_operation_state(vh, out.reborrow()))
+        self.on_session(&*self.session(h)?, None, |m, _, vh| {
+            m.vendor.get_operation_state(vh, out.reborrow())
+        })
     }
 
-    pub fn set_operation_state(&self, h: CK_SESSION_HANDLE, state: Bytes<'_>, enc: CK_OBJECT_HANDLE, auth: CK_OBJECT_HANDLE) -> Result<()> {
+    pub fn set_operation_state(
+        &self,
+        h: CK_SESSION_HANDLE,
+        state: Bytes<'_>,
+        enc: CK_OBJECT_HANDLE,
+        auth: CK_OBJECT_HANDLE,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
         self.on_session(&sess, None, |m: &Member, mi, vh| {
-            let map = |k| if k == CK_INVALID_HANDLE { Ok(k) } else { self.object_on(slot, mi, k) };
-            m.vendor.set_operation_state(vh, state, map(enc)?, map(auth)?)
+            let map = |k| {
+                if k == CK_INVALID_HANDLE {
+                    Ok(k)
+                } else {
+                    self.object_on(slot, mi, k)
+                }
+            };
+            m.vendor
+                .set_operation_state(vh, state, map(enc)?, map(auth)?)
         })
     }
 }

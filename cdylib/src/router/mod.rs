@@ -72,7 +72,12 @@ pub struct MemberStats {
 }
 
 impl Member {
-    pub fn new(name: String, vendor: Arc<Vendor>, cfg: MemberConfig, vendor_slot: Option<CK_SLOT_ID>) -> Member {
+    pub fn new(
+        name: String,
+        vendor: Arc<Vendor>,
+        cfg: MemberConfig,
+        vendor_slot: Option<CK_SLOT_ID>,
+    ) -> Member {
         let now = Instant::now();
         let m = Member {
             name,
@@ -83,7 +88,11 @@ impl Member {
             sessions: AtomicU32::new(0),
             logged_in: AtomicBool::new(false),
             stats: MemberStats::default(),
-            probe: Mutex::new(Probe { next: now, backoff: Duration::ZERO, since: now }),
+            probe: Mutex::new(Probe {
+                next: now,
+                backoff: Duration::ZERO,
+                since: now,
+            }),
             control: Mutex::new(None),
         };
         if vendor_slot.is_none() {
@@ -102,12 +111,17 @@ impl Member {
     }
 
     pub fn set_vendor_slot(&self, s: Option<CK_SLOT_ID>) {
-        self.vendor_slot.store(s.map_or(NO_SLOT, |s| s as u64), Ordering::Relaxed);
+        self.vendor_slot
+            .store(s.map_or(NO_SLOT, |s| s as u64), Ordering::Relaxed);
     }
 
     #[inline]
     pub fn health(&self) -> Health {
-        if self.health.load(Ordering::Relaxed) == Health::Up as u8 { Health::Up } else { Health::Down }
+        if self.health.load(Ordering::Relaxed) == Health::Up as u8 {
+            Health::Up
+        } else {
+            Health::Down
+        }
     }
 
     #[inline]
@@ -132,7 +146,9 @@ impl Member {
     }
 
     pub fn session_closed(&self) {
-        let _ = self.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self
+            .sessions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
     /// Marks the member down; returns `false` when it already was.
@@ -143,7 +159,11 @@ impl Member {
             return false;
         }
         let now = Instant::now();
-        *self.probe.lock() = Probe { next: now + first_backoff, backoff: first_backoff, since: now };
+        *self.probe.lock() = Probe {
+            next: now + first_backoff,
+            backoff: first_backoff,
+            since: now,
+        };
         true
     }
 
@@ -180,7 +200,10 @@ impl Member {
     /// at a time (its lock is held across the vendor calls of `f`: this is
     /// the slow path of logins, lookups and replication, never an
     /// application's call).
-    pub fn with_control<T>(&self, mut f: impl FnMut(CK_SESSION_HANDLE) -> crate::Result<T>) -> crate::Result<T> {
+    pub fn with_control<T>(
+        &self,
+        mut f: impl FnMut(CK_SESSION_HANDLE) -> crate::Result<T>,
+    ) -> crate::Result<T> {
         let mut control = self.control.lock();
         for attempt in 0..2 {
             let cs = match *control {
@@ -188,13 +211,18 @@ impl Member {
                 None => {
                     let vs = self.vendor_slot().ok_or(crate::Error::TokenNotPresent)?;
                     let mut cs: CK_SESSION_HANDLE = 0;
-                    self.vendor.open_session(vs, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut cs)?;
+                    self.vendor
+                        .open_session(vs, CKF_SERIAL_SESSION | CKF_RW_SESSION, &mut cs)?;
                     *control = Some(cs);
                     cs
                 }
             };
             match f(cs) {
-                Err(crate::Error::Vendor(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED)) if attempt == 0 => *control = None,
+                Err(crate::Error::Vendor(CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED))
+                    if attempt == 0 =>
+                {
+                    *control = None
+                }
                 other => return other,
             }
         }
@@ -262,8 +290,13 @@ pub fn pick(members: &[Member], exclude: u32) -> Option<u32> {
 /// only when the slot is logged in (a restarted member forgot the login).
 pub fn is_failover(rv: CK_RV, slot_logged_in: bool) -> bool {
     match rv {
-        CKR_DEVICE_ERROR | CKR_DEVICE_REMOVED | CKR_TOKEN_NOT_PRESENT | CKR_DEVICE_MEMORY | CKR_GENERAL_ERROR
-        | CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED => true,
+        CKR_DEVICE_ERROR
+        | CKR_DEVICE_REMOVED
+        | CKR_TOKEN_NOT_PRESENT
+        | CKR_DEVICE_MEMORY
+        | CKR_GENERAL_ERROR
+        | CKR_SESSION_HANDLE_INVALID
+        | CKR_SESSION_CLOSED => true,
         CKR_USER_NOT_LOGGED_IN => slot_logged_in,
         _ => false,
     }
@@ -273,7 +306,10 @@ pub fn is_failover(rv: CK_RV, slot_logged_in: bool) -> bool {
 /// state but still answers (it may serve again at once, after a new
 /// session and login).
 pub fn lost_state_only(rv: CK_RV) -> bool {
-    matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_USER_NOT_LOGGED_IN)
+    matches!(
+        rv,
+        CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_USER_NOT_LOGGED_IN
+    )
 }
 
 /// A member's state as the status query reports it.
@@ -292,7 +328,12 @@ mod tests {
     use crate::config::TokenSelector;
 
     fn member(weight: u32, standby: bool) -> Member {
-        let cfg = MemberConfig { library: "/x.so".into(), selector: TokenSelector::Label("t".into()), weight, standby };
+        let cfg = MemberConfig {
+            library: "/x.so".into(),
+            selector: TokenSelector::Label("t".into()),
+            weight,
+            standby,
+        };
         Member {
             name: "m".into(),
             vendor: Arc::new(Vendor::for_tests()),
@@ -302,7 +343,11 @@ mod tests {
             sessions: AtomicU32::new(0),
             logged_in: AtomicBool::new(false),
             stats: MemberStats::default(),
-            probe: Mutex::new(Probe { next: Instant::now(), backoff: Duration::ZERO, since: Instant::now() }),
+            probe: Mutex::new(Probe {
+                next: Instant::now(),
+                backoff: Duration::ZERO,
+                since: Instant::now(),
+            }),
             control: Mutex::new(None),
         }
     }

@@ -59,20 +59,25 @@ impl Thread {
     /// Starts the thread over a weakly held target.
     pub fn start<P: Probe>(target: Weak<P>, control: Arc<Control>) -> std::io::Result<Thread> {
         let c = control.clone();
-        let handle = std::thread::Builder::new().name("p11shim-recovery".into()).spawn(move || {
-            loop {
-                if c.stopped() {
-                    return;
+        let handle = std::thread::Builder::new()
+            .name("p11shim-recovery".into())
+            .spawn(move || {
+                loop {
+                    if c.stopped() {
+                        return;
+                    }
+                    let next = match target.upgrade() {
+                        Some(t) => t.probe_due(Instant::now()),
+                        None => return,
+                    };
+                    let now = Instant::now();
+                    c.sleep_until(next.map_or(now + IDLE, |n| n.min(now + IDLE)));
                 }
-                let next = match target.upgrade() {
-                    Some(t) => t.probe_due(Instant::now()),
-                    None => return,
-                };
-                let now = Instant::now();
-                c.sleep_until(next.map_or(now + IDLE, |n| n.min(now + IDLE)));
-            }
-        })?;
-        Ok(Thread { control, handle: Some(handle) })
+            })?;
+        Ok(Thread {
+            control,
+            handle: Some(handle),
+        })
     }
 
     /// Stops the thread and waits for it.

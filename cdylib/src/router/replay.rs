@@ -24,8 +24,15 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 7] =
-        [OpKind::Encrypt, OpKind::Decrypt, OpKind::Digest, OpKind::Sign, OpKind::Verify, OpKind::SignRecover, OpKind::VerifyRecover];
+    pub const ALL: [OpKind; 7] = [
+        OpKind::Encrypt,
+        OpKind::Decrypt,
+        OpKind::Digest,
+        OpKind::Sign,
+        OpKind::Verify,
+        OpKind::SignRecover,
+        OpKind::VerifyRecover,
+    ];
 
     /// Whether `*Update` of this operation produces output.
     pub fn has_update_output(self) -> bool {
@@ -85,7 +92,12 @@ impl Ops {
     }
 
     pub fn start(&mut self, k: OpKind, mechanism: Option<SavedMechanism>, key: CK_OBJECT_HANDLE) {
-        let rec = OpRecord { mechanism, key, input: Vec::new(), unreplayable: false };
+        let rec = OpRecord {
+            mechanism,
+            key,
+            input: Vec::new(),
+            unreplayable: false,
+        };
         match self.get_mut(k) {
             Some(r) => *r = rec,
             None => self.ops.push((k, rec)),
@@ -198,7 +210,13 @@ mod tests {
     fn outcomes_follow_the_spec() {
         assert_eq!(final_outcome::<()>(&Ok(()), true), Outcome::Continues);
         assert_eq!(final_outcome::<()>(&Ok(()), false), Outcome::Ended);
-        assert_eq!(final_outcome::<()>(&Err(crate::Error::Vendor(CKR_BUFFER_TOO_SMALL)), false), Outcome::Continues);
-        assert_eq!(final_outcome::<()>(&Err(crate::Error::Vendor(CKR_DATA_LEN_RANGE)), false), Outcome::Ended);
+        assert_eq!(
+            final_outcome::<()>(&Err(crate::Error::Vendor(CKR_BUFFER_TOO_SMALL)), false),
+            Outcome::Continues
+        );
+        assert_eq!(
+            final_outcome::<()>(&Err(crate::Error::Vendor(CKR_DATA_LEN_RANGE)), false),
+            Outcome::Ended
+        );
     }
 }

@@ -23,7 +23,12 @@
 //! Call counts per function are written to `<its own path>.calls` on
 //! `C_Finalize` and whenever the control file says `dump N` with a new N.
 
-#![allow(non_snake_case, clippy::missing_safety_doc, clippy::undocumented_unsafe_blocks)]
+#![allow(
+    clippy::collapsible_if,
+    non_snake_case,
+    clippy::missing_safety_doc,
+    clippy::undocumented_unsafe_blocks
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
@@ -48,12 +53,15 @@ static TARGET: OnceLock<Result<Target, String>> = OnceLock::new();
 fn target() -> Option<&'static CK_FUNCTION_LIST> {
     TARGET
         .get_or_init(|| {
-            let path = std::env::var("P11FAULT_TARGET").unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
+            let path = std::env::var("P11FAULT_TARGET")
+                .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
             let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| e.to_string())?;
             let mut fl: CK_FUNCTION_LIST_PTR = std::ptr::null_mut();
             unsafe {
                 let gfl = lib
-                    .get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(b"C_GetFunctionList\0")
+                    .get::<unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV>(
+                        b"C_GetFunctionList\0",
+                    )
                     .map_err(|e| e.to_string())?;
                 if gfl(&mut fl) != CKR_OK || fl.is_null() {
                     return Err("C_GetFunctionList failed".into());
@@ -138,7 +146,11 @@ fn own_path() -> PathBuf {
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
         let addr = own_path as *const libc::c_void;
         if unsafe { libc::dladdr(addr, &mut info) } != 0 && !info.dli_fname.is_null() {
-            PathBuf::from(unsafe { CStr::from_ptr(info.dli_fname) }.to_string_lossy().into_owned())
+            PathBuf::from(
+                unsafe { CStr::from_ptr(info.dli_fname) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         } else {
             PathBuf::from("/nonexistent/p11faultmod.so")
         }
@@ -186,13 +198,19 @@ fn parse_rv(s: &str) -> CK_RV {
 fn reload(c: &mut Control) -> (bool, bool) {
     let path = with_suffix(".ctl");
     let meta = std::fs::metadata(&path).ok();
-    let stamp = meta.as_ref().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len() ^ (std::os::unix::fs::MetadataExt::ino(m) << 32)));
+    let stamp = meta.as_ref().map(|m| {
+        (
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            m.len() ^ (std::os::unix::fs::MetadataExt::ino(m) << 32),
+        )
+    });
     if stamp == c.stamp {
         return (false, false);
     }
     c.stamp = stamp;
     let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let (mut latency_all, mut latency, mut hangs, mut removed) = (Duration::ZERO, HashMap::new(), HashSet::new(), false);
+    let (mut latency_all, mut latency, mut hangs, mut removed) =
+        (Duration::ZERO, HashMap::new(), HashSet::new(), false);
     let mut fails = Vec::new();
     let (mut restart, mut dump) = (None, None);
     for line in text.lines() {
@@ -204,7 +222,11 @@ fn reload(c: &mut Control) -> (bool, bool) {
                 latency.insert(f.to_string(), parse_duration(d));
             }
             ["fail", f, rv, rest @ ..] => {
-                let mut rule = Rule { function: f.to_string(), rv: parse_rv(rv), ..Default::default() };
+                let mut rule = Rule {
+                    function: f.to_string(),
+                    rv: parse_rv(rv),
+                    ..Default::default()
+                };
                 for pair in rest.chunks(2) {
                     match pair {
                         ["after", n] => rule.after = n.parse().unwrap_or(0),
@@ -213,7 +235,9 @@ fn reload(c: &mut Control) -> (bool, bool) {
                     }
                 }
                 // Keep the count of a rule that was already there.
-                if let Some(old) = c.fails.iter().find(|o| o.function == rule.function && o.rv == rule.rv && o.after == rule.after) {
+                if let Some(old) = c.fails.iter().find(|o| {
+                    o.function == rule.function && o.rv == rule.rv && o.after == rule.after
+                }) {
                     rule.fired = old.fired;
                 }
                 fails.push(rule);
@@ -291,7 +315,11 @@ fn fault(function: &'static str) -> Option<CK_RV> {
         }
         let hung = c.hangs.contains(function) || c.hangs.contains("all");
         if !hung || started.elapsed() > Duration::from_secs(120) {
-            for rule in c.fails.iter_mut().filter(|r| r.function == function || r.function == "all") {
+            for rule in c
+                .fails
+                .iter_mut()
+                .filter(|r| r.function == function || r.function == "all")
+            {
                 rule.fired += 1;
                 let n = rule.fired;
                 if n > rule.after && rule.times.is_none_or(|t| n <= rule.after + t) {
@@ -417,8 +445,13 @@ forward_session! {
 
 pub unsafe extern "C" fn C_Initialize(args: CK_VOID_PTR) -> CK_RV {
     let _ = args;
-    let Some(fl) = target() else { return CKR_GENERAL_ERROR };
-    let mut own = CK_C_INITIALIZE_ARGS { flags: CKF_OS_LOCKING_OK, ..Default::default() };
+    let Some(fl) = target() else {
+        return CKR_GENERAL_ERROR;
+    };
+    let mut own = CK_C_INITIALIZE_ARGS {
+        flags: CKF_OS_LOCKING_OK,
+        ..Default::default()
+    };
     // The wrapped module is shared by every copy of this library in the
     // process: the first copy initializes it, and none finalizes it.
     match unsafe { (fl.C_Initialize.unwrap())((&mut own as *mut CK_C_INITIALIZE_ARGS).cast()) } {
@@ -441,7 +474,11 @@ pub unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
     CKR_OK
 }
 
-pub unsafe extern "C" fn C_GetSlotList(present: CK_BBOOL, list: CK_SLOT_ID_PTR, count: CK_ULONG_PTR) -> CK_RV {
+pub unsafe extern "C" fn C_GetSlotList(
+    present: CK_BBOOL,
+    list: CK_SLOT_ID_PTR,
+    count: CK_ULONG_PTR,
+) -> CK_RV {
     if removed() {
         if count.is_null() {
             return CKR_ARGUMENTS_BAD;
@@ -497,7 +534,13 @@ unsafe extern "C" fn close_session(s: CK_SESSION_HANDLE) -> CK_RV {
 }
 
 /// Records the sessions opened through this copy, for `restart`.
-unsafe extern "C" fn open_session(slot: CK_SLOT_ID, flags: CK_FLAGS, app: CK_VOID_PTR, notify: CK_NOTIFY, out: CK_SESSION_HANDLE_PTR) -> CK_RV {
+unsafe extern "C" fn open_session(
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    app: CK_VOID_PTR,
+    notify: CK_NOTIFY,
+    out: CK_SESSION_HANDLE_PTR,
+) -> CK_RV {
     let rv = unsafe { C_OpenSession(slot, flags, app, notify, out) };
     if rv == CKR_OK && !out.is_null() {
         if let Some(c) = CONTROL.lock().as_mut() {
@@ -508,7 +551,10 @@ unsafe extern "C" fn open_session(slot: CK_SLOT_ID, flags: CK_FLAGS, app: CK_VOI
 }
 
 static LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
-    version: CK_VERSION { major: 2, minor: 40 },
+    version: CK_VERSION {
+        major: 2,
+        minor: 40,
+    },
     C_Initialize: Some(C_Initialize),
     C_Finalize: Some(C_Finalize),
     C_GetInfo: Some(C_GetInfo),

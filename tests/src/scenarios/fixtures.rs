@@ -60,7 +60,10 @@ impl EcKey {
 
 /// Bytes of a hex string.
 pub fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 /// CKA_EC_POINT of an uncompressed point: its DER OCTET STRING.
@@ -100,10 +103,19 @@ pub fn aes_template(label: &str, value: &[u8], extra: &[Attribute]) -> Vec<Attri
 }
 
 /// Imports an AES key (`extra` adds or overrides attributes).
-pub fn import_aes(s: &Session, t: &mut Transcript, label: &str, value: &[u8], extra: &[Attribute]) -> Option<ObjectHandle> {
+pub fn import_aes(
+    s: &Session,
+    t: &mut Transcript,
+    label: &str,
+    value: &[u8],
+    extra: &[Attribute],
+) -> Option<ObjectHandle> {
     let mut attrs = vec![Attribute::Sensitive(false), Attribute::Extractable(true)];
     attrs.extend_from_slice(extra);
-    t.ok(&format!("import AES key {label}"), s.create_object(&aes_template(label, value, &attrs)))
+    t.ok(
+        &format!("import AES key {label}"),
+        s.create_object(&aes_template(label, value, &attrs)),
+    )
 }
 
 /// Imports the fixed RSA-2048 key pair, the private key with its CRT
@@ -121,7 +133,11 @@ pub fn import_rsa(s: &Session, t: &mut Transcript, label: &str) -> Option<KeyPai
         ]
     };
     let mut public = common(ObjectClass::PUBLIC_KEY);
-    public.extend([Attribute::Verify(true), Attribute::Encrypt(true), Attribute::Wrap(true)]);
+    public.extend([
+        Attribute::Verify(true),
+        Attribute::Encrypt(true),
+        Attribute::Wrap(true),
+    ]);
     let mut private = common(ObjectClass::PRIVATE_KEY);
     private.extend([
         Attribute::Private(true),
@@ -136,8 +152,14 @@ pub fn import_rsa(s: &Session, t: &mut Transcript, label: &str) -> Option<KeyPai
         Attribute::Exponent2(unhex(RSA_EXPONENT_2)),
         Attribute::Coefficient(unhex(RSA_COEFFICIENT)),
     ]);
-    let public = t.ok(&format!("import RSA public key {label}"), s.create_object(&public))?;
-    let private = t.ok(&format!("import RSA private key {label}"), s.create_object(&private))?;
+    let public = t.ok(
+        &format!("import RSA public key {label}"),
+        s.create_object(&public),
+    )?;
+    let private = t.ok(
+        &format!("import RSA private key {label}"),
+        s.create_object(&private),
+    )?;
     Some(KeyPair { public, private })
 }
 
@@ -158,7 +180,10 @@ pub fn import_ec(s: &Session, t: &mut Transcript, key: EcKey, label: &str) -> Op
         ]
     };
     let mut public = common(ObjectClass::PUBLIC_KEY);
-    public.extend([Attribute::Verify(true), Attribute::EcPoint(der_point(&key.point()))]);
+    public.extend([
+        Attribute::Verify(true),
+        Attribute::EcPoint(der_point(&key.point())),
+    ]);
     let mut private = common(ObjectClass::PRIVATE_KEY);
     private.extend([
         Attribute::Private(true),
@@ -167,13 +192,25 @@ pub fn import_ec(s: &Session, t: &mut Transcript, key: EcKey, label: &str) -> Op
         Attribute::Derive(true),
         Attribute::Value(key.private()),
     ]);
-    let public = t.ok(&format!("import EC public key {label}"), s.create_object(&public))?;
-    let private = t.ok(&format!("import EC private key {label}"), s.create_object(&private))?;
+    let public = t.ok(
+        &format!("import EC public key {label}"),
+        s.create_object(&public),
+    )?;
+    let private = t.ok(
+        &format!("import EC private key {label}"),
+        s.create_object(&private),
+    )?;
     Some(KeyPair { public, private })
 }
 
 /// Generates an AES key of `len` bytes.
-pub fn generate_aes(s: &Session, t: &mut Transcript, label: &str, len: u64, token: bool) -> Option<ObjectHandle> {
+pub fn generate_aes(
+    s: &Session,
+    t: &mut Transcript,
+    label: &str,
+    len: u64,
+    token: bool,
+) -> Option<ObjectHandle> {
     let template = [
         Attribute::Token(token),
         Attribute::Label(label.as_bytes().to_vec()),
@@ -185,11 +222,20 @@ pub fn generate_aes(s: &Session, t: &mut Transcript, label: &str, len: u64, toke
         Attribute::Extractable(true),
         Attribute::Sensitive(false),
     ];
-    t.ok(&format!("generate AES key {label}"), s.generate_key(&Mechanism::AesKeyGen, &template))
+    t.ok(
+        &format!("generate AES key {label}"),
+        s.generate_key(&Mechanism::AesKeyGen, &template),
+    )
 }
 
 /// Generates an RSA key pair of `bits` bits.
-pub fn generate_rsa(s: &Session, t: &mut Transcript, label: &str, bits: u64, token: bool) -> Option<KeyPair> {
+pub fn generate_rsa(
+    s: &Session,
+    t: &mut Transcript,
+    label: &str,
+    bits: u64,
+    token: bool,
+) -> Option<KeyPair> {
     let public = [
         Attribute::Token(token),
         Attribute::Label(label.as_bytes().to_vec()),
@@ -208,14 +254,27 @@ pub fn generate_rsa(s: &Session, t: &mut Transcript, label: &str, bits: u64, tok
         Attribute::Decrypt(true),
         Attribute::Unwrap(true),
     ];
-    let (public, private) =
-        t.ok(&format!("generate RSA-{bits} key pair {label}"), s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private))?;
+    let (public, private) = t.ok(
+        &format!("generate RSA-{bits} key pair {label}"),
+        s.generate_key_pair(&Mechanism::RsaPkcsKeyPairGen, &public, &private),
+    )?;
     Some(KeyPair { public, private })
 }
 
 /// Generates an EC key pair on the curve whose OID is `curve` (DER).
-pub fn generate_ec(s: &Session, t: &mut Transcript, label: &str, curve: &[u8], token: bool) -> Option<KeyPair> {
-    let public = [Attribute::Token(token), Attribute::Label(label.as_bytes().to_vec()), Attribute::EcParams(curve.to_vec()), Attribute::Verify(true)];
+pub fn generate_ec(
+    s: &Session,
+    t: &mut Transcript,
+    label: &str,
+    curve: &[u8],
+    token: bool,
+) -> Option<KeyPair> {
+    let public = [
+        Attribute::Token(token),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::EcParams(curve.to_vec()),
+        Attribute::Verify(true),
+    ];
     let private = [
         Attribute::Token(token),
         Attribute::Label(label.as_bytes().to_vec()),
@@ -224,7 +283,10 @@ pub fn generate_ec(s: &Session, t: &mut Transcript, label: &str, curve: &[u8], t
         Attribute::Sign(true),
         Attribute::Derive(true),
     ];
-    let (public, private) = t.ok(&format!("generate EC key pair {label}"), s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private))?;
+    let (public, private) = t.ok(
+        &format!("generate EC key pair {label}"),
+        s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private),
+    )?;
     Some(KeyPair { public, private })
 }
 

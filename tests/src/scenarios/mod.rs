@@ -61,26 +61,86 @@ pub struct Scenario {
 
 /// Every scenario, by the name tests and the runner use.
 pub const ALL: &[Scenario] = &[
-    Scenario { name: "init_finalize_cycles", run: session::init_finalize_cycles },
-    Scenario { name: "sessions", run: session::sessions },
-    Scenario { name: "login_logout", run: session::login_logout },
-    Scenario { name: "random", run: session::random },
-    Scenario { name: "slot_token_info", run: session::slot_token_info },
-    Scenario { name: "find_objects", run: objects::find_objects },
-    Scenario { name: "find_null_array", run: objects::find_null_array },
-    Scenario { name: "attributes", run: objects::attributes },
-    Scenario { name: "copy_destroy", run: objects::copy_destroy },
-    Scenario { name: "session_objects_lifetime", run: objects::session_objects_lifetime },
-    Scenario { name: "sign_rsa", run: sign::sign_rsa },
-    Scenario { name: "sign_ecdsa", run: sign::sign_ecdsa },
-    Scenario { name: "encrypt_aes", run: cipher::encrypt_aes },
-    Scenario { name: "encrypt_rsa_oaep", run: cipher::encrypt_rsa_oaep },
-    Scenario { name: "digest_multipart", run: cipher::digest_multipart },
-    Scenario { name: "dual_function", run: cipher::dual_function },
-    Scenario { name: "operation_state", run: cipher::operation_state },
-    Scenario { name: "generate_keys", run: keys::generate_keys },
-    Scenario { name: "wrap_unwrap", run: keys::wrap_unwrap },
-    Scenario { name: "ecdh_derive", run: keys::ecdh_derive },
+    Scenario {
+        name: "init_finalize_cycles",
+        run: session::init_finalize_cycles,
+    },
+    Scenario {
+        name: "sessions",
+        run: session::sessions,
+    },
+    Scenario {
+        name: "login_logout",
+        run: session::login_logout,
+    },
+    Scenario {
+        name: "random",
+        run: session::random,
+    },
+    Scenario {
+        name: "slot_token_info",
+        run: session::slot_token_info,
+    },
+    Scenario {
+        name: "find_objects",
+        run: objects::find_objects,
+    },
+    Scenario {
+        name: "find_null_array",
+        run: objects::find_null_array,
+    },
+    Scenario {
+        name: "attributes",
+        run: objects::attributes,
+    },
+    Scenario {
+        name: "copy_destroy",
+        run: objects::copy_destroy,
+    },
+    Scenario {
+        name: "session_objects_lifetime",
+        run: objects::session_objects_lifetime,
+    },
+    Scenario {
+        name: "sign_rsa",
+        run: sign::sign_rsa,
+    },
+    Scenario {
+        name: "sign_ecdsa",
+        run: sign::sign_ecdsa,
+    },
+    Scenario {
+        name: "encrypt_aes",
+        run: cipher::encrypt_aes,
+    },
+    Scenario {
+        name: "encrypt_rsa_oaep",
+        run: cipher::encrypt_rsa_oaep,
+    },
+    Scenario {
+        name: "digest_multipart",
+        run: cipher::digest_multipart,
+    },
+    Scenario {
+        name: "dual_function",
+        run: cipher::dual_function,
+    },
+    Scenario {
+        name: "operation_state",
+        run: cipher::operation_state,
+    },
+    Scenario {
+        name: "generate_keys",
+        run: keys::generate_keys,
+    },
+    Scenario {
+        name: "wrap_unwrap",
+        run: keys::wrap_unwrap,
+    },
+    Scenario {
+        name: "ecdh_derive",
+        run: keys::ecdh_derive,
+    },
 ];
 
 /// A scenario by name.
@@ -108,21 +168,31 @@ pub fn run(module: &Path, scenario: &Scenario) -> Run {
     let mut t = Transcript::default();
     raw::load(module);
     let pkcs11 = Pkcs11::new(module).unwrap_or_else(|e| panic!("load {}: {e}", module.display()));
-    if t.ok("C_Initialize", pkcs11.initialize(init_args())).is_none() {
-        return Run { transcript: t, slot: None };
+    if t.ok("C_Initialize", pkcs11.initialize(init_args()))
+        .is_none()
+    {
+        return Run {
+            transcript: t,
+            slot: None,
+        };
     }
     let slot = token_slot(&pkcs11, &mut t);
     if let Some(slot) = slot {
         (scenario.run)(&pkcs11, slot, &mut t);
     }
     t.ok("C_Finalize", pkcs11.finalize());
-    Run { transcript: t, slot: slot.map(|s| s.id()) }
+    Run {
+        transcript: t,
+        slot: slot.map(|s| s.id()),
+    }
 }
 
 /// The slot whose token is labelled [`TOKEN`].
 fn token_slot(pkcs11: &Pkcs11, t: &mut Transcript) -> Option<Slot> {
     let slots = t.ok("C_GetSlotList with tokens", pkcs11.get_slots_with_token())?;
-    let found = slots.into_iter().find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label() == TOKEN));
+    let found = slots
+        .into_iter()
+        .find(|s| pkcs11.get_token_info(*s).is_ok_and(|i| i.label() == TOKEN));
     t.check("a slot holds the scenarios' token", found.is_some())?;
     found
 }
@@ -135,7 +205,10 @@ pub fn pin(p: &str) -> AuthPin {
 /// Opens a read/write session and logs the user in.
 pub fn user_session(pkcs11: &Pkcs11, slot: Slot, t: &mut Transcript) -> Option<Session> {
     let s = t.ok("open RW session", pkcs11.open_rw_session(slot))?;
-    t.ok("C_Login user", s.login(UserType::User, Some(&pin(USER_PIN))))?;
+    t.ok(
+        "C_Login user",
+        s.login(UserType::User, Some(&pin(USER_PIN))),
+    )?;
     Some(s)
 }
 
@@ -146,11 +219,14 @@ pub fn attribute(s: &Session, o: ObjectHandle, ty: CK_ATTRIBUTE_TYPE) -> Result<
 
 /// Records the number of objects a search finds.
 pub fn count(t: &mut Transcript, name: &str, s: &Session, template: &[Attribute]) -> Option<usize> {
-    t.value(name, s.find_objects(template).map(|v| v.len()), |n| format!("found {n}"))
+    t.value(name, s.find_objects(template).map(|v| v.len()), |n| {
+        format!("found {n}")
+    })
 }
 
 /// The fixed plaintext the AES steps encrypt.
-pub const PLAINTEXT: &[u8] = b"The quick brown fox jumps over the lazy dog; p11shim forwards it all.";
+pub const PLAINTEXT: &[u8] =
+    b"The quick brown fox jumps over the lazy dog; p11shim forwards it all.";
 
 /// AES-CBC-PAD with the fixed IV over [`PLAINTEXT`]: what tells two AES
 /// keys apart or shows them equal.

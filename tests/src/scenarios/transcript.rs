@@ -29,7 +29,11 @@ impl Expect {
             Expect::Any => "any".into(),
             Expect::Ok => "ok".into(),
             Expect::Rejected => "rejected".into(),
-            Expect::Rv(rvs) => rvs.iter().map(|rv| format!("rv {rv:?}")).collect::<Vec<_>>().join("|"),
+            Expect::Rv(rvs) => rvs
+                .iter()
+                .map(|rv| format!("rv {rv:?}"))
+                .collect::<Vec<_>>()
+                .join("|"),
             Expect::True => "true".into(),
         }
     }
@@ -85,16 +89,33 @@ impl Transcript {
         &self.steps
     }
 
-    fn push<T>(&mut self, name: &str, expect: Expect, r: Result<T>, show: impl FnOnce(&T) -> String) -> Option<T> {
+    fn push<T>(
+        &mut self,
+        name: &str,
+        expect: Expect,
+        r: Result<T>,
+        show: impl FnOnce(&T) -> String,
+    ) -> Option<T> {
         let outcome = match &r {
             Ok(v) => {
                 let s = show(v).replace(['\t', '\n'], " ");
-                if s.is_empty() { "ok".to_string() } else { format!("ok {s}") }
+                if s.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("ok {s}")
+                }
             }
             Err(e) => failure(e),
         };
-        assert!(!name.contains(['\t', '\n']), "step names are single fields: {name:?}");
-        self.steps.push(Step { name: name.to_string(), expect: expect.text(), outcome });
+        assert!(
+            !name.contains(['\t', '\n']),
+            "step names are single fields: {name:?}"
+        );
+        self.steps.push(Step {
+            name: name.to_string(),
+            expect: expect.text(),
+            outcome,
+        });
         r.ok()
     }
 
@@ -117,7 +138,12 @@ impl Transcript {
 
     /// A step that must succeed with a deterministic value, recorded as
     /// `show` renders it.
-    pub fn value<T>(&mut self, name: &str, r: Result<T>, show: impl FnOnce(&T) -> String) -> Option<T> {
+    pub fn value<T>(
+        &mut self,
+        name: &str,
+        r: Result<T>,
+        show: impl FnOnce(&T) -> String,
+    ) -> Option<T> {
         self.push(name, Expect::Ok, r, show)
     }
 
@@ -139,7 +165,12 @@ impl Transcript {
 
     /// A step whose outcome (success with `show`'s rendering, or its error)
     /// is only compared between modules, for behaviour left to the vendor.
-    pub fn outcome<T>(&mut self, name: &str, r: Result<T>, show: impl FnOnce(&T) -> String) -> Option<T> {
+    pub fn outcome<T>(
+        &mut self,
+        name: &str,
+        r: Result<T>,
+        show: impl FnOnce(&T) -> String,
+    ) -> Option<T> {
         self.push(name, Expect::Any, r, show)
     }
 
@@ -157,7 +188,11 @@ impl Transcript {
 
     /// The violated steps, then the whole transcript, for a failing test.
     pub fn report(&self) -> String {
-        let bad: String = self.violations().iter().map(|s| format!("  {}: expected {}, got {}\n", s.name, s.expect, s.outcome)).collect();
+        let bad: String = self
+            .violations()
+            .iter()
+            .map(|s| format!("  {}: expected {}, got {}\n", s.name, s.expect, s.outcome))
+            .collect();
         format!("violated steps:\n{bad}transcript:\n{}", self.to_text())
     }
 
@@ -173,7 +208,11 @@ impl Transcript {
             .map(|line| {
                 let mut f = line.splitn(3, '\t');
                 match (f.next(), f.next(), f.next()) {
-                    (Some(name), Some(expect), Some(outcome)) => Ok(Step { name: name.into(), expect: expect.into(), outcome: outcome.into() }),
+                    (Some(name), Some(expect), Some(outcome)) => Ok(Step {
+                        name: name.into(),
+                        expect: expect.into(),
+                        outcome: outcome.into(),
+                    }),
                     _ => Err(format!("not a transcript line: {line:?}")),
                 }
             })
@@ -193,8 +232,14 @@ impl Transcript {
                     "step {i}: {left}: {} [{}] => {} | {right}: {} [{}] => {}",
                     a.name, a.expect, a.outcome, b.name, b.expect, b.outcome
                 )),
-                (Some(a), None) => out.push(format!("step {i}: only {left}: {} => {}", a.name, a.outcome)),
-                (None, Some(b)) => out.push(format!("step {i}: only {right}: {} => {}", b.name, b.outcome)),
+                (Some(a), None) => out.push(format!(
+                    "step {i}: only {left}: {} => {}",
+                    a.name, a.outcome
+                )),
+                (None, Some(b)) => out.push(format!(
+                    "step {i}: only {right}: {} => {}",
+                    b.name, b.outcome
+                )),
                 (None, None) => unreachable!(),
             }
         }
@@ -218,7 +263,11 @@ mod tests {
         t.fails("login", rv(RvError::PinIncorrect), RvError::PinIncorrect);
         t.fails("login again", rv(RvError::PinLocked), RvError::PinIncorrect);
         t.rejected("bad", Ok(()));
-        t.outcome("vendor's choice", rv(RvError::FunctionNotSupported), |_: &()| String::new());
+        t.outcome(
+            "vendor's choice",
+            rv(RvError::FunctionNotSupported),
+            |_: &()| String::new(),
+        );
         t.check("fact", false);
         let names: Vec<_> = t.violations().iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, ["login again", "bad", "fact"]);
