@@ -39,6 +39,30 @@ fn ha(n: usize, extra: &str) -> Ha {
         .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .expect("C_Initialize");
     let slot = pkcs11.get_slots_with_token().expect("slots")[0];
+    // The replication key: the same AES key on every member, marked trusted
+    // by the security officer.
+    let so = pkcs11.open_rw_session(slot).expect("session");
+    so.login(
+        UserType::So,
+        Some(&AuthPin::new(p11shim_tests::SO_PIN.into())),
+    )
+    .expect("SO login");
+    so.create_object(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Label(b"p11shim-replication".to_vec()),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Trusted(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Value((100u8..132).collect()),
+    ])
+    .expect("create the replication key");
+    so.logout().expect("SO logout");
+    drop(so);
     // An AES key made through the virtual slot reaches every member.
     let s = pkcs11.open_rw_session(slot).expect("session");
     s.login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
@@ -320,6 +344,133 @@ fn token_objects_reach_every_member() {
         &[Attribute::Token(false), Attribute::ValueLen(32.into())],
     )
     .unwrap();
+}
+
+/// Token keys generated through the slot are wrapped under the replication
+/// key and unwrapped on every member: each member alone can use them, and
+/// their attributes tell the truth.
+#[test]
+fn generated_token_keys_reach_every_member() {
+    let ha = ha(3, "replication_key = \"p11shim-replication\"");
+    let s = ha.session();
+    ha.login(&s);
+    let aes = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(b"gen-aes".to_vec()),
+                Attribute::Id(vec![9]),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Extractable(false),
+            ],
+        )
+        .unwrap();
+    let (rsa_pub, rsa) = s
+        .generate_key_pair(
+            &Mechanism::RsaPkcsKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ModulusBits(2048.into()),
+                Attribute::Verify(true),
+                Attribute::Label(b"gen-rsa".to_vec()),
+                Attribute::Id(vec![10]),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Sign(true),
+                Attribute::Label(b"gen-rsa".to_vec()),
+                Attribute::Id(vec![10]),
+            ],
+        )
+        .unwrap();
+    let ct = s
+        .encrypt(&Mechanism::AesCbcPad(IV), aes, b"replicated")
+        .unwrap();
+    let sig = s
+        .sign(&Mechanism::Sha256RsaPkcs, rsa, b"replicated")
+        .unwrap();
+    for alive in 0..3 {
+        for (i, m) in ha.members.iter().enumerate() {
+            m.set(if i == alive {
+                ""
+            } else {
+                "fail all CKR_DEVICE_ERROR\n"
+            });
+        }
+        assert_eq!(
+            s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(),
+            b"replicated",
+            "member {alive}"
+        );
+        assert_eq!(
+            s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"replicated")
+                .unwrap(),
+            sig,
+            "member {alive}"
+        );
+        s.verify(&Mechanism::Sha256RsaPkcs, rsa_pub, b"replicated", &sig)
+            .unwrap();
+        let attrs = s
+            .get_attributes(
+                aes,
+                &[
+                    cryptoki::object::AttributeType::Extractable,
+                    cryptoki::object::AttributeType::NeverExtractable,
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            attrs,
+            vec![
+                Attribute::Extractable(false),
+                Attribute::NeverExtractable(false)
+            ],
+            "member {alive}"
+        );
+        for m in &ha.members {
+            m.heal();
+        }
+        ha.wait_recoveries(0);
+    }
+}
+
+/// A replication key that is not trusted cannot wrap the new key: the
+/// generation fails with CKR_P11SHIM_NOT_REPLICATED and leaves no key.
+#[test]
+fn an_untrusted_replication_key_refuses_generation() {
+    let ha = ha(2, "replication_key = \"aes\"");
+    let s = ha.session();
+    ha.login(&s);
+    let e = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(b"orphan".to_vec()),
+            ],
+        )
+        .unwrap_err();
+    assert_eq!(
+        rv(&e),
+        Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0005)),
+        "{e}"
+    );
+    assert!(
+        s.find_objects(&[Attribute::Label(b"orphan".to_vec())])
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        ha.env
+            .log()
+            .contains("cannot be wrapped under the replication key"),
+        "{}",
+        ha.env.log()
+    );
 }
 
 /// 16 threads sign, encrypt and decrypt through one virtual slot for a

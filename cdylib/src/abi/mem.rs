@@ -180,6 +180,15 @@ impl<'a> OutBytes<'a> {
         })
     }
 
+    /// A size query over the module's own length.
+    pub fn new_len(len: &'a mut CK_ULONG) -> Self {
+        OutBytes {
+            ptr: std::ptr::null_mut(),
+            len,
+            _life: PhantomData,
+        }
+    }
+
     /// An output over the module's own buffer.
     pub fn from_local(buf: &'a mut [u8], len: &'a mut CK_ULONG) -> Self {
         *len = buf.len() as CK_ULONG;
@@ -469,6 +478,21 @@ impl SavedTemplate {
     /// Builds a template from owned values.
     pub fn from_values(attrs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>) -> Self {
         SavedTemplate { attrs }
+    }
+
+    /// The template with one attribute set (replaced or added).
+    pub fn with(mut self, ty: CK_ATTRIBUTE_TYPE, value: Vec<u8>) -> Self {
+        match self.attrs.iter_mut().find(|(t, _)| *t == ty) {
+            Some((_, v)) => *v = value,
+            None => self.attrs.push((ty, value)),
+        }
+        self
+    }
+
+    /// The template without one attribute.
+    pub fn without(mut self, ty: CK_ATTRIBUTE_TYPE) -> Self {
+        self.attrs.retain(|(t, _)| *t != ty);
+        self
     }
 
     /// The attributes as `CK_ATTRIBUTE`s, valid while `self` lives.

@@ -53,6 +53,7 @@ struct RawSlot {
     replay_limit: Option<Spanned<u64>>,
     #[serde(default)]
     allow_unreplicated: bool,
+    replication_key: Option<Spanned<String>>,
     recovery_interval_ms: Option<Spanned<u64>>,
     recovery_max_interval_ms: Option<Spanned<u64>>,
     #[serde(default, rename = "member")]
@@ -132,6 +133,10 @@ pub struct SlotConfig {
     pub replay_limit: u64,
     /// Token keys generated on a multi-member slot may stay on one member.
     pub allow_unreplicated: bool,
+    /// Label of the secret key, present on every member and marked
+    /// `CKA_TRUSTED`, under which generated token keys are wrapped to reach
+    /// the other members.
+    pub replication_key: Option<String>,
     /// First delay before a down member is probed again (it doubles).
     pub recovery_interval_ms: u64,
     /// Longest delay between two probes of a down member.
@@ -413,6 +418,16 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
         let replay_limit = s.replay_limit.as_ref().map_or(1 << 20, |v| *v.get_ref());
+        let replication_key = match &s.replication_key {
+            Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 32 => {
+                return Err(ctx.err(
+                    Some(&v.span()),
+                    key("replication_key"),
+                    "the label of a key on every member, 1 to 32 bytes",
+                ));
+            }
+            other => other.as_ref().map(|v| v.get_ref().clone()),
+        };
         let recovery_interval_ms = match &s.recovery_interval_ms {
             None => 200,
             Some(v) if !(10..=60_000).contains(v.get_ref()) => {
@@ -517,6 +532,7 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             pin,
             replay_limit,
             allow_unreplicated: s.allow_unreplicated,
+            replication_key,
             recovery_interval_ms,
             recovery_max_interval_ms,
             members,

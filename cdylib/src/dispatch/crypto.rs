@@ -8,7 +8,7 @@
 
 use pkcs11_sys::*;
 
-use super::{Library, Session};
+use super::Library;
 use crate::abi::mem::{Bytes, BytesMut, Mechanism, Out, OutBytes, Param, ReborrowArg, Template};
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
@@ -268,68 +268,6 @@ impl Library {
     }
     pub fn session_cancel(&self, h: Sh, flags: CK_FLAGS) -> Result<()> {
         self.plain(h, |v, s| v.session_cancel(s, flags))
-    }
-
-    /// Whether a new object from this template would be a token key on a
-    /// multi-member slot that p11shim cannot put on every member.
-    fn unreplicated(&self, sess: &Session, templates: &[Template<'_>]) -> Result<()> {
-        let slot = &self.slots[sess.slot as usize];
-        if slot.members.len() > 1
-            && !slot.cfg.allow_unreplicated
-            && templates
-                .iter()
-                .any(|t| t.bool_attr(CKA_TOKEN) == Some(true))
-        {
-            tracing::warn!(
-                slot = slot.cfg.id,
-                "a token key generated on one member would not reach the others; refused"
-            );
-            return Err(Error::NotReplicated);
-        }
-        Ok(())
-    }
-
-    pub fn generate_key(
-        &self,
-        h: Sh,
-        m: Mechanism<'_>,
-        t: Template<'_>,
-        mut out: Out<'_, Oh>,
-    ) -> Result<()> {
-        let sess = self.session(h)?;
-        self.unreplicated(&sess, &[t])?;
-        let o = self.on_session(&sess, None, |mem, mi, vh| {
-            let mut k = CK_INVALID_HANDLE;
-            mem.vendor.generate_key(vh, m, t, &mut k)?;
-            Ok(self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), k))
-        })?;
-        out.write(o);
-        Ok(())
-    }
-
-    pub fn generate_key_pair(
-        &self,
-        h: Sh,
-        m: Mechanism<'_>,
-        pub_t: Template<'_>,
-        priv_t: Template<'_>,
-        mut pub_out: Out<'_, Oh>,
-        mut priv_out: Out<'_, Oh>,
-    ) -> Result<()> {
-        let sess = self.session(h)?;
-        self.unreplicated(&sess, &[priv_t])?;
-        let (pk, sk) = self.on_session(&sess, None, |mem, mi, vh| {
-            let (mut pk, mut sk) = (CK_INVALID_HANDLE, CK_INVALID_HANDLE);
-            mem.vendor
-                .generate_key_pair(vh, m, pub_t, priv_t, &mut pk, &mut sk)?;
-            Ok((
-                self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), pk),
-                self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), sk),
-            ))
-        })?;
-        pub_out.write(pk);
-        priv_out.write(sk);
-        Ok(())
     }
 
     pub fn wrap_key(

@@ -16,6 +16,7 @@
 
 mod crypto;
 mod handles;
+mod keygen;
 mod objects;
 mod slots;
 

@@ -152,7 +152,7 @@ impl Library {
             return Err(Error::ParallelNotSupported);
         }
         let s = &self.slots[si as usize];
-        self.serving_member(si)?;
+        self.probe_inline();
         let mut excluded = 0u32;
         loop {
             let mi = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
