@@ -437,6 +437,53 @@ fn generated_token_keys_reach_every_member() {
     }
 }
 
+/// A member that was down while token objects were created, generated,
+/// changed and destroyed through the slot receives all of it when it comes
+/// back, before it serves again.
+#[test]
+fn a_member_that_was_down_is_resynchronized() {
+    let ha = ha(3, "replication_key = \"p11shim-replication\"");
+    let s = ha.session();
+    ha.login(&s);
+    let data = |label: &[u8]| {
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(label.to_vec()),
+            Attribute::Value(label.to_vec()),
+        ])
+        .unwrap()
+    };
+    let doomed = data(b"doomed");
+    let renamed = data(b"old-name");
+    // Member c goes away; the changes happen without it.
+    ha.members[2].set("remove\n");
+    let fresh = data(b"fresh");
+    s.destroy_object(doomed).unwrap();
+    s.update_attributes(renamed, &[Attribute::Label(b"new-name".to_vec())]).unwrap();
+    let aes = s
+        .generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(true), Attribute::ValueLen(32.into()), Attribute::Label(b"while-down".to_vec()), Attribute::Encrypt(true), Attribute::Decrypt(true)])
+        .unwrap();
+    let ct = s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"resync").unwrap();
+    let status = p11shim_tests::status_json(&p11shim_lib());
+    assert!(status.contains(r#""missed_changes":4"#), "{status}");
+
+    ha.members[2].heal();
+    ha.wait_recoveries(1);
+    assert!(ha.env.log().contains("member resynchronized"), "{}", ha.env.log());
+    // Member c alone.
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    ha.members[1].set("fail all CKR_DEVICE_ERROR\n");
+    let find = |label: &[u8]| s.find_objects(&[Attribute::Label(label.to_vec())]).unwrap();
+    assert_eq!(find(b"fresh"), vec![fresh]);
+    assert!(find(b"doomed").is_empty());
+    assert!(find(b"old-name").is_empty());
+    assert_eq!(find(b"new-name"), vec![renamed]);
+    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(), b"resync");
+    let status = p11shim_tests::status_json(&p11shim_lib());
+    assert!(!status.contains(r#""missed_changes":4"#), "{status}");
+}
+
 /// A replication key that is not trusted cannot wrap the new key: the
 /// generation fails with CKR_P11SHIM_NOT_REPLICATED and leaves no key.
 #[test]

@@ -9,7 +9,12 @@
 use pkcs11_sys::*;
 
 use super::Library;
-use crate::abi::mem::{Bytes, BytesMut, Mechanism, Out, OutBytes, Param, ReborrowArg, Template};
+use std::sync::Arc;
+
+use super::resync::Remake;
+use crate::abi::mem::{
+    Bytes, BytesMut, Mechanism, Out, OutBytes, Param, RawMechanism, ReborrowArg, Template,
+};
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
 use crate::router::replay::{OpKind, Outcome, final_outcome};
@@ -317,19 +322,51 @@ impl Library {
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         })?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
-            self.replicate(&sess, made_on, o, "C_UnwrapKey", |mem, mi, cs| {
-                let mut k = CK_INVALID_HANDLE;
-                mem.vendor
-                    .unwrap_key(
-                        cs,
-                        m,
-                        self.object_on(slot, mi, unwrapping)?,
-                        wrapped,
-                        t,
-                        &mut k,
-                    )
-                    .map(|_| k)
-            });
+            // What a member that is down needs to unwrap the key later.
+            let later = match (m.save(), t.save()) {
+                (Some(mech), Some(tmpl)) => {
+                    let bytes = zeroize::Zeroizing::new(wrapped.as_slice().to_vec());
+                    Some(Arc::new(
+                        move |lib: &Library, mem: &crate::router::Member, mi: u32, cs: Sh| {
+                            let raw_mech = RawMechanism(mech.to_raw());
+                            let mut raw = tmpl.to_raw();
+                            let mut k = CK_INVALID_HANDLE;
+                            let unwrapping = lib.object_on_in(slot, mi, unwrapping, cs)?;
+                            mem.vendor
+                                .unwrap_key(
+                                    cs,
+                                    raw_mech.view(),
+                                    unwrapping,
+                                    Bytes::from_slice(&bytes),
+                                    Template::from_slice(&mut raw),
+                                    &mut k,
+                                )
+                                .map(|_| k)
+                        },
+                    ) as Remake)
+                }
+                _ => None,
+            };
+            self.replicate(
+                &sess,
+                made_on,
+                o,
+                "C_UnwrapKey",
+                |mem, mi, cs| {
+                    let mut k = CK_INVALID_HANDLE;
+                    mem.vendor
+                        .unwrap_key(
+                            cs,
+                            m,
+                            self.object_on_in(slot, mi, unwrapping, cs)?,
+                            wrapped,
+                            t,
+                            &mut k,
+                        )
+                        .map(|_| k)
+                },
+                later,
+            );
         }
         out.write(o);
         Ok(())
@@ -347,7 +384,12 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        let derive = |mem: &crate::router::Member, mi: u32, vh: Sh| -> Result<Oh> {
+        // `cs` is p11shim's own session on the member when replicating.
+        let derive = |mem: &crate::router::Member, mi: u32, vh: Sh, cs: Option<Sh>| -> Result<Oh> {
+            let on = |h| match cs {
+                Some(cs) => self.object_on_in(slot, mi, h, cs),
+                None => self.object_on(slot, mi, h),
+            };
             let mut k = CK_INVALID_HANDLE;
             // A mechanism whose parameter is itself a key handle gets the
             // member's handle in a copy of the mechanism.
@@ -355,22 +397,50 @@ impl Library {
             let translated;
             let m = match m.handle_param() {
                 Some(app) => {
-                    other_key = self.object_on(slot, mi, app)?;
+                    other_key = on(app)?;
                     translated = m.with_handle_param(&mut other_key);
                     translated.view()
                 }
                 None => m,
             };
-            mem.vendor
-                .derive_key(vh, m, self.object_on(slot, mi, base)?, t, &mut k)?;
+            mem.vendor.derive_key(vh, m, on(base)?, t, &mut k)?;
             Ok(k)
         };
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
-            let k = derive(mem, mi, vh)?;
+            let k = derive(mem, mi, vh, None)?;
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         })?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
-            self.replicate(&sess, made_on, o, "C_DeriveKey", derive);
+            // Derivation parameters with pointers (ECDH's public data) are
+            // not kept: a member that is down misses the key (logged).
+            let later = match (m.handle_param(), m.save(), t.save()) {
+                (None, Some(mech), Some(tmpl)) => Some(Arc::new(
+                    move |lib: &Library, mem: &crate::router::Member, mi: u32, cs: Sh| {
+                        let raw_mech = RawMechanism(mech.to_raw());
+                        let mut raw = tmpl.to_raw();
+                        let mut k = CK_INVALID_HANDLE;
+                        let base = lib.object_on_in(slot, mi, base, cs)?;
+                        mem.vendor
+                            .derive_key(
+                                cs,
+                                raw_mech.view(),
+                                base,
+                                Template::from_slice(&mut raw),
+                                &mut k,
+                            )
+                            .map(|_| k)
+                    },
+                ) as Remake),
+                _ => None,
+            };
+            self.replicate(
+                &sess,
+                made_on,
+                o,
+                "C_DeriveKey",
+                |mem, mi, cs| derive(mem, mi, cs, Some(cs)),
+                later,
+            );
         }
         out.write(o);
         Ok(())

@@ -18,6 +18,9 @@
 use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
+use super::resync::Remake;
 use super::{Library, Session};
 use crate::abi::mem::{Bytes, Mechanism, Out, OutBytes, RawMechanism, SavedTemplate, Template};
 use crate::backend::Vendor;
@@ -368,8 +371,11 @@ impl Library {
                 },
             );
         let slot = sess.slot;
-        self.replicate(sess, made_on, key.handle, "generated key", |m, _, cs| {
-            let rk = find_key(&m.vendor, cs, label)?;
+        // The wrapped key is kept (wiped when dropped) until every member
+        // that is down has received it.
+        let rk_label = label.to_owned();
+        let unwrap: Remake = Arc::new(move |_, m, _, cs| {
+            let rk = find_key(&m.vendor, cs, &rk_label)?;
             let mech = wrap_mechanism();
             let mut raw = unwrap_t.to_raw();
             let mut k = CK_INVALID_HANDLE;
@@ -383,20 +389,30 @@ impl Library {
             )?;
             Ok(k)
         });
+        self.replicate(
+            sess,
+            made_on,
+            key.handle,
+            "generated key",
+            |m, mi, cs| unwrap(self, m, mi, cs),
+            Some(unwrap.clone()),
+        );
         if let (Some(p), Some(pa)) = (public, public_attrs) {
             let create_t = SavedTemplate::from_values(pa).with(CKA_TOKEN, TRUE.to_vec());
+            let create: Remake = Arc::new(move |_, m, _, cs| {
+                let mut raw = create_t.to_raw();
+                let mut k = CK_INVALID_HANDLE;
+                m.vendor
+                    .create_object(cs, Template::from_slice(&mut raw), &mut k)?;
+                Ok(k)
+            });
             self.replicate(
                 sess,
                 made_on,
                 p.handle,
                 "generated public key",
-                |m, _, cs| {
-                    let mut raw = create_t.to_raw();
-                    let mut k = CK_INVALID_HANDLE;
-                    m.vendor
-                        .create_object(cs, Template::from_slice(&mut raw), &mut k)?;
-                    Ok(k)
-                },
+                |m, mi, cs| create(self, m, mi, cs),
+                Some(create.clone()),
             );
         }
         if !final_extractable {

@@ -18,6 +18,7 @@ mod crypto;
 mod handles;
 mod keygen;
 mod objects;
+mod resync;
 mod slots;
 
 use std::path::PathBuf;
@@ -181,6 +182,8 @@ pub struct Slot {
     pub login: Mutex<Login>,
     /// Sessions the application has open on the slot.
     pub open_sessions: std::sync::atomic::AtomicUsize,
+    /// What members missed while down.
+    journal: resync::Journal,
 }
 
 impl Slot {
@@ -276,11 +279,13 @@ impl Library {
                     }
                     members.push(m);
                 }
+                let journal = resync::Journal::new(members.len());
                 slots.push(Slot {
                     cfg: sc.clone(),
                     members,
                     login: Mutex::new(Login::default()),
                     open_sessions: Default::default(),
+                    journal,
                 });
             }
             Ok(slots)
@@ -617,12 +622,35 @@ impl Library {
     fn object_on(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Result<CK_OBJECT_HANDLE> {
         match self.objects.on_member(h, slot, m) {
             Some(v) => Ok(v),
-            None => Ok(self.resolve(slot, m, h)?.unwrap_or(CK_INVALID_HANDLE)),
+            None => Ok(self.resolve(slot, m, h, None)?.unwrap_or(CK_INVALID_HANDLE)),
+        }
+    }
+
+    /// [`Library::object_on`] from code already running on the member's own
+    /// session `cs` (its lock is held).
+    fn object_on_in(
+        &self,
+        slot: u32,
+        m: u32,
+        h: CK_OBJECT_HANDLE,
+        cs: CK_SESSION_HANDLE,
+    ) -> Result<CK_OBJECT_HANDLE> {
+        match self.objects.on_member(h, slot, m) {
+            Some(v) => Ok(v),
+            None => Ok(self
+                .resolve(slot, m, h, Some(cs))?
+                .unwrap_or(CK_INVALID_HANDLE)),
         }
     }
 
     /// Finds an object on a member by its identity.
-    fn resolve(&self, slot: u32, m: u32, h: CK_OBJECT_HANDLE) -> Result<Option<CK_OBJECT_HANDLE>> {
+    fn resolve(
+        &self,
+        slot: u32,
+        m: u32,
+        h: CK_OBJECT_HANDLE,
+        cs: Option<CK_SESSION_HANDLE>,
+    ) -> Result<Option<CK_OBJECT_HANDLE>> {
         let Some(e) = self.objects.get(h) else {
             return Ok(None);
         };
@@ -630,31 +658,16 @@ impl Library {
             return Ok(None);
         };
         let member = &self.slots[slot as usize].members[m as usize];
-        let mut template = identity_template(&id);
-        let found = member.with_control(|cs| {
-            let mut raw = template
-                .iter_mut()
-                .map(|(t, v)| CK_ATTRIBUTE {
-                    type_: *t,
-                    pValue: v.as_mut_ptr().cast(),
-                    ulValueLen: v.len() as CK_ULONG,
-                })
-                .collect::<Vec<_>>();
-            member
-                .vendor
-                .find_objects_init(cs, Template::from_slice(&mut raw))?;
-            let mut found = [CK_INVALID_HANDLE; 2];
-            let mut n: CK_ULONG = 0;
-            let r = member.vendor.find_objects(cs, &mut found, &mut n);
-            let _ = member.vendor.find_objects_final(cs);
-            r.map(|_| found[..n as usize].to_vec())
-        })?;
-        if found.len() != 1 {
-            tracing::debug!(member = %member.name, matches = found.len(), "object identity does not single out one object on this member");
+        let found = match cs {
+            Some(cs) => resync::find_identity(member, cs, &id)?,
+            None => member.with_control(|cs| resync::find_identity(member, cs, &id))?,
+        };
+        let Some(found) = found else {
+            tracing::debug!(member = %member.name, "object identity does not single out one object on this member");
             return Ok(None);
-        }
-        self.objects.set_on_member(h, m, found[0]);
-        Ok(Some(found[0]))
+        };
+        self.objects.set_on_member(h, m, found);
+        Ok(Some(found))
     }
 
     /// The application's handle for a vendor object, issued on first sight.
@@ -706,10 +719,15 @@ impl Library {
         };
         member.set_vendor_slot(Some(vs));
         member.close_control();
-        let result = member.with_control(|cs| self.ensure_login(slot, member, cs));
+        let result = member.with_control(|cs| {
+            self.ensure_login(slot, member, cs)?;
+            // Its handles may have changed; what it missed is given to it
+            // before it serves again.
+            self.objects.forget_member(si, mi);
+            self.resync(si, mi, cs)
+        });
         match result {
             Ok(()) => {
-                self.objects.forget_member(si, mi);
                 member.mark_up();
                 tracing::info!(slot = slot.cfg.id, member = %member.name, down_ms = member.down_for().as_millis() as u64,
                     "member recovered");
@@ -734,7 +752,8 @@ impl Library {
                 let members: Vec<serde_json::Value> = s
                     .members
                     .iter()
-                    .map(|m| {
+                    .enumerate()
+                    .map(|(i, m)| {
                         let st = &m.stats;
                         serde_json::json!({
                             "name": m.name,
@@ -751,6 +770,7 @@ impl Library {
                             "failovers": st.failovers.load(Ordering::Relaxed),
                             "recoveries": st.recoveries.load(Ordering::Relaxed),
                             "down_ms": (!m.is_up()).then(|| m.down_for().as_millis() as u64),
+                            "missed_changes": s.journal.pending(i as u32),
                         })
                     })
                     .collect();
@@ -793,7 +813,7 @@ impl recovery::Probe for Library {
 }
 
 /// The attributes that identify an object on every member.
-fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
+pub(super) fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)> {
     let mut t = Vec::with_capacity(4);
     if let Some(c) = id.class {
         t.push((CKA_CLASS, c.to_ne_bytes().to_vec()));

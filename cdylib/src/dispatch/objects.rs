@@ -8,6 +8,9 @@ use pkcs11_sys::*;
 use super::{Library, Session};
 use crate::abi::mem::{Out, OutHandles, Template};
 use crate::error::{Error, Result};
+use std::sync::Arc;
+
+use super::resync::{Change, Remake, find_identity};
 use crate::router::Member;
 use crate::router::replay::FindRecord;
 
@@ -15,22 +18,40 @@ impl Library {
     /// Repeats on every other member that is up what made a token object on
     /// member `made_on`, recording the object's handle on each; a member
     /// that fails is marked down.
+    ///
+    /// `later` makes the object again from data of its own; a member that is
+    /// down or fails gets it when it comes back (without it, it misses the
+    /// object, and a warning says so).
     pub(super) fn replicate(
         &self,
         sess: &Session,
         made_on: u32,
         h: CK_OBJECT_HANDLE,
-        what: &str,
+        what: &'static str,
         mut make: impl FnMut(&Member, u32, CK_SESSION_HANDLE) -> Result<CK_OBJECT_HANDLE>,
+        later: Option<Remake>,
     ) {
         let slot = &self.slots[sess.slot as usize];
+        let missed = |i: u32, m: &Member| match &later {
+            Some(remake) => {
+                let remake = remake.clone();
+                let change: Change = Arc::new(move |lib, m, mi, cs| {
+                    let v = remake(lib, m, mi, cs)?;
+                    lib.objects.set_on_member(h, mi, v);
+                    Ok(())
+                });
+                slot.journal.record(i, what, change);
+            }
+            None => tracing::warn!(slot = slot.cfg.id, member = %m.name, what,
+                "a member that is down misses a token object it cannot be given later"),
+        };
         for (i, m) in slot.members.iter().enumerate() {
             let i = i as u32;
             if i == made_on {
                 continue;
             }
             if !m.is_up() {
-                tracing::warn!(slot = slot.cfg.id, member = %m.name, what, "member is down and misses a token object");
+                missed(i, m);
                 continue;
             }
             match m.with_control(|cs| m.track(false, || make(m, i, cs))) {
@@ -38,18 +59,22 @@ impl Library {
                 Err(e) => {
                     tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "replication to member failed");
                     self.member_down(slot, i, None);
+                    missed(i, m);
                 }
             }
         }
     }
 
-    /// Applies a change of a token object on every other member that is up.
+    /// Applies a change of a token object on every other member that is up;
+    /// a member that is down or fails gets `later` when it comes back.
     fn on_other_members(
         &self,
         sess: &Session,
         done_on: u32,
         h: CK_OBJECT_HANDLE,
+        what: &'static str,
         mut f: impl FnMut(&Member, CK_SESSION_HANDLE, CK_OBJECT_HANDLE) -> Result<()>,
+        later: Change,
     ) {
         let slot = &self.slots[sess.slot as usize];
         if slot.members.len() < 2
@@ -62,21 +87,21 @@ impl Library {
         }
         for (i, m) in slot.members.iter().enumerate() {
             let i = i as u32;
-            if i == done_on || !m.is_up() {
+            if i == done_on {
                 continue;
             }
-            let v = match self.object_on(sess.slot, i, h) {
-                Ok(CK_INVALID_HANDLE) => continue,
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "member failed");
-                    self.member_down(slot, i, None);
-                    continue;
-                }
-            };
-            if let Err(e) = m.with_control(|cs| m.track(false, || f(m, cs, v))) {
-                tracing::warn!(slot = slot.cfg.id, member = %m.name, error = %e, "change on member failed");
+            if !m.is_up() {
+                slot.journal.record(i, what, later.clone());
+                continue;
+            }
+            let r = m.with_control(|cs| match self.object_on_in(sess.slot, i, h, cs)? {
+                CK_INVALID_HANDLE => Ok(()),
+                v => m.track(false, || f(m, cs, v)),
+            });
+            if let Err(e) = r {
+                tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "change on member failed");
                 self.member_down(slot, i, None);
+                slot.journal.record(i, what, later.clone());
             }
         }
     }
@@ -101,10 +126,26 @@ impl Library {
             ))
         })?;
         if self.multi(&sess) && t.bool_attr(CKA_TOKEN) == Some(true) {
-            self.replicate(&sess, m, o, "C_CreateObject", |mem, _, cs| {
-                let mut v = CK_INVALID_HANDLE;
-                mem.vendor.create_object(cs, t, &mut v).map(|_| v)
+            let later = t.save().map(|saved| -> Remake {
+                Arc::new(move |_, mem, _, cs| {
+                    let mut raw = saved.to_raw();
+                    let mut v = CK_INVALID_HANDLE;
+                    mem.vendor
+                        .create_object(cs, Template::from_slice(&mut raw), &mut v)
+                        .map(|_| v)
+                })
             });
+            self.replicate(
+                &sess,
+                m,
+                o,
+                "C_CreateObject",
+                |mem, _, cs| {
+                    let mut v = CK_INVALID_HANDLE;
+                    mem.vendor.create_object(cs, t, &mut v).map(|_| v)
+                },
+                later,
+            );
         }
         out.write(o);
         Ok(())
@@ -131,12 +172,29 @@ impl Library {
                 .get(o)
                 .is_some_and(|e| e.owner == super::Owner::Token)
         {
-            self.replicate(&sess, m, o, "C_CopyObject", |mem, mi, cs| {
-                let mut v = CK_INVALID_HANDLE;
-                mem.vendor
-                    .copy_object(cs, self.object_on(slot, mi, src)?, t, &mut v)
-                    .map(|_| v)
+            let later = t.save().map(|saved| -> Remake {
+                Arc::new(move |lib, mem, mi, cs| {
+                    let mut raw = saved.to_raw();
+                    let mut v = CK_INVALID_HANDLE;
+                    let from = lib.object_on_in(slot, mi, src, cs)?;
+                    mem.vendor
+                        .copy_object(cs, from, Template::from_slice(&mut raw), &mut v)
+                        .map(|_| v)
+                })
             });
+            self.replicate(
+                &sess,
+                m,
+                o,
+                "C_CopyObject",
+                |mem, mi, cs| {
+                    let mut v = CK_INVALID_HANDLE;
+                    mem.vendor
+                        .copy_object(cs, self.object_on_in(slot, mi, src, cs)?, t, &mut v)
+                        .map(|_| v)
+                },
+                later,
+            );
         }
         out.write(o);
         Ok(())
@@ -150,7 +208,22 @@ impl Library {
                 .destroy_object(vh, self.object_on(slot, mi, o)?)
                 .map(|_| mi)
         })?;
-        self.on_other_members(&sess, done_on, o, |m, cs, v| m.vendor.destroy_object(cs, v));
+        let identity = self.objects.get(o).and_then(|e| e.identity);
+        let later: Change = Arc::new(move |_, m, _, cs| match &identity {
+            Some(id) => match find_identity(m, cs, id)? {
+                Some(v) => m.vendor.destroy_object(cs, v),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        });
+        self.on_other_members(
+            &sess,
+            done_on,
+            o,
+            "C_DestroyObject",
+            |m, cs, v| m.vendor.destroy_object(cs, v),
+            later,
+        );
         self.objects.remove(o);
         Ok(())
     }
@@ -193,6 +266,16 @@ impl Library {
             .attrs()
             .iter()
             .any(|a| a.type_ == CKA_LABEL || a.type_ == CKA_ID);
+        // The object is found on the other members under its identity from
+        // before the change.
+        let before = self.objects.get(o).and_then(|e| e.identity);
+        if self.multi(&sess) && changes_identity {
+            for (i, m) in self.slots[slot as usize].members.iter().enumerate() {
+                if m.is_up() {
+                    let _ = self.object_on(slot, i as u32, o);
+                }
+            }
+        }
         let done_on = self.on_session(&sess, None, |m, mi, vh| {
             let v = self.object_on(slot, mi, o)?;
             m.vendor.set_attribute_value(vh, v, t)?;
@@ -202,9 +285,26 @@ impl Library {
             }
             Ok(mi)
         })?;
-        self.on_other_members(&sess, done_on, o, |m, cs, v| {
-            m.vendor.set_attribute_value(cs, v, t)
+        let saved = t.save();
+        let later: Change = Arc::new(move |_, m, _, cs| match (&before, &saved) {
+            (Some(id), Some(saved)) => match find_identity(m, cs, id)? {
+                Some(v) => {
+                    let mut raw = saved.to_raw();
+                    m.vendor
+                        .set_attribute_value(cs, v, Template::from_slice(&mut raw))
+                }
+                None => Ok(()),
+            },
+            _ => Ok(()),
         });
+        self.on_other_members(
+            &sess,
+            done_on,
+            o,
+            "C_SetAttributeValue",
+            |m, cs, v| m.vendor.set_attribute_value(cs, v, t),
+            later,
+        );
         Ok(())
     }
 
