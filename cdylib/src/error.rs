@@ -70,6 +70,9 @@ pub enum Error {
     OperationLost,
     #[error("a token key would not be replicated to every member")]
     NotReplicated,
+    /// A member call did not return before the slot's deadline.
+    #[error("the member did not answer before the call deadline")]
+    TimedOut,
 }
 
 impl Error {
@@ -96,6 +99,7 @@ impl Error {
             Error::PinSource(_) => vendor_rv::PIN_SOURCE_UNAVAILABLE,
             Error::OperationLost => vendor_rv::OPERATION_LOST,
             Error::NotReplicated => vendor_rv::NOT_REPLICATED,
+            Error::TimedOut => CKR_DEVICE_ERROR,
         }
     }
 

@@ -62,6 +62,35 @@ fn level_filter(level: LogLevel) -> LevelFilter {
     }
 }
 
+/// Something with a destructor in thread-local storage: when it can no
+/// longer be reached, this thread's storage is being torn down (an exit
+/// handler running after the main thread's storage was destroyed), and the
+/// logger, which keeps buffers there, must not be called.
+struct Canary;
+
+impl Drop for Canary {
+    fn drop(&mut self) {}
+}
+
+thread_local! {
+    static CANARY: Canary = const { Canary };
+}
+
+/// Whether logging is possible on this thread now.
+#[inline]
+pub fn usable() -> bool {
+    CANARY.try_with(|_| ()).is_ok()
+}
+
+/// Runs a logging statement when it is safe to: never while this thread's
+/// storage is being torn down, and never letting a panic out.
+#[inline]
+pub fn quietly(f: impl FnOnce()) {
+    if usable() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    }
+}
+
 /// Applies a log configuration; may be called again on every
 /// `C_Initialize` (a new level or file takes effect).
 pub fn setup(cfg: &LogConfig) {

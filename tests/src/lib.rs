@@ -113,6 +113,18 @@ impl FaultyMember {
         self.set("");
     }
 
+    /// Forgets the last dump of call counts, so that the next one (the
+    /// next `C_Finalize` of a process using the member) stands alone.
+    pub fn reset_calls(&self) {
+        let mut p = self.library.clone().into_os_string();
+        p.push(".calls");
+        match std::fs::remove_file(PathBuf::from(p)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("remove the call counts: {e}"),
+        }
+    }
+
     /// Calls per function seen by the member, as of its last dump.
     pub fn calls(&self) -> std::collections::HashMap<String, u64> {
         let mut p = self.library.clone().into_os_string();

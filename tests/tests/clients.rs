@@ -8,7 +8,7 @@
 //! key read back from the token.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
@@ -17,6 +17,11 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use p11shim_tests::{
     Target, TestEnv, USER_PIN, p11shim_lib, repo_root, require, run_ok, softhsm_lib,
+};
+
+mod common;
+use common::{
+    compile_java, openssl, openssl_cnf, openssl_verify, run_fail, sunpkcs11_cfg, text, write,
 };
 
 /// Label of the SoftHSM2 token behind the virtual slot.
@@ -40,28 +45,6 @@ fn shim_env() -> TestEnv {
     env.init_token(TOKEN);
     env.single_slot_config(SLOT, TOKEN, "", "");
     env
-}
-
-/// Both output streams, for assertions and failure messages.
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// Runs a command that must fail; returns both streams.
-fn run_fail(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        !out.status.success(),
-        "{cmd:?} succeeded but must fail:\n{}",
-        text(&out)
-    );
-    text(&out)
 }
 
 /// `pkcs11-tool` on p11shim, or on the SoftHSM2 token directly.
@@ -142,79 +125,6 @@ fn read_pubkey(env: &TestEnv, target: Target, id: &str) -> PathBuf {
         "not a DER public key: {der:02x?}"
     );
     path
-}
-
-/// Writes a file in the test's directory and returns its path.
-fn write(env: &TestEnv, name: &str, data: impl AsRef<[u8]>) -> PathBuf {
-    let p = env.path().join(name);
-    std::fs::write(&p, data).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-    p
-}
-
-/// Checks with openssl, in software, that `sig` is a SHA-256 signature
-/// (PKCS#1 v1.5 or DER ECDSA) of `msg` by `pubkey`, and that it does not
-/// verify for another message.
-fn openssl_verify(env: &TestEnv, pubkey: &Path, msg: &Path, sig: &Path) {
-    let out = run_ok(
-        env.command("openssl")
-            .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
-            .arg(pubkey)
-            .arg("-signature")
-            .arg(sig)
-            .arg(msg),
-    );
-    assert!(text(&out).contains("Verified OK"), "{}", text(&out));
-    let other = write(env, "other-message.txt", "not the signed message");
-    let out = run_fail(
-        env.command("openssl")
-            .args(["dgst", "-sha256", "-keyform", "DER", "-verify"])
-            .arg(pubkey)
-            .arg("-signature")
-            .arg(sig)
-            .arg(other),
-    );
-    assert!(out.contains("Verification failure"), "{out}");
-}
-
-/// The OpenSSL engine module of the pkcs11 engine (libengine-pkcs11-openssl).
-fn pkcs11_engine() -> PathBuf {
-    let out = run_ok(Command::new("openssl").args(["version", "-e"]));
-    let dir = text(&out)
-        .split('"')
-        .nth(1)
-        .map(PathBuf::from)
-        .expect("ENGINESDIR in `openssl version -e`");
-    let engine = dir.join("pkcs11.so");
-    assert!(
-        engine.exists(),
-        "{} is missing (apt-get install libengine-pkcs11-openssl)",
-        engine.display()
-    );
-    engine
-}
-
-/// Writes an openssl.cnf that loads the pkcs11 engine over p11shim: the
-/// annotated conf/openssl-pkcs11.cnf with this machine's paths.
-fn openssl_cnf(env: &TestEnv) -> PathBuf {
-    let example = repo_root().join("conf/openssl-pkcs11.cnf");
-    let example =
-        std::fs::read_to_string(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
-    let cnf: Vec<String> = example
-        .lines()
-        .map(|line| match line.split_once(" = ") {
-            Some(("dynamic_path", _)) => format!("dynamic_path = {}", pkcs11_engine().display()),
-            Some(("MODULE_PATH", _)) => format!("MODULE_PATH = {}", p11shim_lib().display()),
-            _ => line.to_owned(),
-        })
-        .collect();
-    write(env, "openssl.cnf", cnf.join("\n") + "\n")
-}
-
-/// `openssl` reading the test's openssl.cnf.
-fn openssl(env: &TestEnv, cnf: &Path) -> Command {
-    let mut c = env.command("openssl");
-    c.env("OPENSSL_CONF", cnf);
-    c
 }
 
 /// The RFC 7512 URI of a private key in the virtual slot, with the PIN.
@@ -312,31 +222,6 @@ fn softhsm_sign_only_rsa_key(env: &TestEnv, id: u8, label: &str) {
         .expect("C_GenerateKeyPair");
     drop(session);
     p11.finalize().expect("C_Finalize");
-}
-
-/// A SunPKCS11 configuration naming p11shim and virtual slot 0.
-fn sunpkcs11_cfg(env: &TestEnv) -> PathBuf {
-    write(
-        env,
-        "sunpkcs11.cfg",
-        format!(
-            "name = p11shim\nlibrary = {}\nslot = 0\n",
-            p11shim_lib().display()
-        ),
-    )
-}
-
-/// Compiles tests/clients/java/P11Sign.java into the test's directory and
-/// returns the class path.
-fn compile_p11sign(env: &TestEnv) -> PathBuf {
-    let classes = env.path().join("java-classes");
-    run_ok(
-        env.command("javac")
-            .arg("-d")
-            .arg(&classes)
-            .arg(repo_root().join("tests/clients/java/P11Sign.java")),
-    );
-    classes
 }
 
 /// `keytool -list` on the virtual slot through SunPKCS11.
@@ -543,7 +428,7 @@ fn java_sunpkcs11_keytool_and_signatures_with_pin() {
         );
     }
 
-    let classes = compile_p11sign(&env);
+    let classes = compile_java(&env, "P11Sign.java");
     let out = text(&run_ok(
         env.command("java")
             .arg("-cp")
@@ -583,7 +468,7 @@ fn java_sunpkcs11_without_pin_uses_the_slot_pin_source() {
     // From now on the slot logs in with the PIN from the environment.
     env.single_slot_config(SLOT, TOKEN, "pin = \"env:P11SHIM_PIN\"", "");
     let cfg = sunpkcs11_cfg(&env);
-    let classes = compile_p11sign(&env);
+    let classes = compile_java(&env, "P11Sign.java");
 
     // The token has a protected authentication path: no PIN to type.
     let out = text(&run_ok(pkcs11_tool(&env).arg("--list-token-slots")));

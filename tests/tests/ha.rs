@@ -460,17 +460,33 @@ fn a_member_that_was_down_is_resynchronized() {
     ha.members[2].set("remove\n");
     let fresh = data(b"fresh");
     s.destroy_object(doomed).unwrap();
-    s.update_attributes(renamed, &[Attribute::Label(b"new-name".to_vec())]).unwrap();
-    let aes = s
-        .generate_key(&Mechanism::AesKeyGen, &[Attribute::Token(true), Attribute::ValueLen(32.into()), Attribute::Label(b"while-down".to_vec()), Attribute::Encrypt(true), Attribute::Decrypt(true)])
+    s.update_attributes(renamed, &[Attribute::Label(b"new-name".to_vec())])
         .unwrap();
-    let ct = s.encrypt(&Mechanism::AesCbcPad(IV), aes, b"resync").unwrap();
+    let aes = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(b"while-down".to_vec()),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+            ],
+        )
+        .unwrap();
+    let ct = s
+        .encrypt(&Mechanism::AesCbcPad(IV), aes, b"resync")
+        .unwrap();
     let status = p11shim_tests::status_json(&p11shim_lib());
     assert!(status.contains(r#""missed_changes":4"#), "{status}");
 
     ha.members[2].heal();
     ha.wait_recoveries(1);
-    assert!(ha.env.log().contains("member resynchronized"), "{}", ha.env.log());
+    assert!(
+        ha.env.log().contains("member resynchronized"),
+        "{}",
+        ha.env.log()
+    );
     // Member c alone.
     ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
     ha.members[1].set("fail all CKR_DEVICE_ERROR\n");
@@ -479,9 +495,90 @@ fn a_member_that_was_down_is_resynchronized() {
     assert!(find(b"doomed").is_empty());
     assert!(find(b"old-name").is_empty());
     assert_eq!(find(b"new-name"), vec![renamed]);
-    assert_eq!(s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(), b"resync");
+    assert_eq!(
+        s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(),
+        b"resync"
+    );
     let status = p11shim_tests::status_json(&p11shim_lib());
     assert!(!status.contains(r#""missed_changes":4"#), "{status}");
+}
+
+/// A member that hangs: the call is abandoned at the slot's deadline and
+/// finishes on another member; sessions on other members never wait for
+/// it; with one member, the application gets CKR_DEVICE_ERROR at the
+/// deadline instead of hanging.
+#[test]
+fn a_hung_member_is_abandoned_at_the_deadline() {
+    let ha = Arc::new(ha(3, "call_timeout_ms = 300"));
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
+    // A second session, on another member, signs all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let other = {
+        let (ha, stop) = (ha.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let s2 = ha.session();
+            let rsa = key(&s2, "rsa");
+            let mut worst = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                s2.sign(&Mechanism::Sha256RsaPkcs, rsa, b"other").unwrap();
+                worst = worst.max(t.elapsed());
+            }
+            worst
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    ha.members[0].set("hang all\n");
+    let t = Instant::now();
+    let got = s
+        .sign(&Mechanism::Sha256RsaPkcs, rsa, b"m")
+        .unwrap_or_else(|e| panic!("{e}\n{}", ha.env.log()));
+    assert_eq!(got, sig);
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let worst = other.join().unwrap();
+    assert!(
+        took >= Duration::from_millis(300),
+        "abandoned before the deadline: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(300 + 1500),
+        "finished {took:?} after the hang began"
+    );
+    assert!(
+        worst < Duration::from_millis(300),
+        "a session on another member waited {worst:?}"
+    );
+    assert!(
+        ha.env.log().contains("call abandoned after its deadline"),
+        "{}",
+        ha.env.log()
+    );
+    ha.members[0].heal();
+    ha.wait_recoveries(1);
+}
+
+/// With one member that hangs, the application gets CKR_DEVICE_ERROR at
+/// the deadline rather than hanging with it.
+#[test]
+fn a_hung_single_member_fails_at_the_deadline() {
+    let ha = ha(1, "call_timeout_ms = 200");
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    ha.members[0].set("hang C_Sign\n");
+    let t = Instant::now();
+    let e = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::DeviceError), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_millis(200 + 1500),
+        "{:?}",
+        t.elapsed()
+    );
+    ha.members[0].heal();
 }
 
 /// A replication key that is not trusted cannot wrap the new key: the

@@ -92,3 +92,39 @@ fn load_initialize_finalize_unload_200_times() {
         "memory grew by {growth} KiB over 180 cycles (from {warm} KiB to {end} KiB)"
     );
 }
+
+/// C_Finalize from an exit handler (OpenSSL's cleanup does this), after the
+/// main thread's storage was torn down, at a log level that logs it: a C
+/// program that initializes on its main thread and finalizes in `atexit`
+/// exits cleanly instead of aborting.
+#[test]
+fn finalize_from_an_exit_handler() {
+    if !p11shim_tests::require("cc") {
+        return;
+    }
+    let env = TestEnv::new();
+    env.init_token("exit");
+    env.single_slot_config("exit", "exit", "", "");
+    let src = p11shim_tests::repo_root().join("tests/clients/c/atexit.c");
+    let bin = env.path().join("atexit");
+    p11shim_tests::run_ok(
+        std::process::Command::new("cc")
+            .arg(&src)
+            .arg("-o")
+            .arg(&bin)
+            .arg("-ldl"),
+    );
+    let out = env
+        .command(bin.to_str().unwrap())
+        .arg(p11shim_lib())
+        .env("P11SHIM_LOG", "info")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "exit status {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("initialized"));
+}

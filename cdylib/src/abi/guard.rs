@@ -30,7 +30,9 @@ pub fn guard(function: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV
 #[inline(never)]
 fn failed(function: &'static str, e: &Error) -> CK_RV {
     let rv = e.rv();
-    tracing::debug!(function, rv = %rv_name(rv), error = %e, "call failed");
+    crate::logging::quietly(
+        || tracing::debug!(function, rv = %rv_name(rv), error = %e, "call failed"),
+    );
     rv
 }
 

@@ -93,7 +93,7 @@ pub struct BytesMut<'a> {
     _life: PhantomData<&'a mut [u8]>,
 }
 
-impl BytesMut<'_> {
+impl<'a> BytesMut<'a> {
     /// # Safety
     /// `ptr` is NULL or points to `len` writable bytes valid for the call.
     #[inline]
@@ -111,6 +111,32 @@ impl BytesMut<'_> {
     #[inline]
     pub(crate) fn raw(&mut self) -> (CK_BYTE_PTR, CK_ULONG) {
         (self.ptr, self.len)
+    }
+
+    /// A buffer owned by the module.
+    pub fn from_local(buf: &'a mut [u8]) -> Self {
+        BytesMut {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len() as CK_ULONG,
+            _life: PhantomData,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies bytes into the buffer (at most its length).
+    pub fn fill(&mut self, data: &[u8]) {
+        let n = data.len().min(self.len as usize);
+        if n > 0 {
+            // SAFETY: `ptr` holds `len` writable bytes (non-NULL when len > 0).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr, n) };
+        }
     }
 
     /// The same buffer, for one more call (a retry on another member).
@@ -161,6 +187,8 @@ impl Param<'_> {
 pub struct OutBytes<'a> {
     ptr: CK_BYTE_PTR,
     len: CK_ULONG_PTR,
+    /// The room the application gave, read when the view was made.
+    room: usize,
     _life: PhantomData<&'a mut [u8]>,
 }
 
@@ -173,9 +201,16 @@ impl<'a> OutBytes<'a> {
         if len.is_null() {
             return Err(Error::ArgumentsBad("NULL output length"));
         }
+        let room = if ptr.is_null() {
+            0
+        } else {
+            // SAFETY: `len` is non-NULL and readable for the call.
+            (unsafe { len.read_unaligned() }) as usize
+        };
         Ok(OutBytes {
             ptr,
             len,
+            room,
             _life: PhantomData,
         })
     }
@@ -185,6 +220,7 @@ impl<'a> OutBytes<'a> {
         OutBytes {
             ptr: std::ptr::null_mut(),
             len,
+            room: 0,
             _life: PhantomData,
         }
     }
@@ -195,7 +231,31 @@ impl<'a> OutBytes<'a> {
         OutBytes {
             ptr: buf.as_mut_ptr(),
             len,
+            room: buf.len(),
             _life: PhantomData,
+        }
+    }
+
+    /// The room the application gave (0 for a size query).
+    pub fn capacity(&self) -> usize {
+        self.room
+    }
+
+    /// Sets the length the application reads back.
+    pub fn set_len(&mut self, n: CK_ULONG) {
+        if !self.len.is_null() {
+            // SAFETY: `len` is non-NULL and writable for the call.
+            unsafe { self.len.write_unaligned(n) };
+        }
+    }
+
+    /// Copies a result into the application's buffer (at most its room).
+    pub fn fill(&mut self, data: &[u8]) {
+        let n = data.len().min(self.room);
+        if n > 0 {
+            // SAFETY: the application gave `room` writable bytes at `ptr`
+            // (non-NULL when room > 0), and n does not exceed it.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr, n) };
         }
     }
 
@@ -205,6 +265,7 @@ impl<'a> OutBytes<'a> {
         OutBytes {
             ptr: self.ptr,
             len: self.len,
+            room: self.room,
             _life: PhantomData,
         }
     }
@@ -222,9 +283,16 @@ impl<'a> OutBytes<'a> {
     /// As for [`OutBytes::new`], `len` may also be NULL.
     #[inline]
     pub unsafe fn new_optional(ptr: CK_BYTE_PTR, len: CK_ULONG_PTR) -> Self {
+        let room = if ptr.is_null() || len.is_null() {
+            0
+        } else {
+            // SAFETY: a non-NULL `len` is readable for the call.
+            (unsafe { len.read_unaligned() }) as usize
+        };
         OutBytes {
             ptr,
             len,
+            room,
             _life: PhantomData,
         }
     }

@@ -54,6 +54,7 @@ struct RawSlot {
     #[serde(default)]
     allow_unreplicated: bool,
     replication_key: Option<Spanned<String>>,
+    call_timeout_ms: Option<Spanned<u64>>,
     recovery_interval_ms: Option<Spanned<u64>>,
     recovery_max_interval_ms: Option<Spanned<u64>>,
     #[serde(default, rename = "member")]
@@ -137,6 +138,10 @@ pub struct SlotConfig {
     /// `CKA_TRUSTED`, under which generated token keys are wrapped to reach
     /// the other members.
     pub replication_key: Option<String>,
+    /// Deadline of a data-path call on a member, after which it is
+    /// abandoned and the work moves to another member (network HSMs that
+    /// may hang). `None`: calls run inline, never abandoned.
+    pub call_timeout_ms: Option<u64>,
     /// First delay before a down member is probed again (it doubles).
     pub recovery_interval_ms: u64,
     /// Longest delay between two probes of a down member.
@@ -418,6 +423,16 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             ));
         }
         let replay_limit = s.replay_limit.as_ref().map_or(1 << 20, |v| *v.get_ref());
+        let call_timeout_ms = match &s.call_timeout_ms {
+            Some(v) if !(10..=600_000).contains(v.get_ref()) => {
+                return Err(ctx.err(
+                    Some(&v.span()),
+                    key("call_timeout_ms"),
+                    "between 10 and 600000",
+                ));
+            }
+            other => other.as_ref().map(|v| *v.get_ref()),
+        };
         let replication_key = match &s.replication_key {
             Some(v) if v.get_ref().is_empty() || v.get_ref().len() > 32 => {
                 return Err(ctx.err(
@@ -533,6 +548,7 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             replay_limit,
             allow_unreplicated: s.allow_unreplicated,
             replication_key,
+            call_timeout_ms,
             recovery_interval_ms,
             recovery_max_interval_ms,
             members,

@@ -18,6 +18,7 @@ use crate::abi::mem::{
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
 use crate::router::replay::{OpKind, Outcome, final_outcome};
+use crate::router::{Member, bounded};
 
 type Sh = CK_SESSION_HANDLE;
 type Oh = CK_OBJECT_HANDLE;
@@ -31,7 +32,7 @@ impl Library {
         kind: OpKind,
         m: Mechanism<'_>,
         key: Oh,
-        init: impl Fn(&Vendor, Sh, Mechanism<'_>, Oh) -> Result<()>,
+        init: bounded::Init,
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
@@ -41,7 +42,7 @@ impl Library {
             } else {
                 self.object_on(slot, mi, key)?
             };
-            init(&mem.vendor, vh, m, k)
+            bounded::init(mem, vh, m, k, init)
         })?;
         if sess.replay {
             sess.state.lock().ops.start(kind, m.save(), key);
@@ -56,10 +57,10 @@ impl Library {
         h: Sh,
         kind: OpKind,
         size_query: bool,
-        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+        mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
-        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
+        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
         if sess.replay && final_outcome(&r, size_query) == Outcome::Ended {
             sess.state.lock().ops.end(kind);
         }
@@ -74,10 +75,10 @@ impl Library {
         kind: OpKind,
         input: Bytes<'_>,
         size_query: bool,
-        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+        mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
-        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(&m.vendor, vh));
+        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
         if !sess.replay {
             return r;
         }
@@ -98,10 +99,10 @@ impl Library {
         &self,
         h: Sh,
         kinds: [OpKind; 2],
-        mut call: impl FnMut(&Vendor, Sh) -> Result<()>,
+        mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
-        let r = self.on_session(&sess, None, |m, _, vh| call(&m.vendor, vh));
+        let r = self.on_session(&sess, None, |m, _, vh| call(m, vh));
         let mut st = sess.state.lock();
         for k in kinds {
             st.ops.taint(k);
@@ -109,38 +110,34 @@ impl Library {
         r
     }
 
-    fn plain(&self, h: Sh, mut call: impl FnMut(&Vendor, Sh) -> Result<()>) -> Result<()> {
+    fn plain(&self, h: Sh, mut call: impl FnMut(&Member, Sh) -> Result<()>) -> Result<()> {
         let sess = self.session(h)?;
-        self.on_session(&sess, None, |m, _, vh| call(&m.vendor, vh))
+        self.on_session(&sess, None, |m, _, vh| call(m, vh))
     }
 
     pub fn encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Encrypt, m, key, |v, s, m, k| {
-            v.encrypt_init(s, m, k)
-        })
+        self.op_init(h, OpKind::Encrypt, m, key, Vendor::encrypt_init)
     }
     pub fn decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Decrypt, m, key, |v, s, m, k| {
-            v.decrypt_init(s, m, k)
-        })
+        self.op_init(h, OpKind::Decrypt, m, key, Vendor::decrypt_init)
     }
     pub fn sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Sign, m, key, |v, s, m, k| v.sign_init(s, m, k))
+        self.op_init(h, OpKind::Sign, m, key, Vendor::sign_init)
     }
     pub fn verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::Verify, m, key, |v, s, m, k| {
-            v.verify_init(s, m, k)
-        })
+        self.op_init(h, OpKind::Verify, m, key, Vendor::verify_init)
     }
     pub fn sign_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::SignRecover, m, key, |v, s, m, k| {
-            v.sign_recover_init(s, m, k)
-        })
+        self.op_init(h, OpKind::SignRecover, m, key, Vendor::sign_recover_init)
     }
     pub fn verify_recover_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        self.op_init(h, OpKind::VerifyRecover, m, key, |v, s, m, k| {
-            v.verify_recover_init(s, m, k)
-        })
+        self.op_init(
+            h,
+            OpKind::VerifyRecover,
+            m,
+            key,
+            Vendor::verify_recover_init,
+        )
     }
     pub fn digest_init(&self, h: Sh, m: Mechanism<'_>) -> Result<()> {
         self.op_init(h, OpKind::Digest, m, CK_INVALID_HANDLE, |v, s, m, _| {
@@ -149,78 +146,100 @@ impl Library {
     }
 
     pub fn encrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| {
-            v.encrypt(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Encrypt, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::encrypt)
         })
     }
     pub fn encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Encrypt, d, out.is_size_query(), |v, s| {
-            v.encrypt_update(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_update(h, OpKind::Encrypt, d, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::encrypt_update)
         })
     }
     pub fn encrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Encrypt, out.is_size_query(), |v, s| {
-            v.encrypt_final(s, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Encrypt, q, |m, s| {
+            bounded::out_only(m, s, &mut out, Vendor::encrypt_final)
         })
     }
     pub fn decrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| {
-            v.decrypt(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Decrypt, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::decrypt)
         })
     }
     pub fn decrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Decrypt, d, out.is_size_query(), |v, s| {
-            v.decrypt_update(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_update(h, OpKind::Decrypt, d, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::decrypt_update)
         })
     }
     pub fn decrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Decrypt, out.is_size_query(), |v, s| {
-            v.decrypt_final(s, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Decrypt, q, |m, s| {
+            bounded::out_only(m, s, &mut out, Vendor::decrypt_final)
         })
     }
     pub fn digest(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| {
-            v.digest(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Digest, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::digest)
         })
     }
     pub fn digest_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Digest, d, false, |v, s| v.digest_update(s, d))
+        self.op_update(h, OpKind::Digest, d, false, |m, s| {
+            bounded::in_only(m, s, d, Vendor::digest_update)
+        })
     }
     pub fn digest_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Digest, out.is_size_query(), |v, s| {
-            v.digest_final(s, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Digest, q, |m, s| {
+            bounded::out_only(m, s, &mut out, Vendor::digest_final)
         })
     }
     pub fn sign(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| {
-            v.sign(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Sign, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::sign)
         })
     }
     pub fn sign_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Sign, d, false, |v, s| v.sign_update(s, d))
+        self.op_update(h, OpKind::Sign, d, false, |m, s| {
+            bounded::in_only(m, s, d, Vendor::sign_update)
+        })
     }
     pub fn sign_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Sign, out.is_size_query(), |v, s| {
-            v.sign_final(s, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::Sign, q, |m, s| {
+            bounded::out_only(m, s, &mut out, Vendor::sign_final)
         })
     }
     pub fn sign_recover(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::SignRecover, out.is_size_query(), |v, s| {
-            v.sign_recover(s, d, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::SignRecover, q, |m, s| {
+            bounded::in_out(m, s, d, &mut out, Vendor::sign_recover)
         })
     }
     pub fn verify(&self, h: Sh, d: Bytes<'_>, sig: Bytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Verify, false, |v, s| v.verify(s, d, sig))
+        self.op_last(h, OpKind::Verify, false, |m, s| {
+            bounded::in_in(m, s, d, sig, Vendor::verify)
+        })
     }
     pub fn verify_update(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.op_update(h, OpKind::Verify, d, false, |v, s| v.verify_update(s, d))
+        self.op_update(h, OpKind::Verify, d, false, |m, s| {
+            bounded::in_only(m, s, d, Vendor::verify_update)
+        })
     }
     pub fn verify_final(&self, h: Sh, sig: Bytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Verify, false, |v, s| v.verify_final(s, sig))
+        self.op_last(h, OpKind::Verify, false, |m, s| {
+            bounded::in_only(m, s, sig, Vendor::verify_final)
+        })
     }
     pub fn verify_recover(&self, h: Sh, sig: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::VerifyRecover, out.is_size_query(), |v, s| {
-            v.verify_recover(s, sig, out.reborrow())
+        let q = out.is_size_query();
+        self.op_last(h, OpKind::VerifyRecover, q, |m, s| {
+            bounded::in_out(m, s, sig, &mut out, Vendor::verify_recover)
         })
     }
 
@@ -240,39 +259,39 @@ impl Library {
 
     pub fn digest_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         self.dual_update(h, [OpKind::Digest, OpKind::Encrypt], |v, s| {
-            v.digest_encrypt_update(s, d, out.reborrow())
+            v.vendor.digest_encrypt_update(s, d, out.reborrow())
         })
     }
     pub fn decrypt_digest_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         self.dual_update(h, [OpKind::Decrypt, OpKind::Digest], |v, s| {
-            v.decrypt_digest_update(s, d, out.reborrow())
+            v.vendor.decrypt_digest_update(s, d, out.reborrow())
         })
     }
     pub fn sign_encrypt_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         self.dual_update(h, [OpKind::Sign, OpKind::Encrypt], |v, s| {
-            v.sign_encrypt_update(s, d, out.reborrow())
+            v.vendor.sign_encrypt_update(s, d, out.reborrow())
         })
     }
     pub fn decrypt_verify_update(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         self.dual_update(h, [OpKind::Decrypt, OpKind::Verify], |v, s| {
-            v.decrypt_verify_update(s, d, out.reborrow())
+            v.vendor.decrypt_verify_update(s, d, out.reborrow())
         })
     }
 
     pub fn seed_random(&self, h: Sh, d: Bytes<'_>) -> Result<()> {
-        self.plain(h, |v, s| v.seed_random(s, d))
+        self.plain(h, |v, s| v.vendor.seed_random(s, d))
     }
     pub fn generate_random(&self, h: Sh, mut out: BytesMut<'_>) -> Result<()> {
-        self.plain(h, |v, s| v.generate_random(s, out.reborrow()))
+        self.plain(h, |m, s| bounded::random(m, s, &mut out))
     }
     pub fn get_function_status(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.get_function_status(s))
+        self.plain(h, |v, s| v.vendor.get_function_status(s))
     }
     pub fn cancel_function(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.cancel_function(s))
+        self.plain(h, |v, s| v.vendor.cancel_function(s))
     }
     pub fn session_cancel(&self, h: Sh, flags: CK_FLAGS) -> Result<()> {
-        self.plain(h, |v, s| v.session_cancel(s, flags))
+        self.plain(h, |v, s| v.vendor.session_cancel(s, flags))
     }
 
     pub fn wrap_key(
@@ -454,7 +473,7 @@ macro_rules! message_calls {
         impl Library {
             $(
                 pub fn $name(&self, h: Sh, $(mut $p: $t),*) -> Result<()> {
-                    self.plain(h, |v, s| v.$name(s, $($p.reborrow_arg()),*))
+                    self.plain(h, |v, s| v.vendor.$name(s, $($p.reborrow_arg()),*))
                 }
             )*
         }
@@ -478,16 +497,16 @@ message_calls! {
 
 impl Library {
     pub fn message_encrypt_final(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.message_encrypt_final(s))
+        self.plain(h, |v, s| v.vendor.message_encrypt_final(s))
     }
     pub fn message_decrypt_final(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.message_decrypt_final(s))
+        self.plain(h, |v, s| v.vendor.message_decrypt_final(s))
     }
     pub fn message_sign_final(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.message_sign_final(s))
+        self.plain(h, |v, s| v.vendor.message_sign_final(s))
     }
     pub fn message_verify_final(&self, h: Sh) -> Result<()> {
-        self.plain(h, |v, s| v.message_verify_final(s))
+        self.plain(h, |v, s| v.vendor.message_verify_final(s))
     }
     pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;

@@ -143,9 +143,28 @@ pub fn finalize() -> Result<()> {
     stop_threads();
     handles::invalidate_cached_sessions();
     for v in lib.vendors.iter().filter(|v| v.owned) {
+        // A call abandoned at its deadline may still be running inside the
+        // vendor: finalizing under it is undefined, so the vendor is left
+        // initialized (and loaded, by the reference the call holds).
+        let busy: u32 = lib
+            .slots
+            .iter()
+            .flat_map(|s| &s.members)
+            .filter(|m| Arc::ptr_eq(&m.vendor, &v.vendor))
+            .map(|m| m.abandoned.count())
+            .sum();
+        if busy > 0 {
+            logging::quietly(|| {
+                tracing::warn!(library = %v.vendor.path().display(), calls = busy,
+                "abandoned calls still run in this vendor library; it is not finalized")
+            });
+            continue;
+        }
         v.vendor.finalize();
     }
-    tracing::info!("p11shim finalized");
+    // C_Finalize may run from an exit handler, after this thread's storage
+    // was torn down.
+    logging::quietly(|| tracing::info!("p11shim finalized"));
     Ok(())
 }
 
@@ -273,7 +292,13 @@ impl Library {
                             library = %mc.library.display(), "member token not found; it will be probed")
                         }
                     }
-                    let m = Member::new(name, vendor, mc.clone(), vendor_slot);
+                    // A deadline needs a thread per call: none when the
+                    // application forbids threads.
+                    let deadline = sc
+                        .call_timeout_ms
+                        .filter(|_| !no_threads)
+                        .map(Duration::from_millis);
+                    let m = Member::new(name, vendor, mc.clone(), vendor_slot, deadline);
                     if vendor_slot.is_none() {
                         m.mark_down(Duration::from_millis(sc.recovery_interval_ms));
                     }
@@ -335,6 +360,34 @@ impl Library {
         Ok((i, m, m.vendor_slot().ok_or(Error::TokenNotPresent)?))
     }
 
+    /// Runs a slot-level call (token info, mechanisms) on the member new
+    /// work would go to; a member that fails with a failover-class result is
+    /// marked down and the next one asked, while one is left.
+    fn on_slot<T>(
+        &self,
+        slot: u32,
+        mut call: impl FnMut(&Member, CK_SLOT_ID) -> Result<T>,
+    ) -> Result<T> {
+        let s = &self.slots[slot as usize];
+        self.probe_inline();
+        let mut excluded = 0u32;
+        loop {
+            let i = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
+            let m = &s.members[i as usize];
+            let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
+            match m.track(false, || call(m, vs)) {
+                Err(Error::Vendor(rv))
+                    if router::is_failover(rv, false)
+                        && router::pick(&s.members, excluded | 1 << i).is_some() =>
+                {
+                    self.member_down(s, i, Some(rv));
+                    excluded |= 1 << i;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A session of the application.
     #[inline]
     fn session(&self, h: CK_SESSION_HANDLE) -> Result<handles::SessionRef> {
@@ -380,12 +433,18 @@ impl Library {
                 continue;
             }
             let r = member.track(sample, || call(member, m, vh));
-            match &r {
-                Err(Error::Vendor(rv))
-                    if moves < slot.members.len() && router::is_failover(*rv, slot.logged_in()) =>
-                {
+            // A failover-class result, or a call abandoned at its deadline.
+            let failed = match &r {
+                Err(Error::Vendor(rv)) if router::is_failover(*rv, slot.logged_in()) => {
+                    Some(Some(*rv))
+                }
+                Err(Error::TimedOut) => Some(None),
+                _ => None,
+            };
+            match failed {
+                Some(rv) if moves < slot.members.len() => {
                     moves += 1;
-                    if !self.move_session(sess, m, Some(*rv)) {
+                    if !self.move_session(sess, m, rv) {
                         return r;
                     }
                     if kind.is_some() && !sess.replay {
@@ -713,7 +772,19 @@ impl Library {
         let slot = &self.slots[si as usize];
         let member = &slot.members[mi as usize];
         let max = Duration::from_millis(slot.cfg.recovery_max_interval_ms);
-        let Some(vs) = resolve_member(&member.vendor, &member.cfg) else {
+        let found = match member.deadline {
+            // A member that may hang is first asked for its token within
+            // the deadline, so that the probe itself cannot hang.
+            Some(t) => {
+                let (v, cfg) = (member.vendor.clone(), member.cfg.clone());
+                member
+                    .bounded(t, move || resolve_member(&v, &cfg))
+                    .ok()
+                    .flatten()
+            }
+            None => resolve_member(&member.vendor, &member.cfg),
+        };
+        let Some(vs) = found else {
             member.probe_failed(max);
             return;
         };

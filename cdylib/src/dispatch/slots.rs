@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 use super::{Library, Session, SessionState, Slot};
 use crate::abi::mem::{Bytes, Label, Out, OutBytes, OutList, Pin, padded};
 use crate::error::{Error, Result};
-use crate::router::{self, Member};
+use crate::router::{self, Member, bounded};
 
 /// What `C_GetInfo` says of p11shim.
 pub fn info(version: CK_VERSION) -> CK_INFO {
@@ -52,13 +52,15 @@ impl Library {
             flags: CKF_HW_SLOT,
             ..Default::default()
         };
-        if let Ok((_, m, vs)) = self.serving_member(i) {
-            let mut mi = CK_SLOT_INFO::default();
-            if m.vendor.get_slot_info(vs, &mut mi).is_ok() {
+        let mut mi = CK_SLOT_INFO::default();
+        match self.on_slot(i, |m, vs| m.vendor.get_slot_info(vs, &mut mi)) {
+            Ok(()) => {
                 info.hardwareVersion = mi.hardwareVersion;
                 info.firmwareVersion = mi.firmwareVersion;
+                info.flags |= CKF_TOKEN_PRESENT;
             }
-            info.flags |= CKF_TOKEN_PRESENT;
+            Err(Error::TokenNotPresent) => {}
+            Err(_) => info.flags |= CKF_TOKEN_PRESENT,
         }
         out.write(info);
         Ok(())
@@ -67,9 +69,8 @@ impl Library {
     pub fn get_token_info(&self, slot: CK_SLOT_ID, mut out: Out<'_, CK_TOKEN_INFO>) -> Result<()> {
         let i = self.slot_index(slot)?;
         let s = &self.slots[i as usize];
-        let (_, m, vs) = self.serving_member(i)?;
         let mut info = CK_TOKEN_INFO::default();
-        m.vendor.get_token_info(vs, &mut info)?;
+        self.on_slot(i, |m, vs| m.vendor.get_token_info(vs, &mut info))?;
         info.label = padded(&s.cfg.label);
         info.serialNumber = padded(&s.cfg.serial);
         if s.cfg.pin.is_some() {
@@ -84,20 +85,22 @@ impl Library {
     pub fn get_mechanism_list(
         &self,
         slot: CK_SLOT_ID,
-        out: OutList<'_, CK_MECHANISM_TYPE>,
+        mut out: OutList<'_, CK_MECHANISM_TYPE>,
     ) -> Result<()> {
-        let (_, m, vs) = self.serving_member(self.slot_index(slot)?)?;
-        m.vendor.get_mechanism_list(vs, out)
+        self.on_slot(self.slot_index(slot)?, |m, vs| {
+            m.vendor.get_mechanism_list(vs, out.reborrow())
+        })
     }
 
     pub fn get_mechanism_info(
         &self,
         slot: CK_SLOT_ID,
         ty: CK_MECHANISM_TYPE,
-        out: Out<'_, CK_MECHANISM_INFO>,
+        mut out: Out<'_, CK_MECHANISM_INFO>,
     ) -> Result<()> {
-        let (_, m, vs) = self.serving_member(self.slot_index(slot)?)?;
-        m.vendor.get_mechanism_info(vs, ty, out)
+        self.on_slot(self.slot_index(slot)?, |m, vs| {
+            m.vendor.get_mechanism_info(vs, ty, out.reborrow())
+        })
     }
 
     pub fn init_token(&self, slot: CK_SLOT_ID, pin: Pin<'_>, label: Label<'_>) -> Result<()> {
@@ -107,8 +110,7 @@ impl Library {
             // others; members are initialized one by one with their own tools.
             return Err(Error::FunctionNotSupported);
         }
-        let (_, m, vs) = self.serving_member(i)?;
-        m.vendor.init_token(vs, pin, label)
+        self.on_slot(i, |m, vs| m.vendor.init_token(vs, pin, label))
     }
 
     /// `C_WaitForSlotEvent`: only the non-blocking form can be served over
@@ -158,19 +160,35 @@ impl Library {
             let mi = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
             let m = &s.members[mi as usize];
             let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
-            let mut vendor: CK_SESSION_HANDLE = 0;
-            match m.track(false, || m.vendor.open_session(vs, flags, &mut vendor)) {
-                Ok(()) => {}
-                Err(Error::Vendor(rv))
-                    if router::is_failover(rv, false)
-                        && router::pick(&s.members, excluded | 1 << mi).is_some() =>
-                {
-                    self.member_down(s, mi, Some(rv));
-                    excluded |= 1 << mi;
-                    continue;
+            let opened = m.track(false, || match m.deadline {
+                Some(t) => {
+                    let v = m.vendor.clone();
+                    m.bounded(t, move || {
+                        let mut vh: CK_SESSION_HANDLE = 0;
+                        v.open_session(vs, flags, &mut vh).map(|_| vh)
+                    })?
                 }
-                Err(e) => return Err(e),
-            }
+                None => {
+                    let mut vh: CK_SESSION_HANDLE = 0;
+                    m.vendor.open_session(vs, flags, &mut vh).map(|_| vh)
+                }
+            });
+            let vendor = match opened {
+                Ok(vh) => vh,
+                Err(e) => {
+                    let (failover, rv) = match &e {
+                        Error::Vendor(rv) => (router::is_failover(*rv, false), Some(*rv)),
+                        Error::TimedOut => (true, None),
+                        _ => (false, None),
+                    };
+                    if failover && router::pick(&s.members, excluded | 1 << mi).is_some() {
+                        self.member_down(s, mi, rv);
+                        excluded |= 1 << mi;
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
             if s.members.len() > 1 {
                 if let Err(e) = self.ensure_login(s, m, vendor) {
                     let _ = m.vendor.close_session(vendor);
@@ -248,12 +266,19 @@ impl Library {
     pub fn close_all_sessions(&self, slot: CK_SLOT_ID) -> Result<()> {
         let i = self.slot_index(slot)?;
         let s = &self.slots[i as usize];
+        // Every member up closes its sessions; a member that fails is marked
+        // down (its sessions die with it), and only a failure that is not a
+        // member's loss reaches the application.
         let mut result = Ok(());
-        for m in &s.members {
+        for (mi, m) in s.members.iter().enumerate() {
             if let (Some(vs), true) = (m.vendor_slot(), m.is_up()) {
                 m.drop_control();
-                if let Err(e) = m.vendor.close_all_sessions(vs) {
-                    result = Err(e);
+                match m.vendor.close_all_sessions(vs) {
+                    Ok(()) => {}
+                    Err(Error::Vendor(rv)) if router::is_failover(rv, false) => {
+                        self.member_down(s, mi as u32, Some(rv))
+                    }
+                    Err(e) => result = Err(e),
                 }
             }
         }
@@ -302,7 +327,9 @@ impl Library {
             Some(s) => Bytes::from_slice(s),
             None => pin,
         };
-        self.on_session(&sess, None, |m, _, vh| m.vendor.login(vh, user, secret))?;
+        self.on_session(&sess, None, |m, _, vh| {
+            bounded::in_only_with(m, vh, secret, move |v, s, pin| v.login(s, user, pin))
+        })?;
         if user == CKU_CONTEXT_SPECIFIC {
             return Ok(());
         }

@@ -9,6 +9,7 @@
 //! its operations there). The recovery thread (`recovery`) probes down
 //! members with backoff and returns them to service.
 
+pub mod bounded;
 pub mod recovery;
 pub mod replay;
 
@@ -56,6 +57,11 @@ pub struct Member {
     probe: Mutex<Probe>,
     /// The member's own session (login, probes, replication).
     control: Mutex<Option<CK_SESSION_HANDLE>>,
+    /// How long a data-path call may take before it is abandoned (the
+    /// slot's `call_timeout_ms`); `None` runs calls inline.
+    pub deadline: Option<Duration>,
+    /// Calls abandoned after their deadline that are still running.
+    pub abandoned: bounded::Abandoned,
 }
 
 /// Counters of a member, for the status query and the logs.
@@ -77,6 +83,7 @@ impl Member {
         vendor: Arc<Vendor>,
         cfg: MemberConfig,
         vendor_slot: Option<CK_SLOT_ID>,
+        deadline: Option<Duration>,
     ) -> Member {
         let now = Instant::now();
         let m = Member {
@@ -94,6 +101,8 @@ impl Member {
                 since: now,
             }),
             control: Mutex::new(None),
+            deadline,
+            abandoned: Default::default(),
         };
         if vendor_slot.is_none() {
             m.health.store(Health::Down as u8, Ordering::Relaxed);
@@ -349,6 +358,8 @@ mod tests {
                 since: Instant::now(),
             }),
             control: Mutex::new(None),
+            deadline: None,
+            abandoned: Default::default(),
         }
     }
 
