@@ -581,6 +581,61 @@ fn a_hung_single_member_fails_at_the_deadline() {
     ha.members[0].heal();
 }
 
+/// A session object made from a template follows its session to another
+/// member; a generated session key cannot, and is reported lost.
+#[test]
+fn session_objects_follow_their_session_when_they_can() {
+    let ha = ha(3, "");
+    let s = ha.session();
+    ha.login(&s);
+    let imported = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Value(vec![5; 16]),
+        ])
+        .unwrap();
+    let generated = s
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(false),
+                Attribute::ValueLen(16.into()),
+                Attribute::Encrypt(true),
+            ],
+        )
+        .unwrap();
+    let ct = s
+        .encrypt(&Mechanism::AesCbcPad(IV), imported, b"session")
+        .unwrap();
+    s.encrypt(&Mechanism::AesCbcPad(IV), generated, b"session")
+        .unwrap();
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    assert_eq!(
+        s.encrypt(&Mechanism::AesCbcPad(IV), imported, b"session")
+            .unwrap(),
+        ct
+    );
+    let e = s
+        .encrypt(&Mechanism::AesCbcPad(IV), generated, b"session")
+        .unwrap_err();
+    assert!(
+        matches!(
+            rv(&e),
+            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+        ),
+        "{e}"
+    );
+    assert!(
+        ha.env.log().contains("are lost with their member"),
+        "{}",
+        ha.env.log()
+    );
+}
+
 /// A replication key that is not trusted cannot wrap the new key: the
 /// generation fails with CKR_P11SHIM_NOT_REPLICATED and leaves no key.
 #[test]

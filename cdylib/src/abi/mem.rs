@@ -542,6 +542,16 @@ pub struct SavedTemplate {
     attrs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>,
 }
 
+impl Drop for SavedTemplate {
+    // A kept template may hold key material (`CKA_VALUE` of an imported
+    // key): wiped when dropped.
+    fn drop(&mut self) {
+        for (_, v) in &mut self.attrs {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
+
 impl SavedTemplate {
     /// Builds a template from owned values.
     pub fn from_values(attrs: Vec<(CK_ATTRIBUTE_TYPE, Vec<u8>)>) -> Self {

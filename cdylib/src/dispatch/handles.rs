@@ -62,6 +62,9 @@ pub struct SessionState {
     pub ops: Ops,
     /// Session objects this session created (they die with it).
     pub owned: Vec<CK_OBJECT_HANDLE>,
+    /// Session objects created from a template (kept), re-created on the
+    /// member the session moves to; other session objects are lost then.
+    pub recreate: Vec<(CK_OBJECT_HANDLE, crate::abi::mem::SavedTemplate)>,
     /// Calls made, for sampling latency.
     pub calls: u32,
 }

@@ -545,6 +545,28 @@ impl Library {
         })?;
         let result = (|| {
             self.ensure_login(slot, member, vh)?;
+            // Session objects first: the operations may use them.
+            for (h, t) in &st.recreate {
+                let mut raw = t.to_raw();
+                let mut v = CK_INVALID_HANDLE;
+                match member
+                    .vendor
+                    .create_object(vh, Template::from_slice(&mut raw), &mut v)
+                {
+                    Ok(()) => self.objects.set_on_member(*h, to, v),
+                    Err(Error::Vendor(rv)) if router::is_failover(rv, true) => {
+                        return Err(Error::Vendor(rv));
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %member.name, error = %e, "session object could not be re-created; it is lost")
+                    }
+                }
+            }
+            let lost_objects = st.owned.len().saturating_sub(st.recreate.len());
+            if lost_objects > 0 {
+                tracing::warn!(member = %member.name, objects = lost_objects,
+                    "session objects not made from a template (generated, derived, unwrapped, copied) are lost with their member");
+            }
             let mut lost = Vec::new();
             for (kind, rec) in st.ops.records() {
                 if !rec.replayable() {

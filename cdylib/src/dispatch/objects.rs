@@ -125,6 +125,12 @@ impl Library {
                 mi,
             ))
         })?;
+        if sess.replay && t.bool_attr(CKA_TOKEN) != Some(true) {
+            // A session object follows its session to another member.
+            if let Some(saved) = t.save() {
+                sess.state.lock().recreate.push((o, saved));
+            }
+        }
         if self.multi(&sess) && t.bool_attr(CKA_TOKEN) == Some(true) {
             let later = t.save().map(|saved| -> Remake {
                 Arc::new(move |_, mem, _, cs| {
@@ -225,6 +231,9 @@ impl Library {
             later,
         );
         self.objects.remove(o);
+        if sess.replay {
+            sess.state.lock().recreate.retain(|(h, _)| *h != o);
+        }
         Ok(())
     }
 

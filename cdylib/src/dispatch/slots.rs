@@ -203,6 +203,7 @@ impl Library {
                 vendor,
                 ops: Default::default(),
                 owned: Vec::new(),
+                recreate: Vec::new(),
                 calls: 0,
             };
             let single = s.members.len() == 1;
