@@ -27,6 +27,11 @@ struct Ha {
 
 /// Three members, a config with fast recovery, the module initialized.
 fn ha(n: usize, extra: &str) -> Ha {
+    ha_with(n, extra, CInitializeFlags::OS_LOCKING_OK)
+}
+
+/// [`ha`] with the given `C_Initialize` flags.
+fn ha_with(n: usize, extra: &str, flags: CInitializeFlags) -> Ha {
     let env = TestEnv::new();
     let members = env.ha_members(n);
     env.ha_config(
@@ -36,7 +41,7 @@ fn ha(n: usize, extra: &str) -> Ha {
     env.apply();
     let pkcs11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
     pkcs11
-        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .initialize(CInitializeArgs::new(flags))
         .expect("C_Initialize");
     let slot = pkcs11.get_slots_with_token().expect("slots")[0];
     // The replication key: the same AES key on every member, marked trusted
@@ -633,6 +638,78 @@ fn session_objects_follow_their_session_when_they_can() {
         ha.env.log().contains("are lost with their member"),
         "{}",
         ha.env.log()
+    );
+}
+
+/// The recovery thread runs while the module is initialized and is gone
+/// after C_Finalize.
+#[test]
+fn the_recovery_thread_stops_at_finalize() {
+    let ha = ha(2, "");
+    let names = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    };
+    assert!(
+        names().iter().any(|n| n.starts_with("p11shim-recov")),
+        "{:?}",
+        names()
+    );
+    let Ha { pkcs11, .. } = ha;
+    pkcs11.finalize().unwrap();
+    assert!(
+        !names().iter().any(|n| n.starts_with("p11shim")),
+        "{:?}",
+        names()
+    );
+}
+
+/// An application that forbids threads gets none: down members are probed
+/// from its own calls, and still recover.
+#[test]
+fn without_threads_members_recover_inline() {
+    let ha = ha_with(
+        3,
+        "",
+        CInitializeFlags::OS_LOCKING_OK | CInitializeFlags::LIBRARY_CANT_CREATE_OS_THREADS,
+    );
+    let threads = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_owned())
+            .collect()
+    };
+    assert!(
+        !threads().iter().any(|n| n.starts_with("p11shim")),
+        "{:?}",
+        threads()
+    );
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
+    ha.members[0].set("fail all CKR_DEVICE_ERROR\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+    ha.members[0].heal();
+    // No thread probes: the application's calls do (bounded wait).
+    let start = Instant::now();
+    while !ha.env.log().contains("member recovered") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            ha.env.log()
+        );
+        drop(ha.session());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !threads().iter().any(|n| n.starts_with("p11shim")),
+        "{:?}",
+        threads()
     );
 }
 
