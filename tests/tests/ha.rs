@@ -126,6 +126,28 @@ impl Ha {
     }
 }
 
+impl Ha {
+    /// Leaves member `alive` as the only one that answers.
+    fn only(&self, alive: usize) {
+        for (i, m) in self.members.iter().enumerate() {
+            m.set(if i == alive {
+                ""
+            } else {
+                "fail all CKR_DEVICE_ERROR\n"
+            });
+        }
+    }
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
 fn key(s: &Session, label: &str) -> ObjectHandle {
     let found = s
         .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
@@ -299,13 +321,7 @@ fn token_objects_reach_every_member() {
         .unwrap();
     // Each member alone holds it, changed.
     for alive in 0..3 {
-        for (i, m) in ha.members.iter().enumerate() {
-            m.set(if i == alive {
-                ""
-            } else {
-                "fail all CKR_DEVICE_ERROR\n"
-            });
-        }
+        ha.only(alive);
         assert!(
             s.find_objects(&[Attribute::Label(b"shared".to_vec())])
                 .unwrap()
@@ -398,13 +414,7 @@ fn generated_token_keys_reach_every_member() {
         .sign(&Mechanism::Sha256RsaPkcs, rsa, b"replicated")
         .unwrap();
     for alive in 0..3 {
-        for (i, m) in ha.members.iter().enumerate() {
-            m.set(if i == alive {
-                ""
-            } else {
-                "fail all CKR_DEVICE_ERROR\n"
-            });
-        }
+        ha.only(alive);
         assert_eq!(
             s.decrypt(&Mechanism::AesCbcPad(IV), aes, &ct).unwrap(),
             b"replicated",
@@ -646,24 +656,19 @@ fn session_objects_follow_their_session_when_they_can() {
 #[test]
 fn the_recovery_thread_stops_at_finalize() {
     let ha = ha(2, "");
-    let names = || -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_owned())
-            .collect()
-    };
     assert!(
-        names().iter().any(|n| n.starts_with("p11shim-recov")),
+        thread_names()
+            .iter()
+            .any(|n| n.starts_with("p11shim-recov")),
         "{:?}",
-        names()
+        thread_names()
     );
     let Ha { pkcs11, .. } = ha;
     pkcs11.finalize().unwrap();
     assert!(
-        !names().iter().any(|n| n.starts_with("p11shim")),
+        !thread_names().iter().any(|n| n.starts_with("p11shim")),
         "{:?}",
-        names()
+        thread_names()
     );
 }
 
@@ -676,17 +681,10 @@ fn without_threads_members_recover_inline() {
         "",
         CInitializeFlags::OS_LOCKING_OK | CInitializeFlags::LIBRARY_CANT_CREATE_OS_THREADS,
     );
-    let threads = || -> Vec<String> {
-        std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_owned())
-            .collect()
-    };
     assert!(
-        !threads().iter().any(|n| n.starts_with("p11shim")),
+        !thread_names().iter().any(|n| n.starts_with("p11shim")),
         "{:?}",
-        threads()
+        thread_names()
     );
     let s = ha.session();
     ha.login(&s);
@@ -707,9 +705,9 @@ fn without_threads_members_recover_inline() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(
-        !threads().iter().any(|n| n.starts_with("p11shim")),
+        !thread_names().iter().any(|n| n.starts_with("p11shim")),
         "{:?}",
-        threads()
+        thread_names()
     );
 }
 
