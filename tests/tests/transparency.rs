@@ -61,45 +61,4 @@ macro_rules! transparency {
     };
 }
 
-transparency! {
-    /// Initialize/finalize cycles answer as SoftHSM2 does.
-    init_finalize_cycles,
-    /// Session calls and their states answer as SoftHSM2 does.
-    sessions,
-    /// Login, logout and PIN changes return SoftHSM2's codes.
-    login_logout,
-    /// C_GenerateRandom and C_SeedRandom answer as SoftHSM2 does.
-    random,
-    /// Mechanism list and details, token flags and slot events are SoftHSM2's.
-    slot_token_info,
-    /// Searches find as many objects, in the same batches, as SoftHSM2.
-    find_objects,
-    /// C_FindObjects into a NULL array of 0 handles answers as SoftHSM2 does.
-    find_null_array,
-    /// C_GetAttributeValue/C_SetAttributeValue give SoftHSM2's codes, lengths and values.
-    attributes,
-    /// Copy and destroy give SoftHSM2's codes.
-    copy_destroy,
-    /// Object handles live and die as SoftHSM2's do.
-    session_objects_lifetime,
-    /// RSA signatures are byte-identical to SoftHSM2's.
-    sign_rsa,
-    /// ECDSA answers as SoftHSM2 does.
-    sign_ecdsa,
-    /// AES ciphertexts are byte-identical to SoftHSM2's.
-    encrypt_aes,
-    /// RSA encryption answers as SoftHSM2 does.
-    encrypt_rsa_oaep,
-    /// Digests are byte-identical to SoftHSM2's.
-    digest_multipart,
-    /// Dual-function calls return SoftHSM2's codes.
-    dual_function,
-    /// Operation state calls return SoftHSM2's codes.
-    operation_state,
-    /// Key generation answers as SoftHSM2 does.
-    generate_keys,
-    /// Wrapped keys are byte-identical to SoftHSM2's.
-    wrap_unwrap,
-    /// ECDH secrets are byte-identical to SoftHSM2's.
-    ecdh_derive,
-}
+p11shim_tests::for_each_scenario!(transparency);

@@ -238,3 +238,53 @@ pub fn cbc_encrypt(s: &Session, key: ObjectHandle) -> Result<Vec<u8>> {
 pub fn sha256(s: &Session, data: &[u8]) -> Result<Vec<u8>> {
     s.digest(&Mechanism::Sha256, data)
 }
+
+/// Expands `$m!` with every scenario, each with a line saying what it
+/// proves: the test files make one test per scenario from it.
+#[macro_export]
+macro_rules! for_each_scenario {
+    ($m:ident) => {
+        $m! {
+        /// Three initialize/use/finalize cycles in one process work through p11shim.
+        init_finalize_cycles,
+        /// RO/RW sessions report the virtual slot and their state; C_CloseAllSessions closes them all.
+        sessions,
+        /// Wrong PIN, double login, SO/user exclusion, logout, C_SetPIN and C_InitPIN give the spec's codes.
+        login_logout,
+        /// C_GenerateRandom returns the lengths asked for, with fresh bytes each time.
+        random,
+        /// Slot, token and mechanism information and slot events come through p11shim.
+        slot_token_info,
+        /// Searches by label, id and class, in several batches, find exactly what exists.
+        find_objects,
+        /// C_FindObjects into a NULL array of 0 handles leaves the search usable.
+        find_null_array,
+        /// Attribute changes are visible; length queries, small buffers and sensitive values follow the spec.
+        attributes,
+        /// Copies are equal keys; destroyed handles are invalid everywhere.
+        copy_destroy,
+        /// Session objects die with their session, token objects survive C_CloseAllSessions.
+        session_objects_lifetime,
+        /// RSA PKCS#1 v1.5 and PSS signatures, single- and multi-part, verify.
+        sign_rsa,
+        /// ECDSA P-256 and P-384 signatures verify and fail on other data.
+        sign_ecdsa,
+        /// AES-GCM and AES-CBC-PAD (multi-part too) round-trip and refuse tampering.
+        encrypt_aes,
+        /// RSA-OAEP and RSA PKCS#1 v1.5 encryption round-trip.
+        encrypt_rsa_oaep,
+        /// SHA digests over several updates equal single-part ones; C_DigestKey digests the key value.
+        digest_multipart,
+        /// Dual-function updates work or are CKR_FUNCTION_NOT_SUPPORTED.
+        dual_function,
+        /// C_GetOperationState/C_SetOperationState answer without disturbing the operation.
+        operation_state,
+        /// Generated AES, RSA and EC keys work and token ones are found again.
+        generate_keys,
+        /// AES key wrap and RSA-OAEP wrap round-trip an AES key.
+        wrap_unwrap,
+        /// ECDH on P-256 gives the same secret both ways.
+        ecdh_derive,
+        }
+    };
+}
