@@ -128,7 +128,7 @@ impl std::ops::Deref for SessionRef {
 
 impl Sessions {
     /// Looks a session up, first in this thread's cache.
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<SessionRef> {
         let generation = GENERATION.load(Ordering::Acquire);
         let (ch, cg, cp) = LAST.get();

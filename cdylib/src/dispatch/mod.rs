@@ -389,7 +389,7 @@ impl Library {
     }
 
     /// A session of the application.
-    #[inline]
+    #[inline(always)]
     fn session(&self, h: CK_SESSION_HANDLE) -> Result<handles::SessionRef> {
         self.sessions.get(h).ok_or(Error::SessionHandleInvalid)
     }

@@ -254,7 +254,7 @@ impl Member {
     /// Runs a vendor call on the member, counting its failures and, when
     /// `sample` (one call in 64 of a session), timing it. Nothing shared is
     /// written on the common path.
-    #[inline]
+    #[inline(always)]
     pub fn track<T>(&self, sample: bool, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
         if !sample {
             let r = f();
