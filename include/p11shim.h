@@ -72,11 +72,13 @@ typedef struct P11SHIM_FUNCTION_LIST {
    *              "members":[{"name":"payments#0","library":"/usr/lib/...",
    *                          "token":"token \"ha-a\"","state":"active",
    *                          "standby":false,"weight":1,"sessions":2,
+   *                          "inflight":0,"missed_changes":0,
    *                          "logged_in":true,"latency_us":41,
    *                          "sampled_calls":120,"errors":0,"failovers":0,
    *                          "recoveries":0,"down_ms":null}, ...]}]}
    *
-   * A member's state is "active", "standby", "down" or "absent" (its
+   * A member's state is "active", "standby", "down", "recovering" (a
+   * probe is logging it in and giving it what it missed) or "absent" (its
    * token was never found). */
   CK_RV (*P11shim_GetStatus)(CK_UTF8CHAR_PTR pJson, CK_ULONG_PTR pulLen);
 } P11SHIM_FUNCTION_LIST;

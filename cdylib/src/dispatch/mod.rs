@@ -432,7 +432,11 @@ impl Library {
                 moves += 1;
                 continue;
             }
-            let r = member.track(sample, || call(member, m, vh));
+            let r = if sess.single {
+                member.track(sample, || call(member, m, vh))
+            } else {
+                member.counted(|| member.track(sample, || call(member, m, vh)))
+            };
             // A failover-class result, or a call abandoned at its deadline.
             let failed = match &r {
                 Err(Error::Vendor(rv)) if router::is_failover(*rv, slot.logged_in()) => {
@@ -811,6 +815,7 @@ impl Library {
             return;
         };
         member.set_vendor_slot(Some(vs));
+        member.set_recovering(true);
         member.close_control();
         let result = member.with_control(|cs| {
             self.ensure_login(slot, member, cs)?;
@@ -819,6 +824,7 @@ impl Library {
             self.objects.forget_member(si, mi);
             self.resync(si, mi, cs)
         });
+        member.set_recovering(false);
         match result {
             Ok(()) => {
                 member.mark_up();
@@ -856,6 +862,7 @@ impl Library {
                             "standby": m.cfg.standby,
                             "weight": m.cfg.weight,
                             "sessions": m.sessions(),
+                            "inflight": m.inflight(),
                             "logged_in": m.is_logged_in(),
                             "latency_us": st.latency_us.load(Ordering::Relaxed),
                             "sampled_calls": st.sampled.load(Ordering::Relaxed),

@@ -62,6 +62,10 @@ pub struct Member {
     pub deadline: Option<Duration>,
     /// Calls abandoned after their deadline that are still running.
     pub abandoned: bounded::Abandoned,
+    /// Calls of multi-member slots running on the member now.
+    inflight: AtomicU32,
+    /// A probe is logging the member in and resynchronizing it.
+    recovering: AtomicBool,
 }
 
 /// Counters of a member, for the status query and the logs.
@@ -103,6 +107,8 @@ impl Member {
             control: Mutex::new(None),
             deadline,
             abandoned: Default::default(),
+            inflight: AtomicU32::new(0),
+            recovering: AtomicBool::new(false),
         };
         if vendor_slot.is_none() {
             m.health.store(Health::Down as u8, Ordering::Relaxed);
@@ -148,6 +154,25 @@ impl Member {
 
     pub fn sessions(&self) -> u32 {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Calls running on the member now (multi-member slots).
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call running on the member for the time of `f`.
+    #[inline]
+    pub fn counted<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let r = f();
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Marks the member as being recovered (shown by the status query).
+    pub fn set_recovering(&self, v: bool) {
+        self.recovering.store(v, Ordering::Relaxed);
     }
 
     pub fn session_opened(&self) {
@@ -326,6 +351,7 @@ pub fn state_name(m: &Member) -> &'static str {
     match (m.is_up(), m.cfg.standby) {
         (true, false) => "active",
         (true, true) => "standby",
+        (false, _) if m.recovering.load(Ordering::Relaxed) => "recovering",
         (false, _) if m.vendor_slot().is_none() => "absent",
         (false, _) => "down",
     }
@@ -360,6 +386,8 @@ mod tests {
             control: Mutex::new(None),
             deadline: None,
             abandoned: Default::default(),
+            inflight: AtomicU32::new(0),
+            recovering: AtomicBool::new(false),
         }
     }
 
