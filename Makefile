@@ -38,6 +38,15 @@ bench: deps build-release
 bench-callgrind: deps build-release
 	$(CARGO) run --release -p p11shim-bench -- --callgrind $(BENCH_ARGS)
 
+# HA slots over three SoftHSM2 tokens behind the fault-injecting module:
+# failover latency, scaling over members with added latency, and a healthy
+# 3-member slot against a 1-member slot (about 2 minutes; BENCH_ARGS as
+# above). See docs/performance.md, "HA slots".
+.PHONY: bench-ha
+bench-ha: deps build-release
+	$(CARGO) build --release -p p11shim-faultmod
+	$(CARGO) run --release -p p11shim-bench -- --ha $(BENCH_ARGS)
+
 install: build-release
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/p11shim
 	install -m 0755 target/release/libp11shim.so $(DESTDIR)$(PREFIX)/lib/libp11shim.so

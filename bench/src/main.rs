@@ -3,6 +3,7 @@
 //! ```text
 //! p11shim-bench [--quick] [--markdown]     timed comparison, 1 and 2 threads
 //! p11shim-bench --callgrind [--markdown]   instructions per operation, also vs p11-kit
+//! p11shim-bench --ha [--quick] [--markdown] HA slots: failover, scaling, cost
 //! ```
 //!
 //! The parent process creates a temporary SoftHSM2 token with the keys and
@@ -14,6 +15,8 @@
 
 mod callgrind;
 mod env;
+mod ha;
+mod ha_worker;
 mod p11;
 mod stats;
 mod timing;
@@ -47,14 +50,38 @@ p11shim and through p11-kit's proxy:
   --iters N          the runs do N and 2N operations (default 2000)
   --out DIR          keep callgrind's files there (default target/callgrind)
 
-Environment: P11SHIM_LIB, SOFTHSM2_LIB, P11KIT_PROXY_LIB name the modules.
+HA slots, three SoftHSM2 tokens behind one copy each of the fault-injecting
+module (tests/faultmod), about 2 minutes:
+  --ha               failover latency (a member returning errors, a member
+                     that hangs), scaling over members with 2 ms of latency
+                     per call, and a healthy 3-member slot against a
+                     1-member slot (--quick: about 35 s)
+  --ha-parts a,b,c   only some of them: failover, scaling, cost
+  --reps N           failover repetitions, member returning errors (200)
+  --hang-reps N      failover repetitions, member hanging (100)
+  --per-member K     failover: signing sessions per member (default 2)
+  --latency-ms L     scaling: latency added to every member call (default 2)
+  --keep             keep the temporary directory (p11shim's logs are there)
+  --secs S, --rounds R   measured seconds per run and rounds of the cost
+                     comparison (default 0.6 and 4)
+  --markdown         print the tables as Markdown
+
+Environment: P11SHIM_LIB, SOFTHSM2_LIB, P11KIT_PROXY_LIB name the modules,
+P11FAULTMOD_LIB the fault-injecting module (default: next to this program).
 ";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--worker") {
-        worker::run(parse_worker(&args));
-        return;
+    match args.first().map(String::as_str) {
+        Some("--worker") => {
+            worker::run(parse_worker(&args));
+            return;
+        }
+        Some("--ha-worker") => {
+            ha_worker::run(ha::parse_worker(&args));
+            return;
+        }
+        _ => {}
     }
     parent(&args);
 }
@@ -135,7 +162,9 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
 }
 
 fn parent(args: &[String]) {
-    let (mut quick, mut markdown, mut cg) = (false, false, false);
+    let (mut quick, mut markdown, mut cg, mut ha_mode) = (false, false, false, false);
+    let (mut ha_parts, mut reps, mut per_member, mut latency) = (None, None, None, None);
+    let (mut keep, mut hang_reps) = (false, None);
     let (mut measure, mut rounds, mut threads, mut chosen) = (None, None, vec![1usize, 2], None);
     let (mut iters, mut out_dir) = (2000u64, None);
     let mut i = 0;
@@ -145,6 +174,25 @@ fn parent(args: &[String]) {
             "--quick" => quick = true,
             "--markdown" => markdown = true,
             "--callgrind" => cg = true,
+            "--ha" => ha_mode = true,
+            "--ha-parts" => {
+                ha_parts = Some(
+                    value(args, &mut i, a)
+                        .split(',')
+                        .map(|p| {
+                            ha::Part::parse(p.trim()).unwrap_or_else(|| {
+                                die(format_args!("unknown HA part {p:?}\n\n{USAGE}"))
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                ha_mode = true;
+            }
+            "--reps" => reps = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
+            "--per-member" => per_member = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
+            "--keep" => keep = true,
+            "--hang-reps" => hang_reps = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
+            "--latency-ms" => latency = Some(number::<u64>(value(args, &mut i, a), a)),
             "--secs" => measure = Some(secs(value(args, &mut i, a), a)),
             "--rounds" => rounds = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
             "--threads" => {
@@ -166,6 +214,41 @@ fn parent(args: &[String]) {
     }
 
     print_machine(markdown);
+    if ha_mode {
+        let mut opts = ha::HaOpts::new(quick);
+        if let Some(p) = ha_parts {
+            opts.parts = p;
+        }
+        if let Some(r) = reps {
+            opts.reps = r;
+        }
+        if let Some(k) = per_member {
+            opts.per_member = k;
+        }
+        if let Some(l) = latency {
+            opts.latency_ms = l;
+        }
+        if let Some(r) = hang_reps {
+            opts.hang_reps = r;
+        }
+        opts.keep = keep;
+        if let Some(s) = measure {
+            opts.cost_secs = s;
+        }
+        if let Some(r) = rounds {
+            opts.cost_rounds = r;
+        }
+        let load_before = loadavg();
+        let start = std::time::Instant::now();
+        ha::run(&opts, markdown);
+        println!();
+        println!(
+            "Load average (1 min) before and after the run: {load_before} / {}; {:.0} s in all",
+            loadavg(),
+            start.elapsed().as_secs_f64()
+        );
+        return;
+    }
     eprintln!("Creating the token and its keys (RSA-2048, EC P-256, AES-256, data objects)...");
     let mut env = BenchEnv::create();
 

@@ -166,10 +166,10 @@ pub fn run(args: WorkerArgs) {
 
 /// What one thread measured.
 #[derive(Debug)]
-struct ThreadResult {
-    ops: u64,
-    elapsed: Duration,
-    hist: Histogram,
+pub(crate) struct ThreadResult {
+    pub(crate) ops: u64,
+    pub(crate) elapsed: Duration,
+    pub(crate) hist: Histogram,
 }
 
 fn run_threads(
@@ -214,7 +214,7 @@ fn run_threads(
 
 /// Runs `op` as the plan says. Timed: one clock read per operation; the
 /// latency of an operation is the time between two reads.
-fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
+pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
     match plan {
         Plan::Count(n) => {
             for _ in 0..n {
