@@ -103,6 +103,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         None => Vec::new(),
     };
     handles::invalidate_cached_sessions();
+    router::pool::start();
     let lib = Arc::new(
         Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
             tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
@@ -175,6 +176,7 @@ pub fn stop_threads() {
     if let Some(mut t) = thread {
         t.stop();
     }
+    router::pool::stop();
 }
 
 /// A vendor library in use, and whether p11shim initialized it.
@@ -544,9 +546,13 @@ impl Library {
         let member = &slot.members[to as usize];
         let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
         let mut vh: CK_SESSION_HANDLE = 0;
-        member.track(false, || {
+        member.session_opened();
+        if let Err(e) = member.track(false, || {
             member.vendor.open_session(vs, sess.flags, &mut vh)
-        })?;
+        }) {
+            member.session_closed();
+            return Err(e);
+        }
         let result = (|| {
             self.ensure_login(slot, member, vh)?;
             // Session objects first: the operations may use them.
@@ -612,13 +618,16 @@ impl Library {
                 sess.vendor.store(vh as u64, Ordering::Release);
                 let old_member = &slot.members[old as usize];
                 old_member.session_closed();
-                member.session_opened();
                 if old_member.is_up() {
                     let _ = old_member.vendor.close_session(old_vh);
+                } else {
+                    // Closed when the member comes back, if it kept it.
+                    old_member.orphan(old_vh);
                 }
                 Ok(())
             }
             Err(e) => {
+                member.session_closed();
                 let _ = member.vendor.close_session(vh);
                 Err(e)
             }
@@ -816,6 +825,11 @@ impl Library {
         };
         member.set_vendor_slot(Some(vs));
         member.set_recovering(true);
+        // Sessions moved off the member while it was down, before any new
+        // session of ours exists there (their numbers cannot be reused yet).
+        for old in member.take_orphans() {
+            let _ = member.vendor.close_session(old);
+        }
         member.close_control();
         let result = member.with_control(|cs| {
             self.ensure_login(slot, member, cs)?;

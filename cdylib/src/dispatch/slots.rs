@@ -160,6 +160,9 @@ impl Library {
             let mi = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
             let m = &s.members[mi as usize];
             let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
+            // Counted at once, so that sessions opened at the same time
+            // spread over the members.
+            m.session_opened();
             let opened = m.track(false, || match m.deadline {
                 Some(t) => {
                     let v = m.vendor.clone();
@@ -176,6 +179,7 @@ impl Library {
             let vendor = match opened {
                 Ok(vh) => vh,
                 Err(e) => {
+                    m.session_closed();
                     let (failover, rv) = match &e {
                         Error::Vendor(rv) => (router::is_failover(*rv, false), Some(*rv)),
                         Error::TimedOut => (true, None),
@@ -192,10 +196,10 @@ impl Library {
             if s.members.len() > 1 {
                 if let Err(e) = self.ensure_login(s, m, vendor) {
                     let _ = m.vendor.close_session(vendor);
+                    m.session_closed();
                     return Err(e);
                 }
             }
-            m.session_opened();
             s.open_sessions
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let state = SessionState {

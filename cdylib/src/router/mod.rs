@@ -10,6 +10,7 @@
 //! members with backoff and returns them to service.
 
 pub mod bounded;
+pub mod pool;
 pub mod recovery;
 pub mod replay;
 
@@ -66,6 +67,9 @@ pub struct Member {
     inflight: AtomicU32,
     /// A probe is logging the member in and resynchronizing it.
     recovering: AtomicBool,
+    /// Vendor sessions left behind when sessions moved off the member while
+    /// it was down.
+    orphans: Mutex<Vec<CK_SESSION_HANDLE>>,
 }
 
 /// Counters of a member, for the status query and the logs.
@@ -109,6 +113,7 @@ impl Member {
             abandoned: Default::default(),
             inflight: AtomicU32::new(0),
             recovering: AtomicBool::new(false),
+            orphans: Mutex::new(Vec::new()),
         };
         if vendor_slot.is_none() {
             m.health.store(Health::Down as u8, Ordering::Relaxed);
@@ -168,6 +173,16 @@ impl Member {
         let r = f();
         self.inflight.fetch_sub(1, Ordering::Relaxed);
         r
+    }
+
+    /// Remembers a vendor session left behind on the member.
+    pub fn orphan(&self, s: CK_SESSION_HANDLE) {
+        self.orphans.lock().push(s);
+    }
+
+    /// The vendor sessions left behind, to close.
+    pub fn take_orphans(&self) -> Vec<CK_SESSION_HANDLE> {
+        std::mem::take(&mut *self.orphans.lock())
     }
 
     /// Marks the member as being recovered (shown by the status query).
@@ -388,6 +403,7 @@ mod tests {
             abandoned: Default::default(),
             inflight: AtomicU32::new(0),
             recovering: AtomicBool::new(false),
+            orphans: Mutex::new(Vec::new()),
         }
     }
 
