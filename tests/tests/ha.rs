@@ -850,3 +850,44 @@ fn sixteen_threads_while_members_fail_and_recover_in_turn() {
     assert!(ok > 100, "too little work done: {ok}");
     assert!(log.matches("session moved").count() > 0);
 }
+
+/// Members hang and come back in turn, each while sessions use it: every
+/// call finishes within the deadline on a member that answers.
+#[test]
+fn members_hang_in_turn() {
+    let ha = Arc::new(ha(3, "call_timeout_ms = 100"));
+    let admin = ha.session();
+    ha.login(&admin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (ha, stop) = (ha.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let s = ha.session();
+                let rsa = key(&s, "rsa");
+                let mut worst = Duration::ZERO;
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"turn")
+                        .unwrap_or_else(|e| panic!("{e}"));
+                    worst = worst.max(t.elapsed());
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                worst
+            })
+        })
+        .collect();
+    for round in 0..6 {
+        let m = &ha.members[round % 3];
+        m.set("hang all\n");
+        std::thread::sleep(Duration::from_millis(150));
+        m.heal();
+        ha.wait_recoveries(0);
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let worst = w.join().expect("a signing thread failed");
+        assert!(worst < Duration::from_millis(100 + 1000), "{worst:?}");
+    }
+}

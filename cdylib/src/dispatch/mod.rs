@@ -103,7 +103,6 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         None => Vec::new(),
     };
     handles::invalidate_cached_sessions();
-    router::pool::start();
     let lib = Arc::new(
         Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
             tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
@@ -176,7 +175,6 @@ pub fn stop_threads() {
     if let Some(mut t) = thread {
         t.stop();
     }
-    router::pool::stop();
 }
 
 /// A vendor library in use, and whether p11shim initialized it.
@@ -826,9 +824,12 @@ impl Library {
         member.set_vendor_slot(Some(vs));
         member.set_recovering(true);
         // Sessions moved off the member while it was down, before any new
-        // session of ours exists there (their numbers cannot be reused yet).
-        for old in member.take_orphans() {
-            let _ = member.vendor.close_session(old);
+        // session of ours exists there (their numbers cannot be reused yet);
+        // not while a call abandoned at its deadline may still use one.
+        if member.abandoned.count() == 0 {
+            for old in member.take_orphans() {
+                let _ = member.vendor.close_session(old);
+            }
         }
         member.close_control();
         let result = member.with_control(|cs| {

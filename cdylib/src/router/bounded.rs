@@ -2,7 +2,7 @@
 //!
 //! On a slot with `call_timeout_ms`, the calls of the data path (sign,
 //! verify, encrypt, decrypt, digest, their `*Init`, `*Update` and `*Final`,
-//! random, opening a session, login) run on a worker thread (`pool`), with
+//! random, opening a session, login) run on a thread of their own, with
 //! copies of the application's buffers. A call that does not return in time
 //! is abandoned with its copies (so a late answer writes nowhere the
 //! application can see) and reported as `Error::TimedOut`, which moves the
@@ -49,14 +49,16 @@ impl Member {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let abandoned = self.abandoned.0.clone();
-        super::pool::submit(Box::new(move || {
-            let r = job();
-            if tx.send(r).is_err() {
-                // Nobody waits any more: this call had been abandoned.
-                abandoned.fetch_sub(1, Ordering::Relaxed);
-            }
-        }))
-        .map_err(|_| Error::HostMemory)?;
+        std::thread::Builder::new()
+            .name("p11shim-call".into())
+            .spawn(move || {
+                let r = job();
+                if tx.send(r).is_err() {
+                    // Nobody waits any more: this call had been abandoned.
+                    abandoned.fetch_sub(1, Ordering::Relaxed);
+                }
+            })
+            .map_err(|_| Error::HostMemory)?;
         match rx.recv_timeout(deadline) {
             Ok(r) => Ok(r),
             Err(_) => {

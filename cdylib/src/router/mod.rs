@@ -10,7 +10,6 @@
 //! members with backoff and returns them to service.
 
 pub mod bounded;
-pub mod pool;
 pub mod recovery;
 pub mod replay;
 
