@@ -734,7 +734,7 @@ fn opening(one_by_one: bool) -> &'static str {
 }
 
 fn run_scaling(env: &HaEnv, opts: &HaOpts, markdown: bool) {
-    env.set_all(&format!("latency {}ms\n", opts.latency_ms));
+    env.set_all(&format!("latency {}ms\nserial\n", opts.latency_ms));
     // (members, sessions opened one by one): the threads open their own
     // sessions at the same time, as an application's pool does; with 2 and
     // 3 members, also with the sessions opened one after another.

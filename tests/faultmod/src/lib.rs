@@ -9,6 +9,9 @@
 //!
 //! ```text
 //! latency 2ms                          # added to every call
+//! serial                               # one call at a time, as a device
+//!                                      # with one processing unit: the
+//!                                      # added latency is then a service time
 //! latency C_Sign 50ms                  # added to one function
 //! fail C_Sign CKR_DEVICE_ERROR         # every call fails
 //! fail C_Sign 0x30 after 5 times 2     # the 6th and 7th calls fail
@@ -91,6 +94,7 @@ struct Control {
     fails: Vec<Rule>,
     hangs: HashSet<String>,
     removed: bool,
+    serial: bool,
     restart: Option<String>,
     dump: Option<String>,
     calls: HashMap<&'static str, u64>,
@@ -139,6 +143,8 @@ fn leave(s: CK_SESSION_HANDLE) {
 }
 
 static CONTROL: Mutex<Option<Control>> = Mutex::new(None);
+/// The emulated device's one processing unit (`serial`).
+static DEVICE: Mutex<()> = Mutex::new(());
 
 fn own_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
@@ -212,6 +218,7 @@ fn reload(c: &mut Control) -> (bool, bool) {
     let (mut latency_all, mut latency, mut hangs, mut removed) =
         (Duration::ZERO, HashMap::new(), HashSet::new(), false);
     let mut fails = Vec::new();
+    let mut serial = false;
     let (mut restart, mut dump) = (None, None);
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -246,6 +253,7 @@ fn reload(c: &mut Control) -> (bool, bool) {
                 hangs.insert(f.to_string());
             }
             ["remove"] => removed = true,
+            ["serial"] => serial = true,
             ["restart", n] => restart = Some(n.to_string()),
             ["dump", n] => dump = Some(n.to_string()),
             _ => {}
@@ -256,6 +264,7 @@ fn reload(c: &mut Control) -> (bool, bool) {
     c.fails = fails;
     c.hangs = hangs;
     c.removed = removed;
+    c.serial = serial;
     let new_restart = restart.is_some() && restart != c.restart;
     let new_dump = dump.is_some() && dump != c.dump;
     c.restart = restart;
@@ -271,7 +280,7 @@ fn dump_calls(c: &Control) {
 
 /// The fault to inject for a call, if any, after its latency.
 fn fault(function: &'static str) -> Option<CK_RV> {
-    let (delay, restart_sessions) = {
+    let (delay, restart_sessions, serial) = {
         let mut guard = CONTROL.lock();
         let c = guard.get_or_insert_with(Control::default);
         let (restart, dump) = reload(c);
@@ -294,7 +303,7 @@ fn fault(function: &'static str) -> Option<CK_RV> {
             });
         }
         let delay = c.latency_all + c.latency.get(function).copied().unwrap_or_default();
-        (delay, sessions)
+        (delay, sessions, c.serial)
     };
     if let Some(fl) = target() {
         for s in restart_sessions {
@@ -302,6 +311,8 @@ fn fault(function: &'static str) -> Option<CK_RV> {
         }
     }
     if !delay.is_zero() {
+        // With `serial`, calls take their service time one after another.
+        let _one_at_a_time = serial.then(|| DEVICE.lock());
         std::thread::sleep(delay);
     }
     // Hang while the rule is present (bounded, so a test can never wedge).
