@@ -18,7 +18,7 @@ ENGINE=$(find /usr/lib -name pkcs11.so -path '*engines-3*' 2>/dev/null | head -n
 [ -f "$MODULE" ] || { echo "demo: $MODULE is missing (make demo builds it)"; exit 1; }
 [ -n "$ENGINE" ] || { echo "demo: the OpenSSL pkcs11 engine is missing (apt-get install libengine-pkcs11-openssl)"; exit 1; }
 
-WORK=$ROOT/target/demo
+WORK=${P11SHIM_DEMO_DIR:-$ROOT/target/demo}
 rm -rf "$WORK"
 mkdir -p "$WORK/tokens"
 trap 'rm -rf "$WORK/tokens" "$WORK/pin"' EXIT
