@@ -891,3 +891,36 @@ fn members_hang_in_turn() {
         assert!(worst < Duration::from_millis(100 + 1000), "{worst:?}");
     }
 }
+
+/// With a call deadline, a member that hangs does not hold up the creation
+/// of a token object by a session on another member; it receives the
+/// object once it is back.
+#[test]
+fn a_hung_member_does_not_hold_up_replication() {
+    let ha = ha(3, "call_timeout_ms = 200");
+    let s = ha.session(); // on member a
+    ha.login(&s);
+    ha.members[2].set("hang all\n");
+    let t = Instant::now();
+    let data = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(b"while-hung".to_vec()),
+            Attribute::Value(b"x".to_vec()),
+        ])
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(200 + 1500),
+        "{:?}",
+        t.elapsed()
+    );
+    ha.members[2].heal();
+    ha.wait_recoveries(1);
+    ha.only(2);
+    assert_eq!(
+        s.find_objects(&[Attribute::Label(b"while-hung".to_vec())])
+            .unwrap(),
+        vec![data]
+    );
+}

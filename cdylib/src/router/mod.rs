@@ -252,6 +252,16 @@ impl Member {
         &self,
         mut f: impl FnMut(CK_SESSION_HANDLE) -> crate::Result<T>,
     ) -> crate::Result<T> {
+        // On a slot with a call deadline, a member that hangs is found by a
+        // bounded look at its token first, so that management work for
+        // sessions on other members does not wait for it.
+        if let (Some(t), Some(vs)) = (self.deadline, self.vendor_slot()) {
+            let v = self.vendor.clone();
+            self.bounded(t, move || {
+                let mut info = CK_TOKEN_INFO::default();
+                v.get_token_info(vs, &mut info)
+            })??;
+        }
         let mut control = self.control.lock();
         for attempt in 0..2 {
             let cs = match *control {
