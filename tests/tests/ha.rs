@@ -924,3 +924,31 @@ fn a_hung_member_does_not_hold_up_replication() {
         vec![data]
     );
 }
+
+/// A create whose member makes the object but fails to answer is retried
+/// on another member; when the first member comes back, the object is
+/// found there rather than made twice.
+#[test]
+fn a_create_that_failed_late_is_not_made_twice() {
+    let ha = ha(2, "");
+    let s = ha.session(); // on member a
+    ha.login(&s);
+    ha.members[0].set("late C_CreateObject CKR_DEVICE_ERROR\n");
+    let data = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Label(b"once".to_vec()),
+            Attribute::Value(b"1".to_vec()),
+        ])
+        .unwrap();
+    assert!(ha.env.log().contains("session moved"), "{}", ha.env.log());
+    ha.members[0].heal();
+    ha.wait_recoveries(1);
+    ha.only(0);
+    assert_eq!(
+        s.find_objects(&[Attribute::Label(b"once".to_vec())])
+            .unwrap(),
+        vec![data]
+    );
+}

@@ -36,7 +36,18 @@ impl Library {
             Some(remake) => {
                 let remake = remake.clone();
                 let change: Change = Arc::new(move |lib, m, mi, cs| {
-                    let v = remake(lib, m, mi, cs)?;
+                    // The member may have made the object before it failed
+                    // (the call that failed there was then retried
+                    // elsewhere): looked up first, made only when missing.
+                    let identity = lib.objects.get(h).and_then(|e| e.identity);
+                    let existing = match &identity {
+                        Some(id) => find_identity(m, cs, id)?,
+                        None => None,
+                    };
+                    let v = match existing {
+                        Some(v) => v,
+                        None => remake(lib, m, mi, cs)?,
+                    };
                     lib.objects.set_on_member(h, mi, v);
                     Ok(())
                 });

@@ -16,6 +16,8 @@
 //! fail C_Sign CKR_DEVICE_ERROR         # every call fails
 //! fail C_Sign 0x30 after 5 times 2     # the 6th and 7th calls fail
 //! fail all CKR_DEVICE_ERROR            # every function
+//! late C_CreateObject CKR_DEVICE_ERROR # makes the call, then reports
+//!                                      # the error (work done, answer lost)
 //! hang C_SignUpdate                    # blocks while the rule is present
 //! remove                               # the token is gone: no slots,
 //!                                      # CKR_DEVICE_REMOVED everywhere
@@ -92,6 +94,8 @@ struct Control {
     latency_all: Duration,
     latency: HashMap<String, Duration>,
     fails: Vec<Rule>,
+    /// Errors reported after the call was made.
+    late: HashMap<String, CK_RV>,
     hangs: HashSet<String>,
     removed: bool,
     serial: bool,
@@ -101,6 +105,14 @@ struct Control {
     /// Sessions opened through this copy: calls running on each, and
     /// whether a `restart` killed it.
     sessions: HashMap<CK_SESSION_HANDLE, (u32, bool)>,
+}
+
+/// The error to report after a call was made, if any.
+fn late_fault(function: &str) -> Option<CK_RV> {
+    CONTROL
+        .lock()
+        .as_ref()
+        .and_then(|c| c.late.get(function).copied())
 }
 
 /// Notes a call starting on a session; `false` when the session is dead.
@@ -219,6 +231,7 @@ fn reload(c: &mut Control) -> (bool, bool) {
         (Duration::ZERO, HashMap::new(), HashSet::new(), false);
     let mut fails = Vec::new();
     let mut serial = false;
+    let mut late = HashMap::new();
     let (mut restart, mut dump) = (None, None);
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -254,6 +267,9 @@ fn reload(c: &mut Control) -> (bool, bool) {
             }
             ["remove"] => removed = true,
             ["serial"] => serial = true,
+            ["late", f, rv] => {
+                late.insert(f.to_string(), parse_rv(rv));
+            }
             ["restart", n] => restart = Some(n.to_string()),
             ["dump", n] => dump = Some(n.to_string()),
             _ => {}
@@ -265,6 +281,7 @@ fn reload(c: &mut Control) -> (bool, bool) {
     c.hangs = hangs;
     c.removed = removed;
     c.serial = serial;
+    c.late = late;
     let new_restart = restart.is_some() && restart != c.restart;
     let new_dump = dump.is_some() && dump != c.dump;
     c.restart = restart;
@@ -368,7 +385,10 @@ macro_rules! forward_session {
                 None => CKR_FUNCTION_NOT_SUPPORTED,
             };
             leave(hSession);
-            rv
+            match late_fault(stringify!($name)) {
+                Some(late) if rv == CKR_OK => late,
+                _ => rv,
+            }
         }
     )*};
 }
