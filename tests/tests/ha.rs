@@ -174,6 +174,14 @@ fn single_part_operations_move_to_another_member() {
     let ha = ha(3, "");
     let s = ha.session();
     ha.login(&s);
+    // Slot-level answers over three members: what all of them offer.
+    let mechs = ha.pkcs11.get_mechanism_list(ha.slot).unwrap();
+    assert!(mechs.contains(&cryptoki::mechanism::MechanismType::SHA256_RSA_PKCS));
+    let info = ha
+        .pkcs11
+        .get_mechanism_info(ha.slot, cryptoki::mechanism::MechanismType::RSA_PKCS)
+        .unwrap();
+    assert!(info.min_key_size() <= 2048 && info.max_key_size() >= 2048);
     let (rsa, aes) = (key(&s, "rsa"), key(&s, "aes"));
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"pay 100").unwrap();
     let ct = s

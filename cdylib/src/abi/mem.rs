@@ -310,7 +310,7 @@ pub struct Out<'a, T> {
     _life: PhantomData<&'a mut T>,
 }
 
-impl<T> Out<'_, T> {
+impl<'a, T> Out<'a, T> {
     /// # Safety
     /// `ptr` is NULL or points to a writable `T` valid for the call.
     #[inline]
@@ -333,6 +333,14 @@ impl<T> Out<'_, T> {
     #[inline]
     pub(crate) fn raw(&mut self) -> *mut T {
         self.ptr
+    }
+
+    /// An output into the module's own memory.
+    pub fn from_local(value: &'a mut T) -> Self {
+        Out {
+            ptr: value,
+            _life: PhantomData,
+        }
     }
 
     /// The same output, for one more call (a retry on another member).

@@ -82,25 +82,79 @@ impl Library {
         Ok(())
     }
 
+    /// `C_GetMechanismList`: on a multi-member slot, the mechanisms every
+    /// member that is up offers (a session may move to any of them).
     pub fn get_mechanism_list(
         &self,
         slot: CK_SLOT_ID,
         mut out: OutList<'_, CK_MECHANISM_TYPE>,
     ) -> Result<()> {
-        self.on_slot(self.slot_index(slot)?, |m, vs| {
-            m.vendor.get_mechanism_list(vs, out.reborrow())
-        })
+        let si = self.slot_index(slot)?;
+        let s = &self.slots[si as usize];
+        if s.members.len() == 1 {
+            return self.on_slot(si, |m, vs| m.vendor.get_mechanism_list(vs, out.reborrow()));
+        }
+        let list_of = |m: &Member, vs: CK_SLOT_ID| -> Result<Vec<CK_MECHANISM_TYPE>> {
+            let mut n: CK_ULONG = 0;
+            m.vendor
+                .get_mechanism_list(vs, OutList::from_local(None, &mut n))?;
+            let mut list = vec![0; n as usize];
+            m.vendor
+                .get_mechanism_list(vs, OutList::from_local(Some(&mut list), &mut n))?;
+            list.truncate(n as usize);
+            Ok(list)
+        };
+        let mut common = self.on_slot(si, list_of)?;
+        for m in s.members.iter().filter(|m| m.is_up()) {
+            if let (Some(vs), true) = (m.vendor_slot(), m.is_up()) {
+                if let Ok(theirs) = m.track(false, || list_of(m, vs)) {
+                    common.retain(|t| theirs.contains(t));
+                }
+            }
+        }
+        out.write(&common)
     }
 
+    /// `C_GetMechanismInfo`: on a multi-member slot, what every member that
+    /// is up can do: the narrowest key sizes and the flags they share.
     pub fn get_mechanism_info(
         &self,
         slot: CK_SLOT_ID,
         ty: CK_MECHANISM_TYPE,
         mut out: Out<'_, CK_MECHANISM_INFO>,
     ) -> Result<()> {
-        self.on_slot(self.slot_index(slot)?, |m, vs| {
-            m.vendor.get_mechanism_info(vs, ty, out.reborrow())
-        })
+        let si = self.slot_index(slot)?;
+        let s = &self.slots[si as usize];
+        if s.members.len() == 1 {
+            return self.on_slot(si, |m, vs| {
+                m.vendor.get_mechanism_info(vs, ty, out.reborrow())
+            });
+        }
+        let mut info = CK_MECHANISM_INFO::default();
+        self.on_slot(si, |m, vs| {
+            m.vendor
+                .get_mechanism_info(vs, ty, Out::from_local(&mut info))
+        })?;
+        for m in s.members.iter().filter(|m| m.is_up()) {
+            let Some(vs) = m.vendor_slot() else { continue };
+            let mut theirs = CK_MECHANISM_INFO::default();
+            match m.track(false, || {
+                m.vendor
+                    .get_mechanism_info(vs, ty, Out::from_local(&mut theirs))
+            }) {
+                Ok(()) => {
+                    info.ulMinKeySize = info.ulMinKeySize.max(theirs.ulMinKeySize);
+                    info.ulMaxKeySize = info.ulMaxKeySize.min(theirs.ulMaxKeySize);
+                    info.flags &= theirs.flags;
+                }
+                Err(Error::Vendor(CKR_MECHANISM_INVALID)) => {
+                    return Err(Error::Vendor(CKR_MECHANISM_INVALID));
+                }
+                Err(_) => {}
+            }
+        }
+        out.write(info);
+        Ok(())
     }
 
     pub fn init_token(&self, slot: CK_SLOT_ID, pin: Pin<'_>, label: Label<'_>) -> Result<()> {
