@@ -350,14 +350,10 @@ impl Library {
             .ok_or(Error::SlotIdInvalid)
     }
 
-    /// The member that answers slot-level questions (token info,
-    /// mechanisms): the one new work would go to.
-    fn serving_member(&self, slot: u32) -> Result<(u32, &Member, CK_SLOT_ID)> {
-        let s = &self.slots[slot as usize];
+    /// Whether a slot has a member up to serve it (its token is present).
+    fn token_present(&self, slot: u32) -> bool {
         self.probe_inline();
-        let i = router::pick(&s.members, 0).ok_or(Error::TokenNotPresent)?;
-        let m = &s.members[i as usize];
-        Ok((i, m, m.vendor_slot().ok_or(Error::TokenNotPresent)?))
+        router::pick(&self.slots[slot as usize].members, 0).is_some()
     }
 
     /// Runs a slot-level call (token info, mechanisms) on the member new

@@ -37,7 +37,7 @@ impl Library {
             .slots
             .iter()
             .enumerate()
-            .filter(|(i, _)| !token_present || self.serving_member(*i as u32).is_ok())
+            .filter(|(i, _)| !token_present || self.token_present(*i as u32))
             .map(|(_, s)| s.cfg.id as CK_SLOT_ID)
             .collect();
         out.write(&ids)

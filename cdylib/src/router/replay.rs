@@ -153,10 +153,6 @@ impl Ops {
         self.lost &= !(1 << k as u8);
         was
     }
-
-    pub fn any_active(&self) -> bool {
-        !self.ops.is_empty() || self.find.is_some()
-    }
 }
 
 /// How a call ended, for the record of its operation.
