@@ -10,6 +10,7 @@
 pub mod abi;
 
 pub use abi::{status_fn, status_json};
+pub mod peers;
 pub mod scenarios;
 
 use std::path::{Path, PathBuf};
