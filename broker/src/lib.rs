@@ -5,4 +5,5 @@
 pub mod aws;
 pub mod iid;
 pub mod k8s;
+pub mod secrets;
 pub mod store;
