@@ -24,6 +24,10 @@ pub struct Claim<'a> {
     pub now: i64,
     /// Unix seconds after which the entry no longer blocks a new first use.
     pub expires_at: i64,
+    /// Whether this use may be a first use. False when the identity is past
+    /// the role's first-use window: then only a nonce re-authentication of
+    /// a live entry can succeed, and nothing is stored.
+    pub first_use: bool,
 }
 
 /// What `consume` decided.
@@ -36,6 +40,8 @@ pub enum Outcome {
     Reauthenticated,
     /// A live entry existed and this use is not allowed.
     AlreadyUsed,
+    /// No live entry existed and `first_use` was false; nothing was stored.
+    NotAllowed,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,371 @@
+//! The broker's TOML configuration: server, store, limits, cloud endpoints
+//! and roles. Validated once at start; every error names its key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use p11shim_proto::{Method, Reauth};
+use serde::Deserialize;
+
+use crate::aws::AwsConfig;
+use crate::secrets::SecretSource;
+use crate::store::StoreConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default = "default_store")]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub aws: Option<AwsConfig>,
+    #[serde(default)]
+    pub roles: BTreeMap<String, Role>,
+}
+
+fn default_store() -> StoreConfig {
+    StoreConfig::Sqlite {
+        path: PathBuf::from("/var/lib/p11shim-broker/replay.db"),
+    }
+}
+
+/// `[server]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain and key. Without them the broker serves plain
+    /// HTTP, which it accepts only on a loopback address.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDR list).
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time allowed for a client to send its request headers.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed for a whole request, body and verification included.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    /// How often expired replay entries are removed.
+    #[serde(default = "default_tidy_interval", with = "humantime_serde")]
+    pub tidy_interval: Duration,
+    /// How long a replay entry outlives the last use it records.
+    #[serde(default = "default_safety_buffer", with = "humantime_serde")]
+    pub replay_retention: Duration,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_tidy_interval() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_safety_buffer() -> Duration {
+    Duration::from_secs(72 * 3600)
+}
+
+/// `[limits]`: token buckets checked before any cloud call.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_per_ip")]
+    pub per_ip: Rate,
+    #[serde(default = "default_per_identity")]
+    pub per_identity: Rate,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_ip: default_per_ip(),
+            per_identity: default_per_identity(),
+        }
+    }
+}
+
+/// `burst` requests at once, refilled at `per_minute`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+fn default_per_ip() -> Rate {
+    Rate {
+        per_minute: 60,
+        burst: 20,
+    }
+}
+fn default_per_identity() -> Rate {
+    Rate {
+        per_minute: 12,
+        burst: 6,
+    }
+}
+
+/// `[roles.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    /// Verification methods this role accepts.
+    pub methods: Vec<Method>,
+    /// The PIN handed to the role: `file:`, `env:` or `cmd:`. Read at every
+    /// grant, so a rotated PIN is served at once.
+    pub pin: SecretSource,
+    /// Optional client certificate chain (PEM file) and key for HSMs using
+    /// mutual TLS.
+    #[serde(default)]
+    pub mtls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub mtls_key: Option<SecretSource>,
+    #[serde(default)]
+    pub mtls_ca: Option<PathBuf>,
+    /// Lifetime of the credentials; the module re-authenticates before it ends.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(default)]
+    pub reauth: Reauth,
+    /// Refuse requests that do not send an HPKE response key.
+    #[serde(default = "yes")]
+    pub require_sealed: bool,
+
+    // AWS methods.
+    /// Allowed accounts (the instance's owner); empty: any.
+    #[serde(default)]
+    pub account_ids: Vec<String>,
+    /// Allowed regions; empty: the `[aws]` region only.
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Membership: instance profiles of this IAM role (ListInstanceProfilesForRole).
+    #[serde(default)]
+    pub iam_role_name: Option<String>,
+    /// Membership: a static list of instance profile ARNs.
+    #[serde(default)]
+    pub allowed_instance_profile_arns: Vec<String>,
+    /// First use only within this time after launch (or last start).
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_instance_age: Duration,
+    /// Clock skew tolerated on launch times and token times.
+    #[serde(default = "default_skew", with = "humantime_serde")]
+    pub clock_skew: Duration,
+
+    // static-fingerprint.
+    /// Accepted machine fingerprints (hex SHA-256, see `p11shim-broker fingerprint`).
+    #[serde(default)]
+    pub fingerprints: Vec<String>,
+    /// The attributes a fingerprint covers; requests must send exactly these.
+    #[serde(default = "default_fp_attrs")]
+    pub fingerprint_attributes: Vec<String>,
+    /// Require the source address among the `addresses` attribute.
+    #[serde(default = "yes")]
+    pub fingerprint_bind_address: bool,
+
+    /// The key ACL policy handed to the module with the credentials.
+    #[serde(default)]
+    pub policy: Option<toml::Table>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_skew() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_fp_attrs() -> Vec<String> {
+    vec!["machine-id".into(), "hostname".into(), "addresses".into()]
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e.to_string()))?;
+        Config::parse(&text).map_err(|mut e| {
+            e.path = format!("{}: {}", path.display(), e.path);
+            e
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1))
+                .map(|l| format!("line {l}"))
+                .unwrap_or_default();
+            err(line, e.message().to_owned())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), Some(_)) => {}
+            (None, None) => {
+                if !s.listen.ip().is_loopback() {
+                    return Err(err(
+                        "server.listen",
+                        "plain HTTP is served on loopback addresses only; set tls_cert and tls_key",
+                    ));
+                }
+            }
+            _ => return Err(err("server", "tls_cert and tls_key go together")),
+        }
+        if !matches!(s.log_format.as_str(), "text" | "json") {
+            return Err(err("server.log_format", "text or json"));
+        }
+        if s.max_connections == 0 {
+            return Err(err("server.max_connections", "must be at least 1"));
+        }
+        for (k, r) in [("limits.per_ip", self.limits.per_ip), ("limits.per_identity", self.limits.per_identity)] {
+            if r.per_minute == 0 || r.burst == 0 {
+                return Err(err(k, "per_minute and burst must be at least 1"));
+            }
+        }
+        if self.roles.is_empty() {
+            return Err(err("roles", "no role is configured"));
+        }
+        for (name, r) in &self.roles {
+            let at = |k: &str| format!("roles.{name}.{k}");
+            if !valid_role_name(name) {
+                return Err(err(format!("roles.{name}"), "role names use [A-Za-z0-9._-], at most 64"));
+            }
+            if r.methods.is_empty() {
+                return Err(err(at("methods"), "list at least one method"));
+            }
+            if r.ttl < Duration::from_secs(60) {
+                return Err(err(at("ttl"), "at least 1m"));
+            }
+            let aws = r.methods.iter().any(|m| matches!(m, Method::AwsIid | Method::AwsImdsFields));
+            if aws {
+                if self.aws.is_none() {
+                    return Err(err(at("methods"), "AWS methods need an [aws] section"));
+                }
+                if r.iam_role_name.is_none() && r.allowed_instance_profile_arns.is_empty() {
+                    return Err(err(
+                        at("iam_role_name"),
+                        "AWS methods need iam_role_name or allowed_instance_profile_arns",
+                    ));
+                }
+                if let Some(a) = r.account_ids.iter().find(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit())) {
+                    return Err(err(at("account_ids"), format!("'{a}' is not a 12-digit account id")));
+                }
+            }
+            if r.methods.contains(&Method::StaticFingerprint) {
+                if r.fingerprints.is_empty() {
+                    return Err(err(at("fingerprints"), "static-fingerprint needs at least one fingerprint"));
+                }
+                if let Some(f) = r.fingerprints.iter().find(|f| f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit())) {
+                    return Err(err(at("fingerprints"), format!("'{f}' is not a hex SHA-256")));
+                }
+                if r.fingerprint_attributes.is_empty() {
+                    return Err(err(at("fingerprint_attributes"), "list at least one attribute"));
+                }
+            }
+            if r.methods.contains(&Method::K8sSaToken) {
+                return Err(err(at("methods"), "k8s-sa-token needs a [k8s] cluster, which this build does not read yet"));
+            }
+            if r.mtls_cert.is_some() != r.mtls_key.is_some() {
+                return Err(err(at("mtls_cert"), "mtls_cert and mtls_key go together"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Role names travel in requests and logs.
+pub fn valid_role_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl<'de> Deserialize<'de> for SecretSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        SecretSource::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[store]
+kind = "sqlite"
+path = "/tmp/x.db"
+[roles.demo]
+methods = ["static-fingerprint"]
+pin = "env:DEMO_PIN"
+fingerprints = ["0000000000000000000000000000000000000000000000000000000000000000"]
+"#;
+
+    #[test]
+    fn minimal_is_valid() {
+        let c = Config::parse(MINIMAL).unwrap();
+        let r = &c.roles["demo"];
+        assert_eq!(r.reauth, Reauth::Nonce);
+        assert!(r.require_sealed);
+        assert_eq!(r.ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn refusals_name_their_key() {
+        let e = Config::parse(&MINIMAL.replace("127.0.0.1:0", "0.0.0.0:8443")).unwrap_err();
+        assert_eq!(e.path, "server.listen");
+        let e = Config::parse(&MINIMAL.replace("env:DEMO_PIN", "1234")).unwrap_err();
+        assert!(e.message.contains("never inline"), "{e}");
+        let e = Config::parse(&MINIMAL.replace("static-fingerprint", "aws-iid")).unwrap_err();
+        assert_eq!(e.path, "roles.demo.methods");
+        let e = Config::parse(&MINIMAL.replace("methods", "method")).unwrap_err();
+        assert!(e.path.starts_with("line "), "{e}");
+        let e = Config::parse(&MINIMAL.replace("\"0000", "\"zz00")).unwrap_err();
+        assert_eq!(e.path, "roles.demo.fingerprints");
+    }
+}
