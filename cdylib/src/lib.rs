@@ -22,6 +22,7 @@
 pub mod abi;
 pub mod backend;
 pub mod config;
+pub mod credentials;
 #[deny(unsafe_code)]
 pub mod dispatch;
 pub mod error;

@@ -34,6 +34,23 @@ struct RawConfig {
     log: RawLog,
     #[serde(default, rename = "slot")]
     slots: Vec<Spanned<RawSlot>>,
+    broker: Option<Spanned<RawBroker>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBroker {
+    url: Spanned<String>,
+    ca: Option<Spanned<String>>,
+    role: Spanned<String>,
+    method: Spanned<String>,
+    imds_endpoint: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    cluster: Option<Spanned<String>>,
+    fingerprint_attributes: Option<Spanned<Vec<String>>>,
+    nonce_file: Option<Spanned<String>>,
+    wait_ms: Option<Spanned<u64>>,
+    request_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +99,56 @@ pub struct Config {
     pub source: PathBuf,
     pub log: LogConfig,
     pub slots: Vec<SlotConfig>,
+    /// Where slots with `pin = "broker"` get their credentials.
+    pub broker: Option<BrokerConfig>,
+}
+
+/// `[broker]`: credentials by attestation from `p11shim-broker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    /// Base URL; `http://` only on a loopback address.
+    pub url: String,
+    /// PEM file of the CA(s) the broker's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    pub role: String,
+    pub method: BrokerMethod,
+    /// IMDS base URL (AWS methods); `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+    /// overrides it.
+    pub imds_endpoint: String,
+    /// The projected service-account token (k8s-sa-token).
+    pub token_file: Option<PathBuf>,
+    /// The cluster name the broker knows (k8s-sa-token).
+    pub cluster: Option<String>,
+    /// The machine attributes covered (static-fingerprint).
+    pub fingerprint_attributes: Vec<String>,
+    /// Where the re-authentication nonce is kept, so that every process on
+    /// the machine (and a restarted one) can re-authenticate; `None` keeps
+    /// it in this process's memory only.
+    pub nonce_file: Option<PathBuf>,
+    /// How long the first call that needs credentials waits for them.
+    pub wait_ms: u64,
+    /// Time allowed for one exchange with the broker or IMDS.
+    pub request_timeout_ms: u64,
+}
+
+/// Evidence the module presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerMethod {
+    AwsImdsFields,
+    AwsIid,
+    K8sSaToken,
+    StaticFingerprint,
+}
+
+impl BrokerMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerMethod::AwsImdsFields => "aws-imds-fields",
+            BrokerMethod::AwsIid => "aws-iid",
+            BrokerMethod::K8sSaToken => "k8s-sa-token",
+            BrokerMethod::StaticFingerprint => "static-fingerprint",
+        }
+    }
 }
 
 /// Diagnostic logging.
@@ -157,6 +224,8 @@ pub const MAX_MEMBERS: usize = 16;
 pub enum PinSource {
     Env(String),
     File(PathBuf),
+    /// The credentials `[broker]` obtains by attestation.
+    Broker,
 }
 
 impl PinSource {
@@ -172,6 +241,7 @@ impl PinSource {
                 Ok(v) => Zeroizing::new(v),
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             },
+            PinSource::Broker => return Err("the broker's credentials are read through the module".into()),
         };
         while matches!(value.last(), Some(b'\n' | b'\r')) {
             value.pop();
@@ -188,6 +258,7 @@ impl fmt::Display for PinSource {
         match self {
             PinSource::Env(n) => write!(f, "env:{n}"),
             PinSource::File(p) => write!(f, "file:{}", p.display()),
+            PinSource::Broker => f.write_str("broker"),
         }
     }
 }
@@ -555,14 +626,150 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
 
+    let broker = match &raw.broker {
+        None => None,
+        Some(b) => Some(validate_broker(ctx, b)?),
+    };
+    if broker.is_none() {
+        if let Some(i) = slots.iter().position(|s| s.pin == Some(PinSource::Broker)) {
+            return Err(ctx.err(
+                raw.slots[i].get_ref().pin.as_ref().map(|p| p.span()).as_ref(),
+                format!("slot[{i}].pin"),
+                "pin = \"broker\" needs a [broker] section",
+            ));
+        }
+    }
+
     Ok(Config {
         source: ctx.file.to_path_buf(),
         log: LogConfig { level, file },
         slots,
+        broker,
+    })
+}
+
+fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig, ConfigError> {
+    let span = b.span();
+    let b = b.get_ref();
+    let url = b.url.get_ref().trim_end_matches('/').to_owned();
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", ""));
+    let host = rest.split('/').next().unwrap_or("");
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match scheme {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(ctx.err(
+                Some(&b.url.span()),
+                "broker.url",
+                "plain http is accepted for a loopback broker only; use https",
+            ));
+        }
+        _ => return Err(ctx.err(Some(&b.url.span()), "broker.url", "expected an https:// URL")),
+    }
+    if host.is_empty() {
+        return Err(ctx.err(Some(&b.url.span()), "broker.url", "no host in the URL"));
+    }
+    let abs = |v: &Option<Spanned<String>>, k: &str| -> Result<Option<PathBuf>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(p) if Path::new(p.get_ref()).is_absolute() => Ok(Some(PathBuf::from(p.get_ref()))),
+            Some(p) => Err(ctx.err(Some(&p.span()), format!("broker.{k}"), "must be an absolute path")),
+        }
+    };
+    let ca = abs(&b.ca, "ca")?;
+    if scheme == "https" && ca.is_none() {
+        return Err(ctx.err(
+            Some(&span),
+            "broker.ca",
+            "an https broker needs `ca`, the PEM file its certificate chains to",
+        ));
+    }
+    let role = b.role.get_ref().clone();
+    let role_ok = !role.is_empty()
+        && role.len() <= 64
+        && role.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+    if !role_ok {
+        return Err(ctx.err(Some(&b.role.span()), "broker.role", "role names use [A-Za-z0-9._-], at most 64"));
+    }
+    let method = match b.method.get_ref().as_str() {
+        "aws-imds-fields" => BrokerMethod::AwsImdsFields,
+        "aws-iid" => BrokerMethod::AwsIid,
+        "k8s-sa-token" => BrokerMethod::K8sSaToken,
+        "static-fingerprint" => BrokerMethod::StaticFingerprint,
+        other => {
+            return Err(ctx.err(
+                Some(&b.method.span()),
+                "broker.method",
+                format!("unknown method {other:?} (aws-iid, aws-imds-fields, k8s-sa-token or static-fingerprint)"),
+            ));
+        }
+    };
+    let token_file = abs(&b.token_file, "token_file")?;
+    if method == BrokerMethod::K8sSaToken && token_file.is_none() {
+        return Err(ctx.err(Some(&span), "broker.token_file", "k8s-sa-token needs the projected token's path"));
+    }
+    let fingerprint_attributes = match &b.fingerprint_attributes {
+        None => p11shim_proto::fingerprint::KNOWN.iter().map(|s| s.to_string()).collect(),
+        Some(a) => {
+            if a.get_ref().is_empty() {
+                return Err(ctx.err(Some(&a.span()), "broker.fingerprint_attributes", "list at least one"));
+            }
+            if let Some(x) = a
+                .get_ref()
+                .iter()
+                .find(|x| !p11shim_proto::fingerprint::KNOWN.contains(&x.as_str()))
+            {
+                return Err(ctx.err(
+                    Some(&a.span()),
+                    "broker.fingerprint_attributes",
+                    format!("unknown attribute {x:?} (machine-id, hostname, addresses)"),
+                ));
+            }
+            a.get_ref().clone()
+        }
+    };
+    let imds_endpoint = b
+        .imds_endpoint
+        .as_ref()
+        .map(|e| e.get_ref().trim_end_matches('/').to_owned())
+        .unwrap_or_else(|| "http://169.254.169.254".into());
+    if !imds_endpoint.starts_with("http://") {
+        return Err(ctx.err(
+            b.imds_endpoint.as_ref().map(|e| e.span()).as_ref(),
+            "broker.imds_endpoint",
+            "IMDS is plain http on a link-local address",
+        ));
+    }
+    let positive = |v: &Option<Spanned<u64>>, k: &str, d: u64| -> Result<u64, ConfigError> {
+        match v {
+            None => Ok(d),
+            Some(x) if *x.get_ref() > 0 && *x.get_ref() <= 600_000 => Ok(*x.get_ref()),
+            Some(x) => Err(ctx.err(Some(&x.span()), format!("broker.{k}"), "between 1 and 600000")),
+        }
+    };
+    Ok(BrokerConfig {
+        url,
+        ca,
+        role,
+        method,
+        imds_endpoint,
+        token_file,
+        cluster: b.cluster.as_ref().map(|c| c.get_ref().clone()),
+        fingerprint_attributes,
+        nonce_file: abs(&b.nonce_file, "nonce_file")?,
+        wait_ms: positive(&b.wait_ms, "wait_ms", 15_000)?,
+        request_timeout_ms: positive(&b.request_timeout_ms, "request_timeout_ms", 5_000)?,
     })
 }
 
 fn parse_pin_source(s: &str) -> Result<PinSource, String> {
+    if s == "broker" {
+        return Ok(PinSource::Broker);
+    }
     if let Some(name) = s.strip_prefix("env:") {
         let ok = !name.is_empty()
             && !name.starts_with(|c: char| c.is_ascii_digit())
@@ -582,7 +789,7 @@ fn parse_pin_source(s: &str) -> Result<PinSource, String> {
         };
     }
     // The value itself is never echoed: it may be a PIN written in by mistake.
-    Err("expected \"env:NAME\" or \"file:/path\" (a PIN itself is never written in the configuration)".into())
+    Err("expected \"broker\", \"env:NAME\" or \"file:/path\" (a PIN itself is never written in the configuration)".into())
 }
 
 /// A stable serial for a slot without one: derived from its id and label.

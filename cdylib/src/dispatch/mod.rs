@@ -141,6 +141,9 @@ pub fn finalize() -> Result<()> {
         return Err(Error::NotInitialized);
     }
     stop_threads();
+    if let Some(a) = &lib.credentials {
+        a.stop();
+    }
     handles::invalidate_cached_sessions();
     for v in lib.vendors.iter().filter(|v| v.owned) {
         // A call abandoned at its deadline may still be running inside the
@@ -203,6 +206,8 @@ pub struct Slot {
     pub open_sessions: std::sync::atomic::AtomicUsize,
     /// What members missed while down.
     journal: resync::Journal,
+    /// The broker's credentials, for a slot with `pin = "broker"`.
+    pub agent: Option<Arc<crate::credentials::Agent>>,
 }
 
 impl Slot {
@@ -216,15 +221,48 @@ impl Slot {
 
     /// The credential to log a member in with, if the slot is logged in.
     fn credential(&self) -> Result<Option<(CK_USER_TYPE, Zeroizing<Vec<u8>>)>> {
-        let login = self.login.lock();
-        let Some(user) = login.user else {
-            return Ok(None);
+        let (user, kept) = {
+            let login = self.login.lock();
+            let Some(user) = login.user else {
+                return Ok(None);
+            };
+            (user, login.pin.clone())
         };
-        match (&self.cfg.pin, user, &login.pin) {
-            (Some(src), CKU_USER, _) => Ok(Some((user, src.read().map_err(Error::PinSource)?))),
-            (_, _, Some(pin)) => Ok(Some((user, pin.clone()))),
+        match (&self.cfg.pin, user, kept) {
+            (Some(_), CKU_USER, _) => Ok(Some((user, self.read_pin()?))),
+            (_, _, Some(pin)) => Ok(Some((user, pin))),
             _ => Ok(None),
         }
+    }
+
+    /// The user PIN from the slot's source (a file, the environment or the
+    /// broker); the broker's may wait for the first grant.
+    pub fn read_pin(&self) -> Result<Zeroizing<Vec<u8>>> {
+        match (&self.cfg.pin, &self.agent) {
+            (Some(crate::config::PinSource::Broker), Some(agent)) => agent.pin(),
+            (Some(src), _) => src.read().map_err(|e| {
+                tracing::error!(slot = self.cfg.id, source = %src, error = %e, "PIN source unavailable");
+                Error::PinSource(e)
+            }),
+            (None, _) => Err(Error::PinSource("the slot has no PIN source".into())),
+        }
+    }
+
+    /// After a member refused the PIN from the broker: asks for fresh
+    /// credentials (a rotated PIN) and says whether new ones arrived.
+    pub fn pin_refused(&self, generation: u64) -> bool {
+        match (&self.cfg.pin, &self.agent) {
+            (Some(crate::config::PinSource::Broker), Some(agent)) => {
+                tracing::warn!(slot = self.cfg.id, "a member refused the brokered PIN; asking the broker again");
+                agent.refresh(generation)
+            }
+            _ => false,
+        }
+    }
+
+    /// The broker grant generation, 0 without a broker.
+    pub fn pin_generation(&self) -> u64 {
+        self.agent.as_ref().map(|a| a.generation()).unwrap_or(0)
     }
 }
 
@@ -241,6 +279,8 @@ pub struct Library {
     sessions: handles::Sessions,
     objects: handles::Objects,
     recovery: Arc<recovery::Control>,
+    /// Credentials by attestation, when `[broker]` is configured.
+    pub credentials: Option<Arc<crate::credentials::Agent>>,
 }
 
 impl Library {
@@ -251,6 +291,15 @@ impl Library {
         own: CK_C_Initialize,
         no_threads: bool,
     ) -> Result<Library> {
+        // The broker exchange starts first and runs while vendors load.
+        let agent = match &cfg.broker {
+            Some(_) if no_threads => {
+                tracing::error!("credentials from the broker need a thread, and the application forbids threads");
+                return Err(Error::Vendor(CKR_NEED_TO_CREATE_THREADS));
+            }
+            Some(b) => Some(crate::credentials::Agent::start(b.clone())?),
+            None => None,
+        };
         let mut vendors: Vec<LoadedVendor> = Vec::new();
         let result = (|| {
             let mut slots = Vec::with_capacity(cfg.slots.len());
@@ -311,6 +360,9 @@ impl Library {
                     login: Mutex::new(Login::default()),
                     open_sessions: Default::default(),
                     journal,
+                    agent: agent
+                        .clone()
+                        .filter(|_| sc.pin == Some(crate::config::PinSource::Broker)),
                 });
             }
             Ok(slots)
@@ -325,6 +377,7 @@ impl Library {
                 sessions: Default::default(),
                 objects: Default::default(),
                 recovery: Arc::new(recovery::Control::default()),
+                credentials: agent,
             }),
             Err(e) => {
                 for v in vendors.iter().filter(|v| v.owned) {
@@ -688,10 +741,17 @@ impl Library {
         if member.is_logged_in() {
             return Ok(());
         }
+        let generation = slot.pin_generation();
         let Some((user, pin)) = slot.credential()? else {
             return Ok(());
         };
-        match member.vendor.login(vh, user, Bytes::from_slice(&pin)) {
+        let mut r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
+        if matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED))) && slot.pin_refused(generation) {
+            if let Some((user, pin)) = slot.credential()? {
+                r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
+            }
+        }
+        match r {
             Ok(()) | Err(Error::Vendor(CKR_USER_ALREADY_LOGGED_IN)) => {
                 member.set_logged_in(true);
                 Ok(())
@@ -900,6 +960,7 @@ impl Library {
             "version": env!("CARGO_PKG_VERSION"),
             "config": self.config.source.display().to_string(),
             "recovery_thread": !self.no_threads,
+            "credentials": self.credentials.as_ref().map(|a| a.status_json()),
             "slots": slots,
         })
         .to_string()

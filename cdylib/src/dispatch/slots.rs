@@ -375,20 +375,27 @@ impl Library {
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
-        let source = match (&slot.cfg.pin, user) {
-            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(src.read().map_err(|e| {
-                tracing::error!(slot = slot.cfg.id, source = %src, error = %e, "C_Login: PIN source unavailable");
-                Error::PinSource(e)
-            })?),
+        let generation = slot.pin_generation();
+        let mut source = match (&slot.cfg.pin, user) {
+            (Some(_), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(slot.read_pin()?),
             _ => None,
         };
-        let secret = match &source {
-            Some(s) => Bytes::from_slice(s),
-            None => pin,
-        };
-        self.on_session(&sess, None, |m, _, vh| {
+        let mut r = self.on_session(&sess, None, |m, _, vh| {
+            let secret = source.as_ref().map(|s| Bytes::from_slice(s)).unwrap_or(pin);
             bounded::in_only_with(m, vh, secret, move |v, s, pin| v.login(s, user, pin))
-        })?;
+        });
+        if source.is_some()
+            && matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED)))
+            && slot.pin_refused(generation)
+        {
+            source = Some(slot.read_pin()?);
+            r = self.on_session(&sess, None, |m, _, vh| {
+                let secret = source.as_ref().map(|s| Bytes::from_slice(s)).unwrap_or(pin);
+                bounded::in_only_with(m, vh, secret, move |v, s, pin| v.login(s, user, pin))
+            });
+        }
+        r?;
+        let secret = source.as_ref().map(|s| Bytes::from_slice(s)).unwrap_or(pin);
         if user == CKU_CONTEXT_SPECIFIC {
             return Ok(());
         }
@@ -427,9 +434,7 @@ impl Library {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let source = match (&slot.cfg.pin, user) {
-            (Some(src), CKU_USER | CKU_CONTEXT_SPECIFIC) => {
-                Some(src.read().map_err(Error::PinSource)?)
-            }
+            (Some(_), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(slot.read_pin()?),
             _ => None,
         };
         let secret = match &source {
