@@ -278,8 +278,8 @@ impl Config {
             if r.methods.is_empty() {
                 return Err(err(at("methods"), "list at least one method"));
             }
-            if r.ttl < Duration::from_secs(60) {
-                return Err(err(at("ttl"), "at least 1m"));
+            if r.ttl < Duration::from_secs(5) || r.ttl > Duration::from_secs(7 * 86400) {
+                return Err(err(at("ttl"), "between 5s and 7d"));
             }
             let aws = r.methods.iter().any(|m| matches!(m, Method::AwsIid | Method::AwsImdsFields));
             if aws {

@@ -2,6 +2,7 @@
 //! moto (EC2 + IAM), our IMDSv2 emulator, the Kubernetes fake, PostgreSQL
 //! and Redis. Each is a child process killed when its handle drops.
 
+pub mod broker;
 pub mod databases;
 pub mod imds;
 pub mod k8s;
