@@ -329,6 +329,11 @@ impl<C> Pool<C> {
         }
     }
 
+    /// The most connections kept open.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
     /// Returns a healthy connection.
     pub(crate) fn put(&self, conn: C) {
         self.state.lock().idle.push(conn);
@@ -448,7 +453,7 @@ mod tests {
         pool.put(a.conn);
         let b = pool.get(|| Ok(3)).unwrap();
         assert!(b.reused && b.conn == 1);
-        drop(b);
+        // b failed: dropped, not returned.
         pool.discard();
         assert_eq!(pool.get(|| Ok(4)).unwrap().conn, 4);
     }

@@ -23,9 +23,12 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use openssl::ssl::{SslConnector, SslMethod};
+use parking_lot::{Condvar, Mutex};
 use postgres::config::Host;
 use postgres::{Client, Config};
 use postgres_openssl::MakeTlsConnector;
@@ -80,6 +83,17 @@ pub struct PostgresStore {
     /// Hosts, ports, database and user: what messages may say.
     target: String,
     pool: Pool<Client>,
+    /// Bound on one whole connection attempt (socket, TLS, authentication,
+    /// session setup).
+    connect_deadline: Duration,
+    /// Connection attempts given up on whose threads still run.
+    abandoned: Arc<AtomicUsize>,
+}
+
+/// Where a connecting thread leaves its result, unless the caller gave up.
+struct Slot {
+    result: Option<Result<Client, postgres::Error>>,
+    abandoned: bool,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -126,6 +140,12 @@ impl PostgresStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         let target = describe(&config);
+        let per_host = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(opts.connect_timeout);
+        let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        let connect_deadline = per_host.saturating_mul(hosts) + opts.statement_timeout;
 
         let mut ssl = SslConnector::builder(SslMethod::tls_client())
             .map_err(|e| StoreError::Config(format!("TLS setup: {e}")))?;
@@ -148,6 +168,8 @@ impl PostgresStore {
             password,
             target,
             pool: Pool::new(opts.pool_size, opts.connect_timeout),
+            connect_deadline,
+            abandoned: Arc::new(AtomicUsize::new(0)),
         };
         store.pool.run(
             || store.connect(),
@@ -158,15 +180,67 @@ impl PostgresStore {
         Ok(store)
     }
 
+    /// A new session. The client library bounds only the socket connect,
+    /// not the startup exchange after it (a server that accepts and then
+    /// says nothing would hold us forever), so the attempt runs on its own
+    /// thread and is abandoned at the deadline. Abandoned attempts are
+    /// counted; while too many still hang, new ones fail at once.
     fn connect(&self) -> Result<Client, StoreError> {
-        let mut client = self
-            .config
-            .connect(self.tls.clone())
-            .map_err(|e| self.error("connect", Fail::Db(e)))?;
-        client
-            .batch_execute(&self.session_setup)
-            .map_err(|e| self.error("session setup", Fail::Db(e)))?;
-        Ok(client)
+        let limit = self.pool.size() * 2;
+        if self.abandoned.load(Ordering::Acquire) >= limit {
+            return Err(self.error(
+                "connect",
+                Fail::Other(format!("{limit} earlier connection attempts still hang")),
+            ));
+        }
+        let slot = Arc::new((
+            Mutex::new(Slot {
+                result: None,
+                abandoned: false,
+            }),
+            Condvar::new(),
+        ));
+        let (config, tls, setup) = (
+            self.config.clone(),
+            self.tls.clone(),
+            self.session_setup.clone(),
+        );
+        let (theirs, abandoned) = (slot.clone(), self.abandoned.clone());
+        std::thread::Builder::new()
+            .name("pg-connect".into())
+            .spawn(move || {
+                let r = config.connect(tls).and_then(|mut c| {
+                    c.batch_execute(&setup)?;
+                    Ok(c)
+                });
+                let (lock, cv) = &*theirs;
+                let mut s = lock.lock();
+                if s.abandoned {
+                    abandoned.fetch_sub(1, Ordering::AcqRel);
+                } else {
+                    s.result = Some(r);
+                    cv.notify_one();
+                }
+            })
+            .map_err(|e| self.error("connect", Fail::Other(format!("spawn: {e}"))))?;
+        let deadline = Instant::now() + self.connect_deadline;
+        let (lock, cv) = &*slot;
+        let mut s = lock.lock();
+        while s.result.is_none() {
+            if cv.wait_until(&mut s, deadline).timed_out() && s.result.is_none() {
+                s.abandoned = true;
+                self.abandoned.fetch_add(1, Ordering::AcqRel);
+                return Err(self.error(
+                    "connect",
+                    Fail::Other(format!("no answer within {:?}", self.connect_deadline)),
+                ));
+            }
+        }
+        match s.result.take() {
+            Some(Ok(c)) => Ok(c),
+            Some(Err(e)) => Err(self.error("connect", Fail::Db(e))),
+            None => Err(self.error("connect", Fail::Other("no result".into()))),
+        }
     }
 
     fn create_schema(&self, c: &mut Client) -> Result<(), Fail> {
