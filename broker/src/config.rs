@@ -46,6 +46,7 @@ pub struct Config {
 fn default_store() -> StoreConfig {
     StoreConfig::Sqlite {
         path: PathBuf::from("/var/lib/p11shim-broker/replay.db"),
+        busy_timeout_ms: 5_000,
     }
 }
 
