@@ -224,7 +224,7 @@ fn expiry_refresh_and_pin_rotation_while_signing() {
     sign_once(&session, key);
     assert!(s.env.log().contains("refused the brokered PIN"), "{}", s.env.log());
     drop(session);
-    p11.finalize();
+    p11.finalize().expect("C_Finalize");
 }
 
 /// The broker is not up when the application initializes; C_Login waits
@@ -254,7 +254,7 @@ fn broker_down_at_start_then_up() {
     assert_eq!(broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"granted\"}"), 1);
     assert!(s.env.log().contains("no credentials from the broker"), "{}", s.env.log());
     drop(session);
-    p11.finalize();
+    p11.finalize().expect("C_Finalize");
 }
 
 /// A broker that never answers: C_Login fails with p11shim's PIN-source
@@ -276,5 +276,5 @@ fn broker_never_up_fails_login_clearly() {
     assert!(status.contains("\"state\":\"pending\""), "{status}");
     assert!(status.contains("cannot connect"), "{status}");
     drop(session);
-    p11.finalize();
+    p11.finalize().expect("C_Finalize");
 }

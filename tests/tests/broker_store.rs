@@ -148,6 +148,7 @@ fn claim(
         reauth,
         now,
         expires_at,
+        first_use: true,
     }
 }
 
@@ -179,6 +180,26 @@ mod cases {
             FirstUse
         );
         assert_eq!(consume(&*s, &claim("b", 1000, 2000, Never, None)), FirstUse);
+    }
+
+    /// Past the first-use window only a re-authentication of a live entry
+    /// succeeds, and a refused claim stores nothing.
+    pub fn first_use_not_allowed(f: &mut Fixture) {
+        let s = f.open();
+        let mut late = claim("a", 1000, 2000, Nonce, nonce(1));
+        late.first_use = false;
+        assert_eq!(consume(&*s, &late), NotAllowed);
+        assert_eq!(consume(&*s, &late), NotAllowed, "nothing was stored");
+        assert_eq!(consume(&*s, &claim("a", 1000, 2000, Nonce, nonce(1))), FirstUse);
+        let mut again = claim("a", 1500, 2500, Nonce, nonce(1));
+        again.first_use = false;
+        assert_eq!(consume(&*s, &again), Reauthenticated);
+        let mut wrong = claim("a", 1600, 2600, Nonce, nonce(2));
+        wrong.first_use = false;
+        assert_eq!(consume(&*s, &wrong), AlreadyUsed);
+        let mut expired = claim("a", 9000, 9900, Nonce, nonce(1));
+        expired.first_use = false;
+        assert_eq!(consume(&*s, &expired), NotAllowed);
     }
 
     pub fn replay(f: &mut Fixture) {
@@ -569,6 +590,10 @@ macro_rules! conformance {
                 run(cases::replay)
             }
             #[test]
+            fn first_use_not_allowed() {
+                run(cases::first_use_not_allowed)
+            }
+            #[test]
             fn nonce_reauth() {
                 run(cases::nonce_reauth)
             }
@@ -627,16 +652,16 @@ conformance!(redis, Kind::Redis, wrong_password);
 const WORKER_ENV: &str = "P11SHIM_STORE_WORKER";
 const ROUNDS: usize = 20;
 
-/// The worker side of `two_processes_*`: a no-op unless the parent test
-/// re-executed this binary with `P11SHIM_STORE_WORKER=<id>:<dir>`. The
+/// The worker side of `two_processes_*`, run only when the parent test
+/// re-executes this binary (ignored otherwise) with
+/// `P11SHIM_STORE_WORKER=<id>:<dir>`. The
 /// worker opens its own store from `<dir>/store.json`, and for each round
 /// meets the other worker at a file barrier, consumes the round's key and
 /// writes the outcome to `<dir>/out-<id>`.
 #[test]
+#[ignore = "the worker of two_processes_*, started by them"]
 fn two_process_worker_entry() {
-    let Ok(spec) = std::env::var(WORKER_ENV) else {
-        return;
-    };
+    let spec = std::env::var(WORKER_ENV).expect("started by two_processes_* with P11SHIM_STORE_WORKER");
     let (id, dir) = spec.split_once(':').expect("id:dir");
     let (id, dir) = (id.parse::<usize>().expect("id"), PathBuf::from(dir));
     let cfg: StoreConfig =
@@ -684,6 +709,7 @@ fn two_processes(kind: Kind) {
                 .args([
                     "--exact",
                     "two_process_worker_entry",
+                    "--ignored",
                     "--nocapture",
                     "--test-threads=1",
                 ])

@@ -421,6 +421,7 @@ mod tests {
             reauth,
             now: 0,
             expires_at: 1,
+            first_use: true,
         }
     }
 

@@ -276,25 +276,32 @@ impl PostgresStore {
         // around again; a handful of rounds is more than any real race.
         for _ in 0..4 {
             let mut tx = c.transaction()?;
-            let inserted = tx.query_opt(
-                FIRST_USE,
-                &[
-                    &&claim.key[..],
-                    &claim.role,
-                    &claim.subject,
-                    &nonce,
-                    &claim.now,
-                    &claim.expires_at,
-                ],
-            )?;
-            if inserted.is_some() {
-                tx.commit()?;
-                return Ok(Outcome::FirstUse);
+            if claim.first_use {
+                let inserted = tx.query_opt(
+                    FIRST_USE,
+                    &[
+                        &&claim.key[..],
+                        &claim.role,
+                        &claim.subject,
+                        &nonce,
+                        &claim.now,
+                        &claim.expires_at,
+                    ],
+                )?;
+                if inserted.is_some() {
+                    tx.commit()?;
+                    return Ok(Outcome::FirstUse);
+                }
             }
             let row = tx.query_opt(
                 "SELECT nonce_hash, expires_at FROM p11shim_seen WHERE key = $1 FOR UPDATE",
                 &[&&claim.key[..]],
             )?;
+            let live = row.as_ref().is_some_and(|r| r.get::<_, i64>(1) > claim.now);
+            if !claim.first_use && !live {
+                tx.rollback()?;
+                return Ok(Outcome::NotAllowed);
+            }
             let Some(row) = row else {
                 tx.rollback()?;
                 continue;

@@ -183,22 +183,30 @@ impl RedisStore {
         let fresh = serde_json::to_string(&fresh).map_err(|e| Fail::Other(e.to_string()))?;
         let fresh_ttl = ttl_ms(claim.now, claim.expires_at);
         for _ in 0..8 {
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&fresh)
-                .arg("NX")
-                .arg("PX")
-                .arg(fresh_ttl)
-                .query(c)?;
-            if set.is_some() {
-                return self.first_use_done(c, &key, &fresh);
+            if claim.first_use {
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&fresh)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(fresh_ttl)
+                    .query(c)?;
+                if set.is_some() {
+                    return self.first_use_done(c, &key, &fresh);
+                }
             }
             let current: Option<String> = redis::cmd("GET").arg(&key).query(c)?;
             let Some(current) = current else {
+                if !claim.first_use {
+                    return Ok(Outcome::NotAllowed);
+                }
                 continue; // expired or forgotten since: try the first use again
             };
             let stored: Entry = serde_json::from_str(&current)
                 .map_err(|_| Fail::Other(format!("{key} does not hold a replay entry")))?;
+            if stored.expires_at <= claim.now && !claim.first_use {
+                return Ok(Outcome::NotAllowed);
+            }
             if stored.expires_at <= claim.now {
                 if self.cas(c, &key, &current, &fresh, fresh_ttl)? {
                     return self.first_use_done(c, &key, &fresh);

@@ -182,8 +182,10 @@ impl ReplayStore for SqliteStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err("begin", e))?;
         // First use, or replacing an expired entry.
-        let inserted = tx
-            .execute(
+        let inserted = if !claim.first_use {
+            0
+        } else {
+            tx.execute(
                 "INSERT INTO seen (key, role, subject, nonce_hash, first_seen, last_seen, expires_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)
                  ON CONFLICT (key) DO UPDATE SET
@@ -200,7 +202,8 @@ impl ReplayStore for SqliteStore {
                     claim.expires_at
                 ],
             )
-            .map_err(|e| self.err("insert", e))?;
+            .map_err(|e| self.err("insert", e))?
+        };
         let outcome = if inserted == 1 {
             Outcome::FirstUse
         } else {
@@ -208,15 +211,21 @@ impl ReplayStore for SqliteStore {
             // between this read and the update.
             let stored: Option<Option<Vec<u8>>> = tx
                 .query_row(
-                    "SELECT nonce_hash FROM seen WHERE key = ?1",
-                    [&claim.key[..]],
+                    "SELECT nonce_hash FROM seen WHERE key = ?1 AND expires_at > ?2",
+                    params![&claim.key[..], claim.now],
                     |r| r.get(0),
                 )
                 .optional()
                 .map_err(|e| self.err("select", e))?;
-            let stored = stored.ok_or_else(|| {
-                StoreError::Unavailable("sqlite: entry vanished inside a transaction".into())
-            })?;
+            let stored = match stored {
+                Some(s) => s,
+                None if !claim.first_use => return Ok(Outcome::NotAllowed),
+                None => {
+                    return Err(StoreError::Unavailable(
+                        "sqlite: entry vanished inside a transaction".into(),
+                    ));
+                }
+            };
             if nonce_allows(claim, stored.as_deref()) {
                 tx.execute(
                     "UPDATE seen SET last_seen = ?2, expires_at = max(expires_at, ?3) WHERE key = ?1",
