@@ -422,12 +422,12 @@ impl AwsClient {
                 (url, region)
             }
         };
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in params {
-            form.append_pair(k, v);
-        }
-        form.append_pair("Version", service.api_version());
-        let body = form.finish();
+        let body = form_encode(
+            params
+                .iter()
+                .copied()
+                .chain([("Version", service.api_version())]),
+        );
         let action = params
             .iter()
             .find(|(k, _)| *k == "Action")
@@ -458,6 +458,35 @@ fn is_region(r: &str) -> bool {
             .iter()
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase()))
         && rest[rest.len() - 1].parse::<u8>().is_ok()
+}
+
+/// `application/x-www-form-urlencoded` as botocore writes it (Python's
+/// `urlencode`): RFC 3986 unreserved characters stay, a space becomes
+/// `+`, every other byte `%XX`. AWS hashes the body as sent, so any
+/// encoding signs correctly there; emulators that re-encode the decoded
+/// form before checking the signature (moto) need this exact one.
+fn form_encode<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    fn push(out: &mut String, s: &str) {
+        for b in s.bytes() {
+            match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    out.push(char::from(b))
+                }
+                b' ' => out.push('+'),
+                _ => out.push_str(&format!("%{b:02X}")),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (k, v) in pairs {
+        if !out.is_empty() {
+            out.push('&');
+        }
+        push(&mut out, k);
+        out.push('=');
+        push(&mut out, v);
+    }
+    out
 }
 
 /// Checks an endpoint override and gives it a path (`/` when it has none).
@@ -544,6 +573,24 @@ mod tests {
             ..Default::default()
         });
         assert!(e.contains("secret_access_key"), "{e}");
+    }
+
+    #[test]
+    fn form_encoding_is_botocore_s() {
+        let body = form_encode(
+            [
+                ("Action", "PutUserPolicy"),
+                (
+                    "PolicyDocument",
+                    "{\"Action\": \"ec2:*\",\n\"a~b\": \"é/+&=\"}",
+                ),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(
+            body,
+            "Action=PutUserPolicy&PolicyDocument=%7B%22Action%22%3A+%22ec2%3A%2A%22%2C%0A%22a~b%22%3A+%22%C3%A9%2F%2B%26%3D%22%7D"
+        );
     }
 
     #[test]

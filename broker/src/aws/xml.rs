@@ -53,7 +53,8 @@ pub(super) fn text<'a>(n: Node<'a, '_>, path: &[&str]) -> Option<&'a str> {
 
 /// An AWS error answer: EC2 writes
 /// `<Response><Errors><Error><Code/><Message/></Error></Errors>…`,
-/// IAM and STS `<ErrorResponse><Error><Code/><Message/></Error>…`.
+/// IAM and STS `<ErrorResponse><Error><Code/><Message/></Error>…`
+/// (moto's authentication errors: `ErrorResponse/Errors/Error`).
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct ErrorXml {
     pub code: String,
@@ -65,7 +66,8 @@ pub(super) fn error(body: &str) -> Option<ErrorXml> {
     let root = doc.root_element();
     let err = match root.tag_name().name() {
         "Response" => at(root, &["Errors", "Error"])?,
-        "ErrorResponse" => child(root, "Error")?,
+        // moto writes `ErrorResponse/Errors/Error` for its auth errors.
+        "ErrorResponse" => child(root, "Error").or_else(|| at(root, &["Errors", "Error"]))?,
         _ => return None,
     };
     let code = text(err, &["Code"])?.to_owned();
@@ -89,6 +91,8 @@ mod tests {
         );
         let iam = "<ErrorResponse xmlns=\"https://iam.amazonaws.com/doc/2010-05-08/\"><Error><Type>Sender</Type><Code>NoSuchEntity</Code><Message>The role with name x cannot be found.</Message></Error><RequestId>1</RequestId></ErrorResponse>";
         assert_eq!(error(iam).unwrap().code, "NoSuchEntity");
+        let moto = "<ErrorResponse><Errors><Error><Code>AuthFailure</Code><Message>AWS was not able to validate the provided access credentials</Message><Type>Sender</Type></Error></Errors></ErrorResponse>";
+        assert_eq!(error(moto).unwrap().code, "AuthFailure");
         assert_eq!(error("<html><body>502 Bad Gateway</body></html>"), None);
         assert_eq!(error("not xml"), None);
         assert_eq!(
