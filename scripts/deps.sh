@@ -10,7 +10,7 @@ APT_PACKAGES=(
   p11-kit libp11-kit-dev openjdk-17-jdk-headless valgrind gcc make
   python3-venv python3-dev pkg-config openssl redis-server postgresql
 )
-PY_PACKAGES=(python-pkcs11==0.7.0)
+PY_PACKAGES=(python-pkcs11==0.7.0 'moto[ec2,iam]==5.2.5' flask flask-cors)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
