@@ -63,7 +63,12 @@ fn denied(reason: impl Into<String>) -> K8sError {
 /// A claim or header value as it may appear in a log line: quoted, control
 /// characters escaped, cut at 64 characters.
 pub fn shown(s: &str) -> String {
-    let cut: String = s.chars().take(64).collect();
+    shown_at_most(s, 64)
+}
+
+/// [`shown`], cut at `max` characters.
+pub fn shown_at_most(s: &str, max: usize) -> String {
+    let cut: String = s.chars().take(max).collect();
     if cut.len() < s.len() {
         format!("{cut:?}…")
     } else {
@@ -467,7 +472,8 @@ mod tests {
 
     #[test]
     fn claim_refusals() {
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|c| c["iss"] = json!("kubernetes/serviceaccount")),
                 "legacy",

@@ -190,6 +190,8 @@ impl ClusterConfig {
     }
 }
 
+// One per cluster, built once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Backend {
     Review(TokenReview),
@@ -241,9 +243,9 @@ impl K8sVerifier {
                     let bearer = config.token.clone().map(|t| (t, issuer));
                     let http = HttpClient::new(config.ca_file.as_deref(), bearer).map_err(ctx)?;
                     http.check_bearer().map_err(ctx)?;
-                    Backend::Keys(KeySource::Discovered(
+                    Backend::Keys(KeySource::Discovered(Box::new(
                         Discovery::new(config.issuer.clone(), http).map_err(ctx)?,
-                    ))
+                    )))
                 }
             },
         };

@@ -154,7 +154,7 @@ impl KeySet {
 pub enum KeySource {
     /// A JWKS file read once at start: an unknown kid is refused.
     Pinned(KeySet),
-    Discovered(Discovery),
+    Discovered(Box<Discovery>),
 }
 
 #[derive(Debug, Default)]

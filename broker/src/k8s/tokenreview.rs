@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::K8sError;
 use super::http::{HttpClient, Url};
-use super::jws::{shown, valid_namespace, valid_service_account};
+use super::jws::{shown, shown_at_most, valid_namespace, valid_service_account};
 
 const PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 /// A TokenReview answer echoes the token; with user info it stays small.
@@ -104,7 +104,7 @@ impl TokenReview {
             let why = st
                 .error
                 .as_deref()
-                .map(shown)
+                .map(|e| shown_at_most(e, 200))
                 .unwrap_or_else(|| "no reason given".into());
             return Err(K8sError::Denied(format!(
                 "apiserver did not authenticate the token: {why}"
