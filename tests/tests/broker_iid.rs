@@ -267,6 +267,13 @@ fn tampered_der_fails() {
         verify_rsa2048(&B64.encode(&der[..der.len() - 20]), None, &pins),
         "not a PKCS#7 message",
     );
+    // Bytes after the message are refused, not ignored.
+    let mut longer = der.clone();
+    longer.extend_from_slice(b"\0junk");
+    assert_refused(
+        verify_rsa2048(&B64.encode(&longer), None, &pins),
+        "bytes after the message",
+    );
     // The untouched message still verifies.
     assert!(verify_rsa2048(&B64.encode(&der), None, &pins).is_ok());
 }

@@ -64,6 +64,9 @@ pub fn verify_rsa2048(
     let ber = base64::engine::general_purpose::STANDARD
         .decode(&compact)
         .map_err(|_| invalid("pkcs7 is not base64"))?;
+    if trailing_bytes(&ber) {
+        return Err(invalid("pkcs7 has bytes after the message"));
+    }
     let der = Pkcs7::from_der(&ber)
         .and_then(|p| p.to_der())
         .map_err(|_| invalid("pkcs7 is not a PKCS#7 message"))?;
@@ -113,6 +116,30 @@ pub fn verify_rsa2048(
         }
     }
     identity(unverified, content)
+}
+
+/// Whether a definite-length outer SEQUENCE is followed by more bytes
+/// (OpenSSL would ignore them). An indefinite-length (BER) message ends
+/// where OpenSSL's parser says.
+fn trailing_bytes(ber: &[u8]) -> bool {
+    let (Some(&0x30), Some(&first)) = (ber.first(), ber.get(1)) else {
+        return false;
+    };
+    let (header, len) = match first {
+        0x80 => return false,
+        n if n < 0x80 => (2, usize::from(n)),
+        n => {
+            let count = usize::from(n & 0x7f);
+            if count > 4 || ber.len() < 2 + count {
+                return false;
+            }
+            let len = ber[2..2 + count]
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (2 + count, len)
+        }
+    };
+    header.checked_add(len).is_some_and(|end| ber.len() > end)
 }
 
 /// The signer's digest, signed attributes and RSA signature.
