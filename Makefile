@@ -22,7 +22,7 @@ build-release:
 # cryptoki scenarios against SoftHSM2 directly and through p11shim, and the
 # real clients. Every test runs in its own process (nextest).
 test: deps
-	$(CARGO) build -p p11shim -p p11shim-faultmod
+	$(CARGO) build -p p11shim -p p11shim-faultmod -p p11shim-broker -p p11shim-peers
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 demo: deps build-release

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   softhsm2 opensc libengine-pkcs11-openssl libnss3-tools gnutls-bin
   p11-kit libp11-kit-dev openjdk-17-jdk-headless valgrind gcc make
-  python3-venv python3-dev pkg-config openssl redis-server postgresql
+  python3-venv python3-dev pkg-config openssl libssl-dev redis-server postgresql
 )
 PY_PACKAGES=(python-pkcs11==0.7.0 'moto[ec2,iam]==5.2.5' flask flask-cors)
 

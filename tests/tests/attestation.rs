@@ -220,7 +220,13 @@ fn expiry_refresh_and_pin_rotation_while_signing() {
     session.set_pin(&AuthPin::new(USER_PIN.into()), &AuthPin::new("4321".into())).expect("C_SetPIN");
     write_secret(s.pin_file.parent().unwrap(), "role.pin", "4321");
     session.logout().expect("C_Logout");
-    session.login(UserType::User, None).expect("C_Login after the rotation");
+    session
+        .login(UserType::User, None)
+        .unwrap_or_else(|e| panic!("C_Login after the rotation: {e:?}\n{}", s.env.log()));
+    // Handles of private objects do not outlive a logout.
+    let key = session
+        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(vec![1])])
+        .expect("find")[0];
     sign_once(&session, key);
     assert!(s.env.log().contains("refused the brokered PIN"), "{}", s.env.log());
     drop(session);

@@ -71,6 +71,8 @@ struct State {
     stop: bool,
     /// The thread has returned.
     exited: bool,
+    /// An exchange is in flight.
+    exchanging: bool,
 }
 
 struct Shared {
@@ -149,25 +151,30 @@ impl Agent {
     }
 
     /// Asks for new credentials now (a member refused the PIN) and waits,
-    /// at most `wait_ms`, for a grant newer than `seen`. Returns whether
-    /// one arrived.
-    pub fn refresh(&self, seen: u64) -> bool {
+    /// at most `wait_ms`, for a grant obtained by an exchange that started
+    /// after this call. Returns whether one arrived.
+    pub fn refresh(&self) -> bool {
         let deadline = Instant::now() + Duration::from_millis(self.shared.cfg.wait_ms);
         let mut st = self.shared.state.lock();
-        if st.generation != seen {
-            return true;
-        }
+        // An exchange in flight may have read the old PIN: wait for one
+        // more after it.
+        let target = st.generation + if st.exchanging { 2 } else { 1 };
         st.refresh = true;
         st.refused = None;
         self.shared.changed.notify_all();
-        while st.generation == seen && !st.stop && Instant::now() < deadline {
+        while st.generation < target && !st.stop && Instant::now() < deadline {
             let attempts = st.attempts;
             self.shared.changed.wait_until(&mut st, deadline);
-            if st.generation == seen && st.attempts > attempts && st.refused.is_some() {
+            if st.generation < target && st.attempts > attempts && st.refused.is_some() {
                 break;
             }
+            if st.generation + 1 == target && !st.exchanging && !st.refresh {
+                // The in-flight exchange ended; ask for the one after it.
+                st.refresh = true;
+                self.shared.changed.notify_all();
+            }
         }
-        st.generation != seen
+        st.generation >= target
     }
 
     /// The key ACL policy that came with the credentials.
@@ -339,13 +346,18 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
     };
     let mut backoff = FIRST_BACKOFF;
     loop {
-        if shared.state.lock().stop {
-            break;
+        {
+            let mut st = shared.state.lock();
+            if st.stop {
+                break;
+            }
+            st.exchanging = true;
+            st.refresh = false;
         }
         let outcome = exchange(cfg, &http, &imds, nonce);
         let mut st = shared.state.lock();
         st.attempts += 1;
-        st.refresh = false;
+        st.exchanging = false;
         let next = match outcome {
             Ok(g) => {
                 tracing::info!(role = %cfg.role, subject = %g.subject, ttl_s = g.ttl.as_secs(), "credentials obtained from the broker");

@@ -250,20 +250,16 @@ impl Slot {
 
     /// After a member refused the PIN from the broker: asks for fresh
     /// credentials (a rotated PIN) and says whether new ones arrived.
-    pub fn pin_refused(&self, generation: u64) -> bool {
+    pub fn pin_refused(&self) -> bool {
         match (&self.cfg.pin, &self.agent) {
             (Some(crate::config::PinSource::Broker), Some(agent)) => {
                 tracing::warn!(slot = self.cfg.id, "a member refused the brokered PIN; asking the broker again");
-                agent.refresh(generation)
+                agent.refresh()
             }
             _ => false,
         }
     }
 
-    /// The broker grant generation, 0 without a broker.
-    pub fn pin_generation(&self) -> u64 {
-        self.agent.as_ref().map(|a| a.generation()).unwrap_or(0)
-    }
 }
 
 /// The initialized module.
@@ -741,12 +737,11 @@ impl Library {
         if member.is_logged_in() {
             return Ok(());
         }
-        let generation = slot.pin_generation();
         let Some((user, pin)) = slot.credential()? else {
             return Ok(());
         };
         let mut r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
-        if matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED))) && slot.pin_refused(generation) {
+        if matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED))) && slot.pin_refused() {
             if let Some((user, pin)) = slot.credential()? {
                 r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
             }

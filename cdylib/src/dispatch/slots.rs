@@ -375,7 +375,6 @@ impl Library {
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
-        let generation = slot.pin_generation();
         let mut source = match (&slot.cfg.pin, user) {
             (Some(_), CKU_USER | CKU_CONTEXT_SPECIFIC) => Some(slot.read_pin()?),
             _ => None,
@@ -386,7 +385,7 @@ impl Library {
         });
         if source.is_some()
             && matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED)))
-            && slot.pin_refused(generation)
+            && slot.pin_refused()
         {
             source = Some(slot.read_pin()?);
             r = self.on_session(&sess, None, |m, _, vh| {
