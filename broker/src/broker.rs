@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use p11shim_proto::{Credentials, ErrorKind, Method, Mtls, Request, Response, Secret, VERSION, b64_url, seal};
+use p11shim_proto::{
+    Credentials, ErrorKind, Method, Mtls, Request, Response, Secret, VERSION, b64_url, seal,
+};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
@@ -63,11 +65,18 @@ impl Broker {
     }
 
     /// Decides one parsed request.
-    pub async fn decide(self: &Arc<Self>, rid: &str, client_ip: IpAddr, req: Request) -> Result<Response, Refusal> {
+    pub async fn decide(
+        self: &Arc<Self>,
+        rid: &str,
+        client_ip: IpAddr,
+        req: Request,
+    ) -> Result<Response, Refusal> {
         let started = Instant::now();
         let method = req.method.map(Method::as_str).unwrap_or("none");
         let result = self.decide_inner(rid, client_ip, &req).await;
-        self.metrics.request_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok((resp, outcome)) => {
                 let o = if outcome == Outcome::Reauthenticated {
@@ -107,16 +116,22 @@ impl Broker {
             .roles
             .get(&req.role)
             .ok_or_else(|| plain(Denial::denied(format!("no role '{}'", req.role))))?;
-        let method = req.method.ok_or_else(|| plain(Denial::bad_request("method missing")))?;
+        let method = req
+            .method
+            .ok_or_else(|| plain(Denial::bad_request("method missing")))?;
         if !role.methods.contains(&method) {
-            return Err(plain(Denial::denied(format!("role does not accept {method}"))));
+            return Err(plain(Denial::denied(format!(
+                "role does not accept {method}"
+            ))));
         }
         if role.require_sealed && req.response_key.is_none() {
             return Err(plain(Denial::bad_request("role requires a response_key")));
         }
         if let Some(k) = &req.response_key {
             if k.alg != seal::ALG {
-                return Err(plain(Denial::bad_request("unsupported response key algorithm")));
+                return Err(plain(Denial::bad_request(
+                    "unsupported response key algorithm",
+                )));
             }
         }
         if let Some(id) = self.claimed_identity(method, req) {
@@ -144,7 +159,10 @@ impl Broker {
             now,
         };
         let verified = self.verify(method, &ctx, req).await.map_err(plain)?;
-        let outcome = self.consume(rid, req, role, &verified, now).await.map_err(plain)?;
+        let outcome = self
+            .consume(rid, req, role, &verified, now)
+            .await
+            .map_err(plain)?;
         let resp = self.grant(rid, req, role, &verified, now).map_err(plain)?;
         Ok((resp, outcome))
     }
@@ -166,10 +184,19 @@ impl Broker {
         }
     }
 
-    async fn verify(&self, method: Method, ctx: &Context<'_>, req: &Request) -> Result<Verified, Denial> {
+    async fn verify(
+        &self,
+        method: Method,
+        ctx: &Context<'_>,
+        req: &Request,
+    ) -> Result<Verified, Denial> {
         match method {
-            Method::StaticFingerprint => methods::fingerprint::verify(ctx, req.fingerprint.as_ref()),
-            other => Err(Denial::unavailable(format!("{other} is not served by this broker"))),
+            Method::StaticFingerprint => {
+                methods::fingerprint::verify(ctx, req.fingerprint.as_ref())
+            }
+            other => Err(Denial::unavailable(format!(
+                "{other} is not served by this broker"
+            ))),
         }
     }
 
@@ -208,7 +235,9 @@ impl Broker {
         })
         .await
         .map_err(|e| Denial::unavailable(format!("replay store task: {e}")))?;
-        self.metrics.store_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
         match out {
             Ok(Outcome::FirstUse) => Ok(Outcome::FirstUse),
             Ok(Outcome::Reauthenticated) => Ok(Outcome::Reauthenticated),
@@ -224,7 +253,14 @@ impl Broker {
         }
     }
 
-    fn grant(&self, rid: &str, req: &Request, role: &Role, v: &Verified, now: SystemTime) -> Result<Response, Denial> {
+    fn grant(
+        &self,
+        rid: &str,
+        req: &Request,
+        role: &Role,
+        v: &Verified,
+        now: SystemTime,
+    ) -> Result<Response, Denial> {
         let _ = rid;
         let pin = role
             .pin
@@ -232,14 +268,17 @@ impl Broker {
             .map_err(|e| Denial::unavailable(format!("role PIN: {e}")))?;
         let mtls = match (&role.mtls_cert, &role.mtls_key) {
             (Some(cert), Some(key)) => Some(Mtls {
-                cert_pem: std::fs::read_to_string(cert)
-                    .map_err(|e| Denial::unavailable(format!("mtls_cert {}: {}", cert.display(), e.kind())))?,
-                key_pem: Secret(key.read().map_err(|e| Denial::unavailable(format!("mtls_key: {e}")))?),
+                cert_pem: std::fs::read_to_string(cert).map_err(|e| {
+                    Denial::unavailable(format!("mtls_cert {}: {}", cert.display(), e.kind()))
+                })?,
+                key_pem: Secret(
+                    key.read()
+                        .map_err(|e| Denial::unavailable(format!("mtls_key: {e}")))?,
+                ),
                 ca_pem: match &role.mtls_ca {
-                    Some(p) => Some(
-                        std::fs::read_to_string(p)
-                            .map_err(|e| Denial::unavailable(format!("mtls_ca {}: {}", p.display(), e.kind())))?,
-                    ),
+                    Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                        Denial::unavailable(format!("mtls_ca {}: {}", p.display(), e.kind()))
+                    })?),
                     None => None,
                 },
             }),
@@ -272,11 +311,19 @@ impl Broker {
         match &req.response_key {
             Some(k) => {
                 let plain = Zeroizing::new(
-                    serde_json::to_vec(&creds).map_err(|e| Denial::unavailable(format!("encode: {e}")))?,
+                    serde_json::to_vec(&creds)
+                        .map_err(|e| Denial::unavailable(format!("encode: {e}")))?,
                 );
-                let aad = seal::aad(&resp.request_id, &resp.role, &resp.subject, &resp.expires_at);
-                resp.sealed_credentials =
-                    Some(seal::seal(k, &plain, aad).map_err(|e| Denial::bad_request(format!("response key: {e}")))?);
+                let aad = seal::aad(
+                    &resp.request_id,
+                    &resp.role,
+                    &resp.subject,
+                    &resp.expires_at,
+                );
+                resp.sealed_credentials = Some(
+                    seal::seal(k, &plain, aad)
+                        .map_err(|e| Denial::bad_request(format!("response key: {e}")))?,
+                );
             }
             None => resp.credentials = Some(creds),
         }
@@ -287,13 +334,21 @@ impl Broker {
 /// Field syntax, before any lookup.
 fn check_syntax(req: &Request) -> Result<(), Denial> {
     if req.v != VERSION {
-        return Err(Denial::bad_request(format!("protocol version {} not served", req.v)));
+        return Err(Denial::bad_request(format!(
+            "protocol version {} not served",
+            req.v
+        )));
     }
     let rid_ok = !req.request_id.is_empty()
         && req.request_id.len() <= 64
-        && req.request_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        && req
+            .request_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-');
     if !rid_ok {
-        return Err(Denial::bad_request("request_id must be 1-64 of [A-Za-z0-9-]"));
+        return Err(Denial::bad_request(
+            "request_id must be 1-64 of [A-Za-z0-9-]",
+        ));
     }
     if !crate::config::valid_role_name(&req.role) {
         return Err(Denial::bad_request("malformed role name"));

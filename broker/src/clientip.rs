@@ -30,7 +30,11 @@ pub enum ForwardedError {
 
 /// Resolves the client address from the TCP `peer` and every
 /// `X-Forwarded-For` header value, in order.
-pub fn client_ip(peer: IpAddr, forwarded_for: &[&str], proxies: &[IpNet]) -> Result<IpAddr, ForwardedError> {
+pub fn client_ip(
+    peer: IpAddr,
+    forwarded_for: &[&str],
+    proxies: &[IpNet],
+) -> Result<IpAddr, ForwardedError> {
     let peer = canonical(peer);
     if !trusted(peer, proxies) {
         return Ok(peer);
@@ -72,14 +76,24 @@ mod tests {
     #[test]
     fn rightmost_untrusted_through_proxies() {
         let p = nets(&["10.0.0.0/8"]);
-        let ip = client_ip("10.0.0.1".parse().unwrap(), &["6.6.6.6, 172.16.0.9", "10.0.0.2"], &p).unwrap();
+        let ip = client_ip(
+            "10.0.0.1".parse().unwrap(),
+            &["6.6.6.6, 172.16.0.9", "10.0.0.2"],
+            &p,
+        )
+        .unwrap();
         assert_eq!(ip, "172.16.0.9".parse::<IpAddr>().unwrap());
     }
 
     #[test]
     fn mapped_and_malformed() {
         let p = nets(&["127.0.0.0/8"]);
-        let ip = client_ip("::ffff:127.0.0.1".parse().unwrap(), &["::ffff:192.0.2.7"], &p).unwrap();
+        let ip = client_ip(
+            "::ffff:127.0.0.1".parse().unwrap(),
+            &["::ffff:192.0.2.7"],
+            &p,
+        )
+        .unwrap();
         assert_eq!(ip, "192.0.2.7".parse::<IpAddr>().unwrap());
         assert_eq!(
             client_ip("127.0.0.1".parse().unwrap(), &["x"], &p),

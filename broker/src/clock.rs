@@ -28,7 +28,8 @@ pub struct OffsetClock {
 
 impl OffsetClock {
     pub fn advance(&self, by: Duration) {
-        self.offset_ms.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+        self.offset_ms
+            .fetch_add(by.as_millis() as i64, Ordering::SeqCst);
     }
 }
 
@@ -45,7 +46,9 @@ impl Clock for OffsetClock {
 
 /// Unix seconds of `t` (0 before the epoch).
 pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// RFC 3339 with second precision.

@@ -10,7 +10,11 @@ use p11shim_broker::clock::SystemClock;
 use p11shim_broker::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "p11shim-broker", version, about = "Credential broker for the p11shim PKCS#11 module")]
+#[command(
+    name = "p11shim-broker",
+    version,
+    about = "Credential broker for the p11shim PKCS#11 module"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,7 +44,9 @@ enum Command {
 fn logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("P11SHIM_BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().flatten_event(true).init();
     } else {
@@ -60,7 +66,10 @@ fn main() -> ExitCode {
                 }
             };
             logging(&cfg.server.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("p11shim-broker: runtime: {e}");
@@ -86,7 +95,9 @@ fn main() -> ExitCode {
                 let handle = axum_server::Handle::new();
                 let h = handle.clone();
                 tokio::spawn(async move {
-                    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    let mut term = match tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    ) {
                         Ok(s) => s,
                         Err(_) => return,
                     };
@@ -98,7 +109,8 @@ fn main() -> ExitCode {
                     h.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
                 });
                 let addr = listener.local_addr().ok();
-                let served = tokio::spawn(p11shim_broker::run::serve(broker, listener, handle.clone()));
+                let served =
+                    tokio::spawn(p11shim_broker::run::serve(broker, listener, handle.clone()));
                 if handle.listening().await.is_some() {
                     if let Some(a) = addr {
                         // Tests and scripts read the bound address from here.
@@ -120,7 +132,10 @@ fn main() -> ExitCode {
         }
         Command::Check { config } => match check(&config) {
             Ok(n) => {
-                println!("{}: valid, {n} role(s), store reachable, every secret readable", config.display());
+                println!(
+                    "{}: valid, {n} role(s), store reachable, every secret readable",
+                    config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -154,7 +169,8 @@ fn check(path: &std::path::Path) -> Result<usize, String> {
     for (name, r) in &cfg.roles {
         r.pin.read().map_err(|e| format!("roles.{name}.pin: {e}"))?;
         if let Some(k) = &r.mtls_key {
-            k.read().map_err(|e| format!("roles.{name}.mtls_key: {e}"))?;
+            k.read()
+                .map_err(|e| format!("roles.{name}.mtls_key: {e}"))?;
         }
     }
     Ok(cfg.roles.len())

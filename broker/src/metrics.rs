@@ -39,15 +39,37 @@ impl Metrics {
         let mut registry = Registry::with_prefix("p11shim_broker");
         let decisions = Family::<Decision, Counter>::default();
         let rate_limited = Family::<Scope, Counter>::default();
-        let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
         let request_seconds = Histogram::new(buckets);
         let store_seconds = Histogram::new(buckets);
         let tidied = Counter::default();
-        registry.register("decisions", "Credential requests by method and outcome", decisions.clone());
-        registry.register("rate_limited", "Requests refused by a rate limit, by scope", rate_limited.clone());
-        registry.register("request_seconds", "Time to answer a credential request", request_seconds.clone());
-        registry.register("store_seconds", "Time of one replay-store consume", store_seconds.clone());
-        registry.register("replay_entries_tidied", "Expired replay entries removed", tidied.clone());
+        registry.register(
+            "decisions",
+            "Credential requests by method and outcome",
+            decisions.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by a rate limit, by scope",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "request_seconds",
+            "Time to answer a credential request",
+            request_seconds.clone(),
+        );
+        registry.register(
+            "store_seconds",
+            "Time of one replay-store consume",
+            store_seconds.clone(),
+        );
+        registry.register(
+            "replay_entries_tidied",
+            "Expired replay entries removed",
+            tidied.clone(),
+        );
         Metrics {
             registry,
             decisions,

@@ -20,7 +20,10 @@ pub enum StartError {
     #[error("replay store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("listen on {addr}: {error}")]
-    Listen { addr: SocketAddr, error: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     #[error("TLS certificate or key: {0}")]
     Tls(std::io::Error),
     #[error("runtime: {0}")]
@@ -41,8 +44,14 @@ fn tls_provider() {
 }
 
 /// Serves `broker` on `listener` until `handle` shuts it down.
-pub async fn serve(broker: Arc<Broker>, listener: std::net::TcpListener, handle: Handle) -> Result<(), StartError> {
-    listener.set_nonblocking(true).map_err(StartError::Runtime)?;
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: std::net::TcpListener,
+    handle: Handle,
+) -> Result<(), StartError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(StartError::Runtime)?;
     let addr = listener.local_addr().map_err(StartError::Runtime)?;
     let app = router(Arc::clone(&broker)).into_make_service_with_connect_info::<SocketAddr>();
     let header_timeout = broker.cfg.server.header_timeout;
@@ -51,7 +60,9 @@ pub async fn serve(broker: Arc<Broker>, listener: std::net::TcpListener, handle:
     match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) => {
             tls_provider();
-            let tls = RustlsConfig::from_pem_file(cert, key).await.map_err(StartError::Tls)?;
+            let tls = RustlsConfig::from_pem_file(cert, key)
+                .await
+                .map_err(StartError::Tls)?;
             info!(%addr, "serving HTTPS");
             let mut server = axum_server::from_tcp(listener)
                 .acceptor(RustlsAcceptor::new(tls).handshake_timeout(header_timeout))
@@ -117,7 +128,10 @@ impl Drop for Running {
 /// Starts a broker on its own thread and runtime; returns once it listens.
 pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> {
     let listen = cfg.server.listen;
-    let listener = std::net::TcpListener::bind(listen).map_err(|error| StartError::Listen { addr: listen, error })?;
+    let listener = std::net::TcpListener::bind(listen).map_err(|error| StartError::Listen {
+        addr: listen,
+        error,
+    })?;
     let addr = listener.local_addr().map_err(StartError::Runtime)?;
     let broker = build(cfg, clock)?;
     let handle = Handle::new();
@@ -152,7 +166,9 @@ pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> 
         }),
         _ => {
             let _ = thread.join();
-            Err(StartError::Other("the broker did not start listening".into()))
+            Err(StartError::Other(
+                "the broker did not start listening".into(),
+            ))
         }
     }
 }

@@ -23,7 +23,9 @@ impl fmt::Debug for SecretSource {
         match self {
             SecretSource::File(p) => write!(f, "file:{}", p.display()),
             SecretSource::Env(n) => write!(f, "env:{n}"),
-            SecretSource::Command(a) => write!(f, "cmd:{}", a.first().map(String::as_str).unwrap_or("")),
+            SecretSource::Command(a) => {
+                write!(f, "cmd:{}", a.first().map(String::as_str).unwrap_or(""))
+            }
         }
     }
 }
@@ -57,14 +59,18 @@ impl SecretSource {
                 && !n.starts_with(|c: char| c.is_ascii_digit())
                 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !ok {
-                return Err(SecretError::Syntax(format!("'{n}' is not an environment variable name")));
+                return Err(SecretError::Syntax(format!(
+                    "'{n}' is not an environment variable name"
+                )));
             }
             Ok(SecretSource::Env(n.to_owned()))
         } else if let Some(c) = s.strip_prefix("cmd:") {
             let args: Vec<String> = c.split_whitespace().map(str::to_owned).collect();
             match args.first() {
                 Some(p) if p.starts_with('/') => Ok(SecretSource::Command(args)),
-                _ => Err(SecretError::Syntax("cmd: needs an absolute program path".into())),
+                _ => Err(SecretError::Syntax(
+                    "cmd: needs an absolute program path".into(),
+                )),
             }
         } else {
             Err(SecretError::Syntax(
@@ -85,7 +91,9 @@ impl SecretSource {
                 let meta = std::fs::metadata(p).map_err(|e| err(e.kind().to_string()))?;
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    return Err(err(format!("mode {mode:04o} lets others read it; chmod 600")));
+                    return Err(err(format!(
+                        "mode {mode:04o} lets others read it; chmod 600"
+                    )));
                 }
                 let raw = Zeroizing::new(std::fs::read(p).map_err(|e| err(e.kind().to_string()))?);
                 trimmed_utf8(&raw).map_err(err)
@@ -126,7 +134,10 @@ mod tests {
 
     #[test]
     fn parse_forms() {
-        assert_eq!(SecretSource::parse("env:PIN_A").unwrap(), SecretSource::Env("PIN_A".into()));
+        assert_eq!(
+            SecretSource::parse("env:PIN_A").unwrap(),
+            SecretSource::Env("PIN_A".into())
+        );
         assert!(SecretSource::parse("1234").is_err());
         assert!(SecretSource::parse("file:rel").is_err());
         assert!(SecretSource::parse("env:1X").is_err());

@@ -38,14 +38,22 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .with_state(broker)
 }
 
-fn problem(kind: ErrorKind, status: StatusCode, rid: &str, retry_after: Option<Duration>) -> Response {
+fn problem(
+    kind: ErrorKind,
+    status: StatusCode,
+    rid: &str,
+    retry_after: Option<Duration>,
+) -> Response {
     let mut p = Problem::new(kind, rid);
     p.status = status.as_u16();
     p.retry_after = retry_after.map(|d| d.as_secs().max(1));
     let body = serde_json::to_vec(&p).unwrap_or_default();
     let mut r = (status, body).into_response();
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
     if let Some(s) = p.retry_after {
         h.insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
@@ -79,7 +87,14 @@ async fn credentials(
         .collect();
     let ip = match client_ip(peer.ip(), &xff, &b.cfg.server.trusted_proxies) {
         Ok(ip) => ip,
-        Err(e) => return bad(&rid, StatusCode::BAD_REQUEST, &format!("X-Forwarded-For: {e:?}"), peer.ip()),
+        Err(e) => {
+            return bad(
+                &rid,
+                StatusCode::BAD_REQUEST,
+                &format!("X-Forwarded-For: {e:?}"),
+                peer.ip(),
+            );
+        }
     };
     if let Err(r) = b.admit(&rid, ip) {
         return refusal(r, &rid);
@@ -91,7 +106,12 @@ async fn credentials(
         .map(|v| v.trim().eq_ignore_ascii_case("application/json"))
         .unwrap_or(false);
     if !json {
-        return bad(&rid, StatusCode::UNSUPPORTED_MEDIA_TYPE, "content type is not application/json", ip);
+        return bad(
+            &rid,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content type is not application/json",
+            ip,
+        );
     }
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -102,13 +122,25 @@ async fn credentials(
     }
     let bytes = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
-        Err(_) => return bad(&rid, StatusCode::PAYLOAD_TOO_LARGE, "body too large or broken", ip),
+        Err(_) => {
+            return bad(
+                &rid,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body too large or broken",
+                ip,
+            );
+        }
     };
     let req: Request = match serde_json::from_slice(&bytes) {
         Ok(r) => r,
         Err(e) => {
             // serde's message names the field and position, never values.
-            let why = format!("malformed JSON: line {} column {} ({:?})", e.line(), e.column(), e.classify());
+            let why = format!(
+                "malformed JSON: line {} column {} ({:?})",
+                e.line(),
+                e.column(),
+                e.classify()
+            );
             return bad(&rid, StatusCode::BAD_REQUEST, &why, ip);
         }
     };

@@ -72,11 +72,16 @@ fn addresses() -> Result<Vec<String>, String> {
             }
         }
     }
-    let trie = std::fs::read_to_string("/proc/net/fib_trie").map_err(|e| format!("addresses: {e}"))?;
+    let trie =
+        std::fs::read_to_string("/proc/net/fib_trie").map_err(|e| format!("addresses: {e}"))?;
     let lines: Vec<&str> = trie.lines().collect();
     for w in lines.windows(2) {
         if w[1].trim() == "/32 host LOCAL" {
-            if let Some(ip) = w[0].trim().strip_prefix("|-- ").and_then(|s| s.parse().ok()) {
+            if let Some(ip) = w[0]
+                .trim()
+                .strip_prefix("|-- ")
+                .and_then(|s| s.parse().ok())
+            {
                 all.push(std::net::IpAddr::V4(ip));
             }
         }

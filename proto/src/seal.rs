@@ -62,7 +62,9 @@ pub struct KeyPair {
 
 impl std::fmt::Debug for KeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyPair").field("pk", &self.public_b64()).finish_non_exhaustive()
+        f.debug_struct("KeyPair")
+            .field("pk", &self.public_b64())
+            .finish_non_exhaustive()
     }
 }
 
@@ -85,13 +87,22 @@ impl KeyPair {
     }
 
     /// Opens `sealed`, which must carry exactly `expected_aad`.
-    pub fn open(&self, sealed: &Sealed, expected_aad: &str) -> Result<Zeroizing<Vec<u8>>, SealError> {
+    pub fn open(
+        &self,
+        sealed: &Sealed,
+        expected_aad: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, SealError> {
         if sealed.aad != expected_aad {
             return Err(SealError::Aad);
         }
-        let enc = b64_url().decode(&sealed.enc).map_err(|_| SealError::Malformed)?;
-        let ct = b64_url().decode(&sealed.ct).map_err(|_| SealError::Malformed)?;
-        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&enc).map_err(|_| SealError::Malformed)?;
+        let enc = b64_url()
+            .decode(&sealed.enc)
+            .map_err(|_| SealError::Malformed)?;
+        let ct = b64_url()
+            .decode(&sealed.ct)
+            .map_err(|_| SealError::Malformed)?;
+        let enc =
+            <Kem as hpke::Kem>::EncappedKey::from_bytes(&enc).map_err(|_| SealError::Malformed)?;
         hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, Kem>(
             &OpModeR::Base,
             &self.sk,
@@ -147,10 +158,16 @@ mod tests {
         let a = aad("r1", "role", "subj", "x");
         let s = seal(&kp.response_key(), b"secret", a.clone()).unwrap();
         assert_eq!(other.open(&s, &a).unwrap_err(), SealError::Open);
-        assert_eq!(kp.open(&s, "v1|r2|role|subj|x").unwrap_err(), SealError::Aad);
+        assert_eq!(
+            kp.open(&s, "v1|r2|role|subj|x").unwrap_err(),
+            SealError::Aad
+        );
         let mut moved = s.clone();
         moved.aad = "v1|r2|role|subj|x".into();
-        assert_eq!(kp.open(&moved, &moved.aad.clone()).unwrap_err(), SealError::Open);
+        assert_eq!(
+            kp.open(&moved, &moved.aad.clone()).unwrap_err(),
+            SealError::Open
+        );
         let mut bad = kp.response_key();
         bad.alg = "HPKE-P256".into();
         assert_eq!(seal(&bad, b"x", a).unwrap_err(), SealError::Algorithm);

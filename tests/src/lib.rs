@@ -264,10 +264,8 @@ impl TestEnv {
         );
     }
 
-    /// `n` members named `ha-a`, `ha-b`, ...: a token each, holding the
-    /// same RSA-2048 key pair (`rsa`, id 01), each loaded through its own
-    /// copy of the fault module. Returns the members.
-    pub fn ha_members(&self, n: usize) -> Vec<FaultyMember> {
+    /// A fresh RSA-2048 private key (PKCS#8 PEM) at `<dir>/rsa.pem`.
+    pub fn rsa_pem(&self) -> PathBuf {
         let pem = self.path().join("rsa.pem");
         run_ok(
             Command::new("openssl")
@@ -281,6 +279,14 @@ impl TestEnv {
                 ])
                 .arg(&pem),
         );
+        pem
+    }
+
+    /// `n` members named `ha-a`, `ha-b`, ...: a token each, holding the
+    /// same RSA-2048 key pair (`rsa`, id 01), each loaded through its own
+    /// copy of the fault module. Returns the members.
+    pub fn ha_members(&self, n: usize) -> Vec<FaultyMember> {
+        let pem = self.rsa_pem();
         (0..n)
             .map(|i| {
                 let token = format!("ha-{}", (b'a' + i as u8) as char);

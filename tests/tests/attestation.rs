@@ -14,7 +14,9 @@ use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
-use p11shim_tests::peers::broker::{TestBroker, broker_toml, fingerprint_role, module_broker, write_secret};
+use p11shim_tests::peers::broker::{
+    TestBroker, broker_toml, fingerprint_role, module_broker, write_secret,
+};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib, status_json};
 
 mod common;
@@ -36,29 +38,52 @@ struct Setup {
 fn setup(role_extra: &str, module_extra: &str) -> Setup {
     let env = TestEnv::new();
     env.init_token(TOKEN);
-    let pem = env.path().join("rsa.pem");
-    run_ok(Command::new("openssl").args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"]).arg(&pem));
+    let pem = env.rsa_pem();
     env.import_key(TOKEN, &pem, "rsa", "01");
     let cert = env.path().join("rsa.crt.der");
     run_ok(
         Command::new("openssl")
             .args(["req", "-x509", "-new", "-key"])
             .arg(&pem)
-            .args(["-subj", "/CN=p11shim attestation test", "-days", "30", "-outform", "DER", "-out"])
+            .args([
+                "-subj",
+                "/CN=p11shim attestation test",
+                "-days",
+                "30",
+                "-outform",
+                "DER",
+                "-out",
+            ])
             .arg(&cert),
     );
     run_ok(
         env.command("pkcs11-tool")
             .arg("--module")
             .arg(softhsm_lib())
-            .args(["--token-label", TOKEN, "--login", "--pin", USER_PIN, "--write-object"])
+            .args([
+                "--token-label",
+                TOKEN,
+                "--login",
+                "--pin",
+                USER_PIN,
+                "--write-object",
+            ])
             .arg(&cert)
             .args(["--type", "cert", "--id", "01", "--label", "rsa"]),
     );
     let pubkey = env.path().join("rsa.pub.der");
-    run_ok(Command::new("openssl").args(["pkey", "-in"]).arg(&pem).args(["-pubout", "-outform", "DER", "-out"]).arg(&pubkey));
+    run_ok(
+        Command::new("openssl")
+            .args(["pkey", "-in"])
+            .arg(&pem)
+            .args(["-pubout", "-outform", "DER", "-out"])
+            .arg(&pubkey),
+    );
     let pin_file = write_secret(env.path(), "role.pin", USER_PIN);
-    let broker = TestBroker::start(&broker_toml(env.path(), &fingerprint_role(ROLE, &pin_file, role_extra)));
+    let broker = TestBroker::start(&broker_toml(
+        env.path(),
+        &fingerprint_role(ROLE, &pin_file, role_extra),
+    ));
     write_module_config(&env, &broker.url(), module_extra);
     Setup {
         env,
@@ -88,7 +113,15 @@ fn pkcs11_tool_sign(env: &TestEnv, n: u32) -> std::process::Output {
     env.command("pkcs11-tool")
         .arg("--module")
         .arg(p11shim_lib())
-        .args(["--login", "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS", "--input-file"])
+        .args([
+            "--login",
+            "--sign",
+            "--id",
+            "01",
+            "-m",
+            "SHA256-RSA-PKCS",
+            "--input-file",
+        ])
         .arg(&msg)
         .arg("--output-file")
         .arg(&sig)
@@ -100,7 +133,11 @@ fn assert_no_pin_in_logs(s: &Setup) {
     let log = s.env.log();
     assert!(!log.is_empty());
     // USER_PIN is short; look for it as a whole token of the log.
-    for needle in [format!("\"{USER_PIN}\""), format!("={USER_PIN}"), format!(" {USER_PIN} ")] {
+    for needle in [
+        format!("\"{USER_PIN}\""),
+        format!("={USER_PIN}"),
+        format!(" {USER_PIN} "),
+    ] {
         assert!(!log.contains(&needle), "the PIN appears in the module log");
     }
 }
@@ -115,7 +152,13 @@ fn pkcs11_tool_java_and_openssl_sign_with_no_pin_configured() {
     write_module_config(&s.env, &s.broker.url(), &nonce_file(&s.env));
 
     // The virtual token has a protected authentication path.
-    let out = text(&run_ok(s.env.command("pkcs11-tool").arg("--module").arg(p11shim_lib()).arg("--list-token-slots")));
+    let out = text(&run_ok(
+        s.env
+            .command("pkcs11-tool")
+            .arg("--module")
+            .arg(p11shim_lib())
+            .arg("--list-token-slots"),
+    ));
     assert!(out.contains("PIN pad present"), "{out}");
 
     // pkcs11-tool: no --pin.
@@ -130,7 +173,9 @@ fn pkcs11_tool_java_and_openssl_sign_with_no_pin_configured() {
     let sig = s.env.path().join("engine.sig");
     run_ok(
         openssl(&s.env, &cnf)
-            .args(["dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign"])
+            .args([
+                "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign",
+            ])
             .arg(format!("pkcs11:token={TOKEN};object=rsa;type=private"))
             .arg("-out")
             .arg(&sig)
@@ -141,11 +186,24 @@ fn pkcs11_tool_java_and_openssl_sign_with_no_pin_configured() {
     // Java SunPKCS11: an empty keystore password; 20 signatures.
     let cfg = sunpkcs11_cfg(&s.env);
     let classes = compile_java(&s.env, "HaSign.java");
-    let out = text(&run_ok(s.env.command("java").arg("-cp").arg(&classes).args(["HaSign"]).arg(&cfg).args(["", "20", ""])));
+    let out = text(&run_ok(
+        s.env
+            .command("java")
+            .arg("-cp")
+            .arg(&classes)
+            .args(["HaSign"])
+            .arg(&cfg)
+            .args(["", "20", ""]),
+    ));
     assert!(out.contains("signed: 20 verified: 20 failed: 0"), "{out}");
 
     // Three processes, each a first use or a nonce re-authentication.
-    assert_eq!(s.broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"granted\"}"), 1);
+    assert_eq!(
+        s.broker.counter(
+            "p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"granted\"}"
+        ),
+        1
+    );
     assert!(s.broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"reauthenticated\"}") >= 2);
     assert_no_pin_in_logs(&s);
 }
@@ -162,8 +220,17 @@ fn a_second_process_without_the_nonce_is_refused_as_already_used() {
     // with p11shim's PIN-source code, and the broker raises its alarm.
     let out = pkcs11_tool_sign(&s.env, 2);
     assert!(!out.status.success());
-    assert!(text(&out).contains("0xd0530003") || text(&out).contains("0xD0530003"), "{}", text(&out));
-    assert_eq!(s.broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"already_used\"}"), 1);
+    assert!(
+        text(&out).contains("0xd0530003") || text(&out).contains("0xD0530003"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        s.broker.counter(
+            "p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"already_used\"}"
+        ),
+        1
+    );
     assert!(s.env.log().contains("already used"), "{}", s.env.log());
 }
 
@@ -173,22 +240,34 @@ fn reauth_never_serves_an_identity_once_even_with_the_nonce() {
         return;
     }
     let s = setup("reauth = \"never\"\n", "wait_ms = 5000\n");
-    write_module_config(&s.env, &s.broker.url(), &format!("wait_ms = 5000\n{}", nonce_file(&s.env)));
+    write_module_config(
+        &s.env,
+        &s.broker.url(),
+        &format!("wait_ms = 5000\n{}", nonce_file(&s.env)),
+    );
     assert!(pkcs11_tool_sign(&s.env, 1).status.success());
     let out = pkcs11_tool_sign(&s.env, 2);
     assert!(!out.status.success(), "{}", text(&out));
-    assert_eq!(s.broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"already_used\"}"), 1);
+    assert_eq!(
+        s.broker.counter(
+            "p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"already_used\"}"
+        ),
+        1
+    );
 }
 
 fn open(env: &TestEnv) -> Pkcs11 {
     env.apply();
     let p11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
-    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("C_Initialize");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
     p11
 }
 
 fn sign_once(session: &cryptoki::session::Session, key: cryptoki::object::ObjectHandle) {
-    let sig = session.sign(&Mechanism::Sha256RsaPkcs, key, b"payload").expect("C_Sign");
+    let sig = session
+        .sign(&Mechanism::Sha256RsaPkcs, key, b"payload")
+        .expect("C_Sign");
     assert_eq!(sig.len(), 256);
 }
 
@@ -202,9 +281,14 @@ fn expiry_refresh_and_pin_rotation_while_signing() {
     let p11 = open(&s.env);
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let session = p11.open_rw_session(slot).expect("open");
-    session.login(UserType::User, None).expect("C_Login with no PIN");
+    session
+        .login(UserType::User, None)
+        .expect("C_Login with no PIN");
     let key = session
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(vec![1])])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(vec![1]),
+        ])
         .expect("find")[0];
     let until = Instant::now() + Duration::from_secs(12);
     let mut signed = 0u32;
@@ -213,11 +297,18 @@ fn expiry_refresh_and_pin_rotation_while_signing() {
         signed += 1;
     }
     let status = status_json(&p11shim_lib());
-    let reauth = s.broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"reauthenticated\"}");
-    assert!(reauth >= 2, "{reauth} re-authentications in 12 s with a 5 s lifetime; status {status}");
+    let reauth = s.broker.counter(
+        "p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"reauthenticated\"}",
+    );
+    assert!(
+        reauth >= 2,
+        "{reauth} re-authentications in 12 s with a 5 s lifetime; status {status}"
+    );
 
     // Rotation: the token's PIN changes, then the broker's.
-    session.set_pin(&AuthPin::new(USER_PIN.into()), &AuthPin::new("4321".into())).expect("C_SetPIN");
+    session
+        .set_pin(&AuthPin::new(USER_PIN.into()), &AuthPin::new("4321".into()))
+        .expect("C_SetPIN");
     write_secret(s.pin_file.parent().unwrap(), "role.pin", "4321");
     session.logout().expect("C_Logout");
     session
@@ -225,10 +316,17 @@ fn expiry_refresh_and_pin_rotation_while_signing() {
         .unwrap_or_else(|e| panic!("C_Login after the rotation: {e:?}\n{}", s.env.log()));
     // Handles of private objects do not outlive a logout.
     let key = session
-        .find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY), Attribute::Id(vec![1])])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Id(vec![1]),
+        ])
         .expect("find")[0];
     sign_once(&session, key);
-    assert!(s.env.log().contains("refused the brokered PIN"), "{}", s.env.log());
+    assert!(
+        s.env.log().contains("refused the brokered PIN"),
+        "{}",
+        s.env.log()
+    );
     drop(session);
     p11.finalize().expect("C_Finalize");
 }
@@ -246,19 +344,36 @@ fn broker_down_at_start_then_up() {
     };
     let mut broker = s.broker;
     broker.stop();
-    write_module_config(&s.env, &format!("http://127.0.0.1:{port}"), "wait_ms = 20000\n");
+    write_module_config(
+        &s.env,
+        &format!("http://127.0.0.1:{port}"),
+        "wait_ms = 20000\n",
+    );
     let p11 = open(&s.env);
-    let toml = broker.toml.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let toml = broker
+        .toml
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     let starter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         TestBroker::start(&toml)
     });
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let session = p11.open_ro_session(slot).expect("open");
-    session.login(UserType::User, None).expect("C_Login once the broker is up");
+    session
+        .login(UserType::User, None)
+        .expect("C_Login once the broker is up");
     let broker = starter.join().unwrap();
-    assert_eq!(broker.counter("p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"granted\"}"), 1);
-    assert!(s.env.log().contains("no credentials from the broker"), "{}", s.env.log());
+    assert_eq!(
+        broker.counter(
+            "p11shim_broker_decisions_total{method=\"static-fingerprint\",outcome=\"granted\"}"
+        ),
+        1
+    );
+    assert!(
+        s.env.log().contains("no credentials from the broker"),
+        "{}",
+        s.env.log()
+    );
     drop(session);
     p11.finalize().expect("C_Finalize");
 }
@@ -272,12 +387,20 @@ fn broker_never_up_fails_login_clearly() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    write_module_config(&s.env, &format!("http://127.0.0.1:{port}"), "wait_ms = 1500\nrequest_timeout_ms = 500\n");
+    write_module_config(
+        &s.env,
+        &format!("http://127.0.0.1:{port}"),
+        "wait_ms = 1500\nrequest_timeout_ms = 500\n",
+    );
     let p11 = open(&s.env);
     let slot = p11.get_slots_with_token().expect("slots")[0];
     let session = p11.open_ro_session(slot).expect("open");
     let e = session.login(UserType::User, None).expect_err("no broker");
-    assert!(format!("{e:?}").contains("3494051843") || format!("{e}").to_lowercase().contains("d0530003"), "{e:?}");
+    assert!(
+        format!("{e:?}").contains("3494051843")
+            || format!("{e}").to_lowercase().contains("d0530003"),
+        "{e:?}"
+    );
     let status = status_json(&p11shim_lib());
     assert!(status.contains("\"state\":\"pending\""), "{status}");
     assert!(status.contains("cannot connect"), "{status}");

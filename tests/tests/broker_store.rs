@@ -190,7 +190,10 @@ mod cases {
         late.first_use = false;
         assert_eq!(consume(&*s, &late), NotAllowed);
         assert_eq!(consume(&*s, &late), NotAllowed, "nothing was stored");
-        assert_eq!(consume(&*s, &claim("a", 1000, 2000, Nonce, nonce(1))), FirstUse);
+        assert_eq!(
+            consume(&*s, &claim("a", 1000, 2000, Nonce, nonce(1))),
+            FirstUse
+        );
         let mut again = claim("a", 1500, 2500, Nonce, nonce(1));
         again.first_use = false;
         assert_eq!(consume(&*s, &again), Reauthenticated);
@@ -661,7 +664,8 @@ const ROUNDS: usize = 20;
 #[test]
 #[ignore = "the worker of two_processes_*, started by them"]
 fn two_process_worker_entry() {
-    let spec = std::env::var(WORKER_ENV).expect("started by two_processes_* with P11SHIM_STORE_WORKER");
+    let spec =
+        std::env::var(WORKER_ENV).expect("started by two_processes_* with P11SHIM_STORE_WORKER");
     let (id, dir) = spec.split_once(':').expect("id:dir");
     let (id, dir) = (id.parse::<usize>().expect("id"), PathBuf::from(dir));
     let cfg: StoreConfig =

@@ -27,8 +27,14 @@ pub fn verify(ctx: &Context<'_>, ev: Option<&FingerprintEvidence>) -> Result<Ver
             "fingerprint attributes {sent:?} are not the role's {want:?}"
         )));
     }
-    if ev.attributes.values().any(|v| v.len() > MAX_ATTRIBUTE || v.contains('\0')) {
-        return Err(Denial::bad_request("fingerprint attribute too long or not text"));
+    if ev
+        .attributes
+        .values()
+        .any(|v| v.len() > MAX_ATTRIBUTE || v.contains('\0'))
+    {
+        return Err(Denial::bad_request(
+            "fingerprint attribute too long or not text",
+        ));
     }
     let fp = fingerprint(&ev.attributes);
     let listed = role
@@ -36,7 +42,10 @@ pub fn verify(ctx: &Context<'_>, ev: Option<&FingerprintEvidence>) -> Result<Ver
         .iter()
         .any(|f| f.eq_ignore_ascii_case(&fp));
     if !listed {
-        return Err(Denial::denied(format!("fingerprint {} not in role", &fp[..16])));
+        return Err(Denial::denied(format!(
+            "fingerprint {} not in role",
+            &fp[..16]
+        )));
     }
     if role.fingerprint_bind_address {
         if let Some(addrs) = ev.attributes.get("addresses") {

@@ -241,7 +241,9 @@ impl PinSource {
                 Ok(v) => Zeroizing::new(v),
                 Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
             },
-            PinSource::Broker => return Err("the broker's credentials are read through the module".into()),
+            PinSource::Broker => {
+                return Err("the broker's credentials are read through the module".into());
+            }
         };
         while matches!(value.last(), Some(b'\n' | b'\r')) {
             value.pop();
@@ -633,7 +635,12 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
     if broker.is_none() {
         if let Some(i) = slots.iter().position(|s| s.pin == Some(PinSource::Broker)) {
             return Err(ctx.err(
-                raw.slots[i].get_ref().pin.as_ref().map(|p| p.span()).as_ref(),
+                raw.slots[i]
+                    .get_ref()
+                    .pin
+                    .as_ref()
+                    .map(|p| p.span())
+                    .as_ref(),
                 format!("slot[{i}].pin"),
                 "pin = \"broker\" needs a [broker] section",
             ));
@@ -657,7 +664,9 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
     let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let loopback = host == "localhost"
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     match scheme {
         "https" => {}
         "http" if loopback => {}
@@ -668,7 +677,13 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
                 "plain http is accepted for a loopback broker only; use https",
             ));
         }
-        _ => return Err(ctx.err(Some(&b.url.span()), "broker.url", "expected an https:// URL")),
+        _ => {
+            return Err(ctx.err(
+                Some(&b.url.span()),
+                "broker.url",
+                "expected an https:// URL",
+            ));
+        }
     }
     if host.is_empty() {
         return Err(ctx.err(Some(&b.url.span()), "broker.url", "no host in the URL"));
@@ -677,7 +692,11 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
         match v {
             None => Ok(None),
             Some(p) if Path::new(p.get_ref()).is_absolute() => Ok(Some(PathBuf::from(p.get_ref()))),
-            Some(p) => Err(ctx.err(Some(&p.span()), format!("broker.{k}"), "must be an absolute path")),
+            Some(p) => Err(ctx.err(
+                Some(&p.span()),
+                format!("broker.{k}"),
+                "must be an absolute path",
+            )),
         }
     };
     let ca = abs(&b.ca, "ca")?;
@@ -691,9 +710,15 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
     let role = b.role.get_ref().clone();
     let role_ok = !role.is_empty()
         && role.len() <= 64
-        && role.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
+        && role
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c));
     if !role_ok {
-        return Err(ctx.err(Some(&b.role.span()), "broker.role", "role names use [A-Za-z0-9._-], at most 64"));
+        return Err(ctx.err(
+            Some(&b.role.span()),
+            "broker.role",
+            "role names use [A-Za-z0-9._-], at most 64",
+        ));
     }
     let method = match b.method.get_ref().as_str() {
         "aws-imds-fields" => BrokerMethod::AwsImdsFields,
@@ -710,13 +735,24 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
     };
     let token_file = abs(&b.token_file, "token_file")?;
     if method == BrokerMethod::K8sSaToken && token_file.is_none() {
-        return Err(ctx.err(Some(&span), "broker.token_file", "k8s-sa-token needs the projected token's path"));
+        return Err(ctx.err(
+            Some(&span),
+            "broker.token_file",
+            "k8s-sa-token needs the projected token's path",
+        ));
     }
     let fingerprint_attributes = match &b.fingerprint_attributes {
-        None => p11shim_proto::fingerprint::KNOWN.iter().map(|s| s.to_string()).collect(),
+        None => p11shim_proto::fingerprint::KNOWN
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         Some(a) => {
             if a.get_ref().is_empty() {
-                return Err(ctx.err(Some(&a.span()), "broker.fingerprint_attributes", "list at least one"));
+                return Err(ctx.err(
+                    Some(&a.span()),
+                    "broker.fingerprint_attributes",
+                    "list at least one",
+                ));
             }
             if let Some(x) = a
                 .get_ref()
@@ -748,7 +784,11 @@ fn validate_broker(ctx: &Ctx<'_>, b: &Spanned<RawBroker>) -> Result<BrokerConfig
         match v {
             None => Ok(d),
             Some(x) if *x.get_ref() > 0 && *x.get_ref() <= 600_000 => Ok(*x.get_ref()),
-            Some(x) => Err(ctx.err(Some(&x.span()), format!("broker.{k}"), "between 1 and 600000")),
+            Some(x) => Err(ctx.err(
+                Some(&x.span()),
+                format!("broker.{k}"),
+                "between 1 and 600000",
+            )),
         }
     };
     Ok(BrokerConfig {

@@ -54,9 +54,13 @@ impl<'a> Imds<'a> {
             .send()
             .map_err(|e| EvidenceError(format!("IMDS token: {}", without_url(&e))))?;
         if !r.status().is_success() {
-            return Err(EvidenceError(format!("IMDS token: HTTP {}", r.status().as_u16())));
+            return Err(EvidenceError(format!(
+                "IMDS token: HTTP {}",
+                r.status().as_u16()
+            )));
         }
-        let token = Zeroizing::new(read_text(r).map_err(|e| EvidenceError(format!("IMDS token: {e}")))?);
+        let token =
+            Zeroizing::new(read_text(r).map_err(|e| EvidenceError(format!("IMDS token: {e}")))?);
         Ok(Imds { http, base, token })
     }
 
@@ -86,9 +90,11 @@ impl<'a> Imds<'a> {
         let Some(info) = self.get("meta-data/iam/info")? else {
             return Ok(None);
         };
-        let v: serde_json::Value =
-            serde_json::from_str(&info).map_err(|_| EvidenceError("IMDS iam/info: not JSON".into()))?;
-        Ok(v.get("InstanceProfileArn").and_then(|a| a.as_str()).map(str::to_owned))
+        let v: serde_json::Value = serde_json::from_str(&info)
+            .map_err(|_| EvidenceError("IMDS iam/info: not JSON".into()))?;
+        Ok(v.get("InstanceProfileArn")
+            .and_then(|a| a.as_str())
+            .map(str::to_owned))
     }
 }
 
@@ -170,7 +176,8 @@ pub fn gather(cfg: &BrokerConfig, imds: &Client) -> Result<Evidence, EvidenceErr
                 .as_ref()
                 .ok_or_else(|| EvidenceError("no token_file".into()))?;
             let raw = Zeroizing::new(
-                std::fs::read(path).map_err(|e| EvidenceError(format!("{}: {}", path.display(), e.kind())))?,
+                std::fs::read(path)
+                    .map_err(|e| EvidenceError(format!("{}: {}", path.display(), e.kind())))?,
             );
             let token = std::str::from_utf8(&raw)
                 .map_err(|_| EvidenceError(format!("{}: not text", path.display())))?
@@ -184,8 +191,8 @@ pub fn gather(cfg: &BrokerConfig, imds: &Client) -> Result<Evidence, EvidenceErr
             }))
         }
         BrokerMethod::StaticFingerprint => {
-            let attributes =
-                p11shim_proto::fingerprint::collect(&cfg.fingerprint_attributes).map_err(EvidenceError)?;
+            let attributes = p11shim_proto::fingerprint::collect(&cfg.fingerprint_attributes)
+                .map_err(EvidenceError)?;
             Ok(Evidence::Fingerprint(FingerprintEvidence { attributes }))
         }
     }

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use p11shim_proto::seal::{self, KeyPair};
-use p11shim_proto::{ClientInfo, Credentials, ErrorKind, Method, Problem, Request, Response, Secret, b64_url};
+use p11shim_proto::{
+    ClientInfo, Credentials, ErrorKind, Method, Problem, Request, Response, Secret, b64_url,
+};
 use parking_lot::{Condvar, Mutex};
 use zeroize::Zeroizing;
 
@@ -179,7 +181,12 @@ impl Agent {
 
     /// The key ACL policy that came with the credentials.
     pub fn policy(&self) -> Option<serde_json::Value> {
-        self.shared.state.lock().grant.as_ref().map(|g| g.policy.clone())
+        self.shared
+            .state
+            .lock()
+            .grant
+            .as_ref()
+            .map(|g| g.policy.clone())
     }
 
     /// State for `P11shim_GetStatus`.
@@ -191,7 +198,11 @@ impl Agent {
             Some(g) if !g.expired(now) => (
                 "ready",
                 Some(g.subject.clone()),
-                Some((g.obtained + g.ttl).saturating_duration_since(now).as_secs()),
+                Some(
+                    (g.obtained + g.ttl)
+                        .saturating_duration_since(now)
+                        .as_secs(),
+                ),
             ),
             Some(g) => ("expired", Some(g.subject.clone()), Some(0)),
             None if st.refused.is_some() => ("refused", None, None),
@@ -269,7 +280,11 @@ fn load_nonce(path: Option<&Path>) -> Result<Zeroizing<String>> {
         return fresh();
     };
     let err = |what: &str, e: std::io::Error| {
-        Error::PinSource(format!("nonce file {}: {what}: {}", path.display(), e.kind()))
+        Error::PinSource(format!(
+            "nonce file {}: {what}: {}",
+            path.display(),
+            e.kind()
+        ))
     };
     for _ in 0..2 {
         match std::fs::OpenOptions::new()
@@ -305,7 +320,10 @@ fn load_nonce(path: Option<&Path>) -> Result<Zeroizing<String>> {
             Err(e) => return Err(err("create", e)),
         }
     }
-    Err(Error::PinSource(format!("nonce file {}: empty or too short", path.display())))
+    Err(Error::PinSource(format!(
+        "nonce file {}: empty or too short",
+        path.display()
+    )))
 }
 
 /// A failed exchange.
@@ -376,7 +394,9 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
                         role = %cfg.role,
                         "ALARM: the broker says this machine's identity was already used; another party may hold its evidence"
                     ),
-                    _ => tracing::warn!(role = %cfg.role, error = %f.message, "no credentials from the broker"),
+                    _ => {
+                        tracing::warn!(role = %cfg.role, error = %f.message, "no credentials from the broker")
+                    }
                 }
                 let pause = match f.refused {
                     Some(_) => REFUSED_PAUSE,
@@ -396,7 +416,10 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
     }
 }
 
-fn broker_client(cfg: &BrokerConfig, timeout: Duration) -> std::result::Result<reqwest::blocking::Client, Failure> {
+fn broker_client(
+    cfg: &BrokerConfig,
+    timeout: Duration,
+) -> std::result::Result<reqwest::blocking::Client, Failure> {
     let mut b = reqwest::blocking::Client::builder()
         .use_rustls_tls()
         .timeout(timeout)
@@ -404,11 +427,16 @@ fn broker_client(cfg: &BrokerConfig, timeout: Duration) -> std::result::Result<r
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("p11shim/", env!("CARGO_PKG_VERSION")));
     if let Some(ca) = &cfg.ca {
-        let pem = std::fs::read(ca).map_err(|e| Failure::local(format!("broker CA {}: {}", ca.display(), e.kind())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|_| Failure::local(format!("broker CA {}: not PEM certificates", ca.display())))?;
+        let pem = std::fs::read(ca)
+            .map_err(|e| Failure::local(format!("broker CA {}: {}", ca.display(), e.kind())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|_| {
+            Failure::local(format!("broker CA {}: not PEM certificates", ca.display()))
+        })?;
         if certs.is_empty() {
-            return Err(Failure::local(format!("broker CA {}: no certificate", ca.display())));
+            return Err(Failure::local(format!(
+                "broker CA {}: no certificate",
+                ca.display()
+            )));
         }
         for c in certs {
             b = b.add_root_certificate(c);
@@ -428,7 +456,14 @@ fn request_id() -> String {
     r[6] = (r[6] & 0x0f) | 0x40;
     r[8] = (r[8] & 0x3f) | 0x80;
     let h: String = r.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 fn method(m: BrokerMethod) -> Method {
@@ -466,7 +501,9 @@ fn exchange(
         Evidence::K8s(k) => req.k8s = Some(k),
         Evidence::Fingerprint(f) => req.fingerprint = Some(f),
     }
-    let body = Zeroizing::new(serde_json::to_vec(&req).map_err(|e| Failure::local(format!("encode: {e}")))?);
+    let body = Zeroizing::new(
+        serde_json::to_vec(&req).map_err(|e| Failure::local(format!("encode: {e}")))?,
+    );
     let sent = Instant::now();
     let r = http
         .post(format!("{}{}", cfg.url, p11shim_proto::CREDENTIALS_PATH))
@@ -494,22 +531,30 @@ fn exchange(
             message: format!(
                 "broker answered {} {} (broker request id {broker_rid})",
                 status.as_u16(),
-                kind.map(|k| k.as_str()).unwrap_or("without a problem document")
+                kind.map(|k| k.as_str())
+                    .unwrap_or("without a problem document")
             ),
             refused: kind.filter(|k| !k.retryable()),
             retry_after: problem.and_then(|p| p.retry_after).map(Duration::from_secs),
         });
     }
-    let resp: Response =
-        serde_json::from_slice(&bytes).map_err(|e| Failure::local(format!("broker answer: {e}")))?;
+    let resp: Response = serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::local(format!("broker answer: {e}")))?;
     if resp.request_id != req.request_id || resp.role != req.role {
-        return Err(Failure::local("broker answer is for another request".into()));
+        return Err(Failure::local(
+            "broker answer is for another request".into(),
+        ));
     }
     let sealed = resp
         .sealed_credentials
         .as_ref()
         .ok_or_else(|| Failure::local("broker answer carries no sealed credentials".into()))?;
-    let aad = seal::aad(&resp.request_id, &resp.role, &resp.subject, &resp.expires_at);
+    let aad = seal::aad(
+        &resp.request_id,
+        &resp.role,
+        &resp.subject,
+        &resp.expires_at,
+    );
     let plain = key
         .open(sealed, &aad)
         .map_err(|e| Failure::local(format!("sealed credentials: {e}")))?;

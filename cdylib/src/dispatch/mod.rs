@@ -253,13 +253,15 @@ impl Slot {
     pub fn pin_refused(&self) -> bool {
         match (&self.cfg.pin, &self.agent) {
             (Some(crate::config::PinSource::Broker), Some(agent)) => {
-                tracing::warn!(slot = self.cfg.id, "a member refused the brokered PIN; asking the broker again");
+                tracing::warn!(
+                    slot = self.cfg.id,
+                    "a member refused the brokered PIN; asking the broker again"
+                );
                 agent.refresh()
             }
             _ => false,
         }
     }
-
 }
 
 /// The initialized module.
@@ -290,7 +292,9 @@ impl Library {
         // The broker exchange starts first and runs while vendors load.
         let agent = match &cfg.broker {
             Some(_) if no_threads => {
-                tracing::error!("credentials from the broker need a thread, and the application forbids threads");
+                tracing::error!(
+                    "credentials from the broker need a thread, and the application forbids threads"
+                );
                 return Err(Error::Vendor(CKR_NEED_TO_CREATE_THREADS));
             }
             Some(b) => Some(crate::credentials::Agent::start(b.clone())?),
@@ -741,7 +745,9 @@ impl Library {
             return Ok(());
         };
         let mut r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
-        if matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED))) && slot.pin_refused() {
+        if matches!(r, Err(Error::Vendor(CKR_PIN_INCORRECT | CKR_PIN_EXPIRED)))
+            && slot.pin_refused()
+        {
             if let Some((user, pin)) = slot.credential()? {
                 r = member.vendor.login(vh, user, Bytes::from_slice(&pin));
             }

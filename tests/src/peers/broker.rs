@@ -22,8 +22,13 @@ pub fn write_secret(dir: &Path, name: &str, value: &str) -> PathBuf {
 
 /// This machine's fingerprint over the default attributes.
 pub fn fingerprint_here() -> String {
-    let names: Vec<String> = p11shim_proto::fingerprint::KNOWN.iter().map(|s| s.to_string()).collect();
-    p11shim_proto::fingerprint::fingerprint(&p11shim_proto::fingerprint::collect(&names).expect("attributes"))
+    let names: Vec<String> = p11shim_proto::fingerprint::KNOWN
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    p11shim_proto::fingerprint::fingerprint(
+        &p11shim_proto::fingerprint::collect(&names).expect("attributes"),
+    )
 }
 
 /// A broker configuration: plain HTTP on loopback, SQLite in `dir`,
@@ -91,7 +96,12 @@ impl TestBroker {
 
     /// The Prometheus text of `/metrics`.
     pub fn metrics(&self) -> String {
-        http().get(format!("{}/metrics", self.url())).send().expect("metrics").text().expect("text")
+        http()
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .expect("metrics")
+            .text()
+            .expect("text")
     }
 
     /// The value of one counter line of `/metrics` (0 when absent).
@@ -114,7 +124,10 @@ impl TestBroker {
             .expect("post");
         let status = r.status().as_u16();
         let text = r.text().unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
     }
 }
 
@@ -136,7 +149,11 @@ pub fn http() -> reqwest::blocking::Client {
 /// The `p11shim-broker` binary next to the test executable.
 pub fn broker_bin() -> PathBuf {
     let p = crate::target_dir().join("p11shim-broker");
-    assert!(p.exists(), "{} is missing: run `cargo build -p p11shim-broker` (make test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p p11shim-broker` (make test does)",
+        p.display()
+    );
     p
 }
 
@@ -171,10 +188,16 @@ impl BrokerProcess {
                 Ok(a) => break a.parse().expect("address"),
                 Err(_) if Instant::now() < deadline => {
                     if let Ok(Some(st)) = child.try_wait() {
-                        panic!("p11shim-broker exited with {st}: {}", std::fs::read_to_string(log).unwrap_or_default());
+                        panic!(
+                            "p11shim-broker exited with {st}: {}",
+                            std::fs::read_to_string(log).unwrap_or_default()
+                        );
                     }
                 }
-                Err(_) => panic!("p11shim-broker did not start: {}", std::fs::read_to_string(log).unwrap_or_default()),
+                Err(_) => panic!(
+                    "p11shim-broker did not start: {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ),
             }
         };
         BrokerProcess { child, addr }
