@@ -575,6 +575,7 @@ impl Library {
 
     /// Marks a member down and wakes the recovery thread.
     fn member_down(&self, slot: &Slot, m: u32, rv: Option<CK_RV>) {
+        objects::failed_on_this_thread(slot.cfg.id, m);
         let member = &slot.members[m as usize];
         if router::pick(&slot.members, 1 << m).is_none() {
             return; // never the last member up

@@ -14,6 +14,22 @@ use super::resync::{Change, Remake, find_identity};
 use crate::router::Member;
 use crate::router::replay::FindRecord;
 
+thread_local! {
+    /// Members marked down by calls of this thread since the last
+    /// replication: (slot id, member).
+    static FAILED: std::cell::RefCell<Vec<(u64, u32)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Notes that a call of this thread marked member `m` of slot `slot` down.
+pub(super) fn failed_on_this_thread(slot: u64, m: u32) {
+    let _ = FAILED.try_with(|f| {
+        let mut f = f.borrow_mut();
+        if !f.contains(&(slot, m)) && f.len() < 64 {
+            f.push((slot, m));
+        }
+    });
+}
+
 impl Library {
     /// Repeats on every other member that is up what made a token object on
     /// member `made_on`, recording the object's handle on each; a member
@@ -32,6 +48,9 @@ impl Library {
         later: Option<Remake>,
     ) {
         let slot = &self.slots[sess.slot as usize];
+        let failed_here = FAILED
+            .try_with(|f| std::mem::take(&mut *f.borrow_mut()))
+            .unwrap_or_default();
         let missed = |i: u32, m: &Member| match &later {
             Some(remake) => {
                 let remake = remake.clone();
@@ -65,7 +84,24 @@ impl Library {
                 missed(i, m);
                 continue;
             }
-            match m.with_control(|cs| m.track(false, || make(m, i, cs))) {
+            // A member that failed a call of this same operation (a create
+            // that failed late) and came back at once may hold the object
+            // already: looked up first there, and only there (elsewhere an
+            // object of the same identity is the application's own).
+            let identity = later
+                .as_ref()
+                .filter(|_| failed_here.contains(&(slot.cfg.id, i)))
+                .and_then(|_| self.objects.get(h).and_then(|e| e.identity));
+            let made = m.with_control(|cs| {
+                m.track(false, || match &identity {
+                    Some(id) => match find_identity(m, cs, id)? {
+                        Some(v) => Ok(v),
+                        None => make(m, i, cs),
+                    },
+                    None => make(m, i, cs),
+                })
+            });
+            match made {
                 Ok(v) => self.objects.set_on_member(h, i, v),
                 Err(e) => {
                     tracing::warn!(slot = slot.cfg.id, member = %m.name, what, error = %e, "replication to member failed");

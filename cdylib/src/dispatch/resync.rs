@@ -71,7 +71,8 @@ impl Journal {
     }
 }
 
-/// Finds the one object with this identity on a member.
+/// Finds an object with this identity on a member (the first, should
+/// earlier failures have left copies).
 pub(super) fn find_identity(
     m: &Member,
     cs: CK_SESSION_HANDLE,
@@ -86,7 +87,7 @@ pub(super) fn find_identity(
     let r = m.vendor.find_objects(cs, &mut found, &mut n);
     let _ = m.vendor.find_objects_final(cs);
     r?;
-    Ok((n == 1).then_some(found[0]))
+    Ok((n >= 1).then_some(found[0]))
 }
 
 impl Library {
