@@ -28,6 +28,8 @@ pub struct Broker {
     pub clock: Arc<dyn Clock>,
     pub limits: Limiters,
     pub metrics: Metrics,
+    /// One verifier per `[k8s.<name>]` cluster, built by `run::build`.
+    pub k8s: methods::k8s::Clusters,
 }
 
 /// A refusal as the HTTP layer answers it.
@@ -46,6 +48,7 @@ impl Broker {
             clock,
             limits,
             metrics: Metrics::new(),
+            k8s: methods::k8s::Clusters::new(),
         }
     }
 
@@ -180,7 +183,7 @@ impl Broker {
                 .fingerprint
                 .as_ref()
                 .map(|f| p11shim_proto::fingerprint::fingerprint(&f.attributes)),
-            Method::K8sSaToken => None,
+            Method::K8sSaToken => methods::k8s::claimed_identity(req.k8s.as_ref()),
         }
     }
 
@@ -193,6 +196,9 @@ impl Broker {
         match method {
             Method::StaticFingerprint => {
                 methods::fingerprint::verify(ctx, req.fingerprint.as_ref())
+            }
+            Method::K8sSaToken => {
+                methods::k8s::verify(ctx, &self.cfg, &self.k8s, req.k8s.as_ref()).await
             }
             other => Err(Denial::unavailable(format!(
                 "{other} is not served by this broker"

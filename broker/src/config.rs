@@ -11,6 +11,7 @@ use p11shim_proto::{Method, Reauth};
 use serde::Deserialize;
 
 use crate::aws::AwsConfig;
+use crate::k8s::ClusterConfig;
 use crate::secrets::SecretSource;
 use crate::store::StoreConfig;
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub aws: Option<AwsConfig>,
+    /// `[k8s.<cluster>]`: the clusters whose service-account tokens are
+    /// accepted (`k8s-sa-token`).
+    #[serde(default)]
+    pub k8s: BTreeMap<String, ClusterConfig>,
     #[serde(default)]
     pub roles: BTreeMap<String, Role>,
 }
@@ -200,6 +205,16 @@ pub struct Role {
     #[serde(default = "yes")]
     pub fingerprint_bind_address: bool,
 
+    // k8s-sa-token.
+    /// The `[k8s.<name>]` cluster of this role; may be left out when
+    /// exactly one cluster is configured.
+    #[serde(default)]
+    pub k8s_cluster: Option<String>,
+    /// Allowed `"<namespace>/<service-account>"`, or `"<namespace>/*"` for
+    /// every service account of a namespace.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+
     /// The key ACL policy handed to the module with the credentials.
     #[serde(default)]
     pub policy: Option<toml::Table>,
@@ -272,6 +287,16 @@ impl Config {
                 return Err(err(k, "per_minute and burst must be at least 1"));
             }
         }
+        for (name, c) in &self.k8s {
+            if !valid_role_name(name) {
+                return Err(err(
+                    format!("k8s.{name}"),
+                    "cluster names use [A-Za-z0-9._-], at most 64",
+                ));
+            }
+            c.validate()
+                .map_err(|e| err(format!("k8s.{name}"), e.to_string()))?;
+        }
         if self.roles.is_empty() {
             return Err(err("roles", "no role is configured"));
         }
@@ -342,17 +367,102 @@ impl Config {
                     ));
                 }
             }
-            if r.methods.contains(&Method::K8sSaToken) {
-                return Err(err(
-                    at("methods"),
-                    "k8s-sa-token needs a [k8s] cluster, which this build does not read yet",
-                ));
-            }
+            self.validate_k8s_role(r, &at)?;
             if r.mtls_cert.is_some() != r.mtls_key.is_some() {
                 return Err(err(at("mtls_cert"), "mtls_cert and mtls_key go together"));
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The cluster a `k8s-sa-token` role trusts: its `k8s_cluster`, or the
+    /// only cluster configured.
+    pub fn k8s_cluster_of<'a>(&'a self, role: &'a Role) -> Option<&'a str> {
+        match &role.k8s_cluster {
+            Some(c) => Some(c),
+            None if self.k8s.len() == 1 => self.k8s.keys().next().map(String::as_str),
+            None => None,
+        }
+    }
+
+    fn validate_k8s_role(&self, r: &Role, at: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        if !r.methods.contains(&Method::K8sSaToken) {
+            if r.k8s_cluster.is_some() || !r.service_accounts.is_empty() {
+                return Err(err(
+                    at("service_accounts"),
+                    "k8s_cluster and service_accounts are for k8s-sa-token roles",
+                ));
+            }
+            return Ok(());
+        }
+        if self.k8s.is_empty() {
+            return Err(err(
+                at("methods"),
+                "k8s-sa-token needs a [k8s.<cluster>] section",
+            ));
+        }
+        match &r.k8s_cluster {
+            Some(c) if !self.k8s.contains_key(c) => {
+                return Err(err(at("k8s_cluster"), format!("no [k8s.{c}] section")));
+            }
+            Some(_) => {}
+            None if self.k8s.len() > 1 => {
+                return Err(err(
+                    at("k8s_cluster"),
+                    "name the cluster: more than one [k8s.<cluster>] is configured",
+                ));
+            }
+            None => {}
+        }
+        if r.service_accounts.is_empty() {
+            return Err(err(
+                at("service_accounts"),
+                "k8s-sa-token needs at least one \"<namespace>/<service-account>\"",
+            ));
+        }
+        if let Some(bad) = r
+            .service_accounts
+            .iter()
+            .find(|a| ServiceAccountPattern::parse(a).is_none())
+        {
+            return Err(err(
+                at("service_accounts"),
+                format!("'{bad}' is not \"<namespace>/<service-account>\" or \"<namespace>/*\""),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One entry of a role's `service_accounts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceAccountPattern<'a> {
+    pub namespace: &'a str,
+    /// `None`: every service account of the namespace (`"<namespace>/*"`).
+    pub service_account: Option<&'a str>,
+}
+
+impl<'a> ServiceAccountPattern<'a> {
+    pub fn parse(s: &'a str) -> Option<ServiceAccountPattern<'a>> {
+        let (ns, sa) = s.split_once('/')?;
+        if !crate::k8s::jws::valid_namespace(ns) {
+            return None;
+        }
+        let service_account = match sa {
+            "*" => None,
+            sa if crate::k8s::jws::valid_service_account(sa) => Some(sa),
+            _ => return None,
+        };
+        Some(ServiceAccountPattern {
+            namespace: ns,
+            service_account,
+        })
+    }
+
+    pub fn matches(&self, namespace: &str, service_account: &str) -> bool {
+        self.namespace == namespace && self.service_account.is_none_or(|s| s == service_account)
     }
 }
 
@@ -418,5 +528,74 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
         assert!(e.path.starts_with("line "), "{e}");
         let e = Config::parse(&MINIMAL.replace("\"0000", "\"zz00")).unwrap_err();
         assert_eq!(e.path, "roles.demo.fingerprints");
+    }
+
+    const K8S: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[k8s.a]
+issuer = "https://issuer-a.example"
+audience = "hsm-broker"
+mode = "oidc"
+[roles.pod]
+methods = ["k8s-sa-token"]
+pin = "env:DEMO_PIN"
+service_accounts = ["payments/signer", "batch/*"]
+"#;
+
+    #[test]
+    fn k8s_roles() {
+        let c = Config::parse(K8S).unwrap();
+        let r = &c.roles["pod"];
+        assert_eq!(c.k8s_cluster_of(r), Some("a"));
+        assert_eq!(c.k8s["a"].audience, "hsm-broker");
+
+        let two = format!(
+            "{K8S}[k8s.b]\nissuer = \"https://b.example\"\naudience = \"hsm\"\nmode = \"oidc\"\n"
+        );
+        let e = Config::parse(&two).unwrap_err();
+        assert_eq!(e.path, "roles.pod.k8s_cluster");
+        let named = two.replace("service_accounts", "k8s_cluster = \"b\"\nservice_accounts");
+        let c = Config::parse(&named).unwrap();
+        assert_eq!(c.k8s_cluster_of(&c.roles["pod"]), Some("b"));
+
+        let e = Config::parse(&K8S.replace("pin = ", "k8s_cluster = \"zz\"\npin = ")).unwrap_err();
+        assert_eq!(e.path, "roles.pod.k8s_cluster");
+        for bad in [
+            "\"payments\"",
+            "\"Pay/x\"",
+            "\"payments/\"",
+            "\"/x\"",
+            "\"a/b/c\"",
+        ] {
+            let e = Config::parse(&K8S.replace("\"batch/*\"", bad)).unwrap_err();
+            assert_eq!(e.path, "roles.pod.service_accounts", "{bad}");
+        }
+        let e = Config::parse(
+            &K8S.replace("service_accounts = [\"payments/signer\", \"batch/*\"]", ""),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "roles.pod.service_accounts");
+        // The cluster's own checks, under its key.
+        let e = Config::parse(&K8S.replace("\"hsm-broker\"", "\"https://kubernetes.default.svc\""))
+            .unwrap_err();
+        assert_eq!(e.path, "k8s.a");
+        // Allow-list fields on a role of another method.
+        let e = Config::parse(&MINIMAL.replace("pin = ", "service_accounts = [\"a/b\"]\npin = "))
+            .unwrap_err();
+        assert_eq!(e.path, "roles.demo.service_accounts");
+    }
+
+    #[test]
+    fn service_account_patterns() {
+        let p = ServiceAccountPattern::parse("payments/signer").unwrap();
+        assert!(p.matches("payments", "signer"));
+        assert!(!p.matches("payments", "signer2"));
+        assert!(!p.matches("payment", "signer"));
+        let p = ServiceAccountPattern::parse("batch/*").unwrap();
+        assert!(p.matches("batch", "anything"));
+        assert!(!p.matches("batch2", "anything"));
+        assert!(ServiceAccountPattern::parse("*/x").is_none());
+        assert!(ServiceAccountPattern::parse("ns/x*").is_none());
     }
 }

@@ -30,12 +30,17 @@ pub enum StartError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Other(String),
+    #[error("Kubernetes: {0}")]
+    K8s(#[from] crate::k8s::K8sError),
 }
 
 /// Builds the broker state from a validated configuration.
 pub fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
     let store = crate::store::open(&cfg.store)?;
-    Ok(Arc::new(Broker::new(cfg, Arc::from(store), clock)))
+    let k8s = crate::methods::k8s::clusters(&cfg)?;
+    let mut broker = Broker::new(cfg, Arc::from(store), clock);
+    broker.k8s = k8s;
+    Ok(Arc::new(broker))
 }
 
 /// Installs the process-wide TLS provider once.

@@ -2,6 +2,7 @@
 //! [`Verified`] identity or a [`Denial`] whose reason goes to the log only.
 
 pub mod fingerprint;
+pub mod k8s;
 
 use std::net::IpAddr;
 

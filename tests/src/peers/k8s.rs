@@ -196,6 +196,30 @@ impl K8sFake {
             .to_owned()
     }
 
+    /// The body of a broker's `[k8s.<name>]` table for this fake:
+    /// `mode` is `tokenreview` (the reviewer token written to a 0600 file
+    /// in `dir`) or `oidc` (discovery from the issuer); `extra` is appended.
+    pub fn broker_cluster(&self, dir: &Path, mode: &str, audience: &str, extra: &str) -> String {
+        let mut t = format!(
+            "issuer = \"{url}\"\naudience = \"{audience}\"\nmode = \"{mode}\"\n",
+            url = self.url
+        );
+        if mode == "tokenreview" {
+            let token = crate::peers::broker::write_secret(
+                dir,
+                "broker-sa-token",
+                &format!("{}\n", self.reviewer_token),
+            );
+            t.push_str(&format!(
+                "api_server = \"{}\"\ntoken = \"file:{}\"\n",
+                self.url,
+                token.display()
+            ));
+        }
+        t.push_str(extra);
+        t
+    }
+
     /// Marks a pod deleted: TokenReview stops authenticating its tokens.
     pub fn delete_pod(&self, uid: &str) {
         self.post(&format!("/_pods/{uid}/delete"), &json!({}));
