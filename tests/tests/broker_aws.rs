@@ -53,9 +53,7 @@ impl Server {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        if let Some(req) = serve_one(stream, &*handler) {
-                            seen2.lock().unwrap().push(req);
-                        }
+                        let _ = serve_one(stream, &*handler, &seen2);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -83,7 +81,9 @@ impl Drop for Server {
     }
 }
 
-fn serve_one(stream: TcpStream, handler: &Handler) -> Option<Request> {
+/// Serves one request; it is recorded before the answer is written, so a
+/// client that has its answer finds its request recorded.
+fn serve_one(stream: TcpStream, handler: &Handler, seen: &Mutex<Vec<Request>>) -> Option<()> {
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     let mut reader = BufReader::new(stream.try_clone().ok()?);
@@ -117,13 +117,14 @@ fn serve_one(stream: TcpStream, handler: &Handler) -> Option<Request> {
         body: String::from_utf8_lossy(&body).into_owned(),
     };
     let (status, answer) = handler(&req);
+    seen.lock().unwrap().push(req);
     let mut stream = stream;
     let _ = write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
         answer.len()
     );
-    Some(req)
+    Some(())
 }
 
 /// The decoded form fields of a Query request.
