@@ -399,6 +399,62 @@ fn unavailable(e: AwsError) -> Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Limits};
+    use crate::ratelimit::Limiters;
+
+    const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[aws]
+region = "eu-west-1"
+[roles.r]
+methods = ["aws-iid"]
+pin = "env:P11SHIM_TEST_UNSET_PIN"
+account_ids = ["123456789012"]
+iam_role_name = "hsm"
+max_instance_age = "10m"
+clock_skew = "1m"
+"#;
+
+    #[test]
+    fn age_window_regions_and_accounts() {
+        let parse = |t: &str| Config::parse(t).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = parse(CONFIG);
+        let listed = parse(&CONFIG.replace(
+            "clock_skew",
+            "regions = [\"us-east-1\", \"us-west-2\"]\nclock_skew",
+        ));
+        let limits = Limiters::new(&Limits::default());
+        let launched = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        fn context<'a>(cfg: &'a Config, limits: &'a Limiters, now: SystemTime) -> Context<'a> {
+            Context {
+                role_name: "r",
+                role: &cfg.roles["r"],
+                client_ip: IpAddr::from([10, 0, 0, 5]),
+                now,
+                limits,
+                aws_region: cfg.aws.as_ref().and_then(|a| a.region.as_deref()),
+            }
+        }
+        let ctx = |cfg, age| context(cfg, &limits, launched + Duration::from_secs(age));
+        // max_instance_age + clock_skew, to the second.
+        assert_eq!(first_use(&ctx(&cfg, 660), launched), Ok(()));
+        assert_eq!(first_use(&ctx(&cfg, 661), launched), Err(TOO_OLD));
+        // A launch time ahead of the broker's clock is age zero.
+        let ahead = launched + Duration::from_secs(5);
+        assert_eq!(first_use(&ctx(&cfg, 0), ahead), Ok(()));
+        assert_eq!(
+            allowed_regions(&ctx(&cfg, 0)),
+            Ok(vec!["eu-west-1".to_owned()])
+        );
+        assert_eq!(
+            allowed_regions(&ctx(&listed, 0)),
+            Ok(vec!["us-east-1".to_owned(), "us-west-2".to_owned()])
+        );
+        assert!(account_allowed(&ctx(&cfg, 0), "123456789012", "i-1").is_ok());
+        let d = account_allowed(&ctx(&cfg, 0), "210987654321", "i-1").unwrap_err();
+        assert_eq!(d.kind, p11shim_proto::ErrorKind::Denied);
+    }
 
     #[test]
     fn ids_hostnames_and_arns() {
