@@ -13,8 +13,10 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use zeroize::Zeroizing;
 
+use crate::aws::AwsClient;
 use crate::clock::{Clock, rfc3339, unix};
 use crate::config::{Config, Role};
+use crate::iid::CertPins;
 use crate::methods::{self, Context, Denial, Verified};
 use crate::metrics::{Metrics, Scope};
 use crate::ratelimit::Limiters;
@@ -30,6 +32,10 @@ pub struct Broker {
     pub metrics: Metrics,
     /// One verifier per `[k8s.<name>]` cluster, built by `run::build`.
     pub k8s: methods::k8s::Clusters,
+    /// The EC2 and IAM client of the AWS methods (`None` without `[aws]`).
+    pub aws: Option<AwsClient>,
+    /// The certificates `aws-iid` documents are verified against.
+    pub iid_pins: CertPins,
 }
 
 /// A refusal as the HTTP layer answers it.
@@ -49,6 +55,8 @@ impl Broker {
             limits,
             metrics: Metrics::new(),
             k8s: methods::k8s::Clusters::new(),
+            aws: None,
+            iid_pins: CertPins::aws(),
         }
     }
 
@@ -112,7 +120,10 @@ impl Broker {
         client_ip: IpAddr,
         req: &Request,
     ) -> Result<(Response, Outcome), (Denial, Option<Duration>)> {
-        let plain = |d: Denial| (d, None);
+        let plain = |d: Denial| {
+            let wait = d.retry_after;
+            (d, wait)
+        };
         check_syntax(req).map_err(plain)?;
         let role = self
             .cfg
@@ -149,6 +160,7 @@ impl Broker {
                     Denial {
                         kind: ErrorKind::RateLimited,
                         reason: format!("identity {id} over its rate"),
+                        retry_after: Some(wait),
                     },
                     Some(wait),
                 ));
@@ -160,8 +172,20 @@ impl Broker {
             role,
             client_ip,
             now,
+            limits: &self.limits,
+            aws_region: self.cfg.aws.as_ref().and_then(|a| a.region.as_deref()),
         };
-        let verified = self.verify(method, &ctx, req).await.map_err(plain)?;
+        let verified = self.verify(method, &ctx, req).await.map_err(|d| {
+            if d.kind == ErrorKind::RateLimited {
+                self.metrics
+                    .rate_limited
+                    .get_or_create(&Scope {
+                        scope: "identity".into(),
+                    })
+                    .inc();
+            }
+            plain(d)
+        })?;
         let outcome = self
             .consume(rid, req, role, &verified, now)
             .await
@@ -174,11 +198,10 @@ impl Broker {
     /// from the evidence before anything is verified.
     fn claimed_identity(&self, method: Method, req: &Request) -> Option<String> {
         match method {
-            Method::AwsImdsFields | Method::AwsIid => req
-                .aws
-                .as_ref()
-                .and_then(|a| a.instance_id.clone())
-                .or_else(|| Some(format!("aws-iid:{}", req.role))),
+            Method::AwsImdsFields => req.aws.as_ref().and_then(|a| a.instance_id.clone()),
+            // The document names its instance only once verified; the
+            // method limits that instance before any AWS call.
+            Method::AwsIid => None,
             Method::StaticFingerprint => req
                 .fingerprint
                 .as_ref()
@@ -200,10 +223,19 @@ impl Broker {
             Method::K8sSaToken => {
                 methods::k8s::verify(ctx, &self.cfg, &self.k8s, req.k8s.as_ref()).await
             }
-            other => Err(Denial::unavailable(format!(
-                "{other} is not served by this broker"
-            ))),
+            Method::AwsImdsFields => {
+                methods::aws::imds_fields(ctx, self.aws_client()?, req.aws.as_ref()).await
+            }
+            Method::AwsIid => {
+                methods::aws::iid(ctx, self.aws_client()?, &self.iid_pins, req.aws.as_ref()).await
+            }
         }
+    }
+
+    fn aws_client(&self) -> Result<&AwsClient, Denial> {
+        self.aws
+            .as_ref()
+            .ok_or_else(|| Denial::unavailable("no [aws] client in this broker"))
     }
 
     async fn consume(
@@ -254,6 +286,7 @@ impl Broker {
             Ok(Outcome::AlreadyUsed) => Err(Denial {
                 kind: ErrorKind::AlreadyUsed,
                 reason: format!("{} already used (request {rid})", v.subject),
+                retry_after: None,
             }),
             Err(e) => Err(Denial::unavailable(e.to_string())),
         }

@@ -297,6 +297,14 @@ impl Config {
             c.validate()
                 .map_err(|e| err(format!("k8s.{name}"), e.to_string()))?;
         }
+        if self.aws.as_ref().is_some_and(|a| a.iid_cert_dir.is_some())
+            && !cfg!(feature = "test-overrides")
+        {
+            return Err(err(
+                "aws.iid_cert_dir",
+                "replaces AWS's pinned certificates; only builds with the test-overrides feature read it",
+            ));
+        }
         if self.roles.is_empty() {
             return Err(err("roles", "no role is configured"));
         }
@@ -338,10 +346,13 @@ impl Config {
                         format!("'{a}' is not a 12-digit account id"),
                     ));
                 }
-                return Err(err(
-                    at("methods"),
-                    "aws-iid and aws-imds-fields are verified (iid, aws modules) but not yet served by the decision path of this release",
-                ));
+                let region_set = self.aws.as_ref().is_some_and(|a| a.region.is_some());
+                if r.regions.is_empty() && !region_set {
+                    return Err(err(
+                        at("regions"),
+                        "AWS methods need the role's regions or [aws].region",
+                    ));
+                }
             }
             if r.methods.contains(&Method::StaticFingerprint) {
                 if r.fingerprints.is_empty() {
@@ -510,7 +521,7 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
     fn the_annotated_example_is_valid() {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/broker.toml");
         let c = Config::load(Path::new(p)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.roles.len(), 1);
+        assert_eq!(c.roles.len(), 2);
         assert!(c.server.tls_cert.is_some());
     }
 
@@ -522,6 +533,18 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
         assert!(e.message.contains("never inline"), "{e}");
         let e = Config::parse(&MINIMAL.replace("static-fingerprint", "aws-iid")).unwrap_err();
         assert_eq!(e.path, "roles.demo.methods");
+        let aws = MINIMAL.replace("static-fingerprint", "aws-iid") + "iam_role_name = \"hsm\"\n";
+        let e = Config::parse(&format!("[aws]\n{aws}")).unwrap_err();
+        assert_eq!(e.path, "roles.demo.regions");
+        let c = Config::parse(&format!("[aws]\nregion = \"eu-west-1\"\n{aws}")).unwrap();
+        assert_eq!(c.roles["demo"].methods, [Method::AwsIid]);
+        let dir = format!("[aws]\nregion = \"eu-west-1\"\niid_cert_dir = \"/tmp/ca\"\n{aws}");
+        let parsed = Config::parse(&dir);
+        if cfg!(feature = "test-overrides") {
+            parsed.unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            assert_eq!(parsed.unwrap_err().path, "aws.iid_cert_dir");
+        }
         let e = Config::parse(&MINIMAL.replace("static-fingerprint", "k8s-sa-token")).unwrap_err();
         assert_eq!(e.path, "roles.demo.methods");
         let e = Config::parse(&MINIMAL.replace("methods", "method")).unwrap_err();

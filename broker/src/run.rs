@@ -32,15 +32,48 @@ pub enum StartError {
     Other(String),
     #[error("Kubernetes: {0}")]
     K8s(#[from] crate::k8s::K8sError),
+    #[error("[aws]: {0}")]
+    Aws(#[from] crate::aws::AwsError),
+    #[error("[aws] iid_cert_dir: {0}")]
+    IidPins(#[from] crate::iid::IidError),
 }
 
 /// Builds the broker state from a validated configuration.
 pub fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartError> {
     let store = crate::store::open(&cfg.store)?;
+    let aws = cfg
+        .aws
+        .as_ref()
+        .map(crate::aws::AwsClient::new)
+        .transpose()?;
+    let iid_pins = iid_pins(cfg.aws.as_ref())?;
     let k8s = crate::methods::k8s::clusters(&cfg)?;
     let mut broker = Broker::new(cfg, Arc::from(store), clock);
     broker.k8s = k8s;
+    broker.aws = aws;
+    broker.iid_pins = iid_pins;
     Ok(Arc::new(broker))
+}
+
+/// AWS's pinned certificates, or a test directory's in builds with
+/// `test-overrides` (the configuration refuses `iid_cert_dir` in others).
+fn iid_pins(aws: Option<&crate::aws::AwsConfig>) -> Result<crate::iid::CertPins, StartError> {
+    match aws.and_then(|a| a.iid_cert_dir.as_deref()) {
+        None => Ok(crate::iid::CertPins::aws()),
+        #[cfg(feature = "test-overrides")]
+        Some(dir) => {
+            let pins = crate::iid::CertPins::from_dir(dir)?;
+            warn!(
+                dir = %dir.display(),
+                "TEST OVERRIDE: identity documents are verified against the certificates in iid_cert_dir, NOT AWS's; never use this outside tests"
+            );
+            Ok(pins)
+        }
+        #[cfg(not(feature = "test-overrides"))]
+        Some(_) => Err(StartError::Other(
+            "[aws] iid_cert_dir is read only by builds with the test-overrides feature".into(),
+        )),
+    }
 }
 
 /// Installs the process-wide TLS provider once.

@@ -73,6 +73,11 @@ pub struct AwsConfig {
     /// default (100) when unset.
     #[serde(default)]
     pub iam_page_size: Option<u32>,
+    /// A directory of test certificates (`<region>.pem`, `rsa2048.pem`)
+    /// that replaces AWS's pinned identity-document certificates. Read
+    /// only by builds with the `test-overrides` feature; others refuse it.
+    #[serde(default)]
+    pub iid_cert_dir: Option<std::path::PathBuf>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -106,6 +111,7 @@ impl Default for AwsConfig {
             retries: default_retries(),
             profile_cache: default_profile_cache(),
             iam_page_size: None,
+            iid_cert_dir: None,
         }
     }
 }

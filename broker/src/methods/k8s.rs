@@ -186,11 +186,14 @@ service_accounts = ["payments/signer", "batch/*"]
 
     fn with_role<T>(f: impl FnOnce(&Context<'_>) -> T) -> T {
         let cfg = Config::parse(CFG).unwrap();
+        let limits = crate::ratelimit::Limiters::new(&cfg.limits);
         let ctx = Context {
             role_name: "r",
             role: &cfg.roles["r"],
             client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             now: SystemTime::now(),
+            limits: &limits,
+            aws_region: None,
         };
         f(&ctx)
     }

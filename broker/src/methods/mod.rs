@@ -1,10 +1,12 @@
 //! Verification methods. Each turns a request's evidence into a
 //! [`Verified`] identity or a [`Denial`] whose reason goes to the log only.
 
+pub mod aws;
 pub mod fingerprint;
 pub mod k8s;
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use p11shim_proto::ErrorKind;
 use sha2::{Digest, Sha256};
@@ -27,6 +29,8 @@ pub struct Verified {
 pub struct Denial {
     pub kind: ErrorKind,
     pub reason: String,
+    /// When the client may try again (`rate_limited`).
+    pub retry_after: Option<Duration>,
 }
 
 impl Denial {
@@ -34,18 +38,29 @@ impl Denial {
         Denial {
             kind: ErrorKind::Denied,
             reason: reason.into(),
+            retry_after: None,
         }
     }
     pub fn bad_request(reason: impl Into<String>) -> Denial {
         Denial {
             kind: ErrorKind::BadRequest,
             reason: reason.into(),
+            retry_after: None,
+        }
+    }
+    /// Over a rate limit; the client may retry after `wait`.
+    pub fn rate_limited(reason: impl Into<String>, wait: Duration) -> Denial {
+        Denial {
+            kind: ErrorKind::RateLimited,
+            reason: reason.into(),
+            retry_after: Some(wait),
         }
     }
     pub fn unavailable(reason: impl Into<String>) -> Denial {
         Denial {
             kind: ErrorKind::Unavailable,
             reason: reason.into(),
+            retry_after: None,
         }
     }
 }
@@ -57,6 +72,11 @@ pub struct Context<'a> {
     pub role: &'a crate::config::Role,
     pub client_ip: IpAddr,
     pub now: std::time::SystemTime,
+    /// The per-identity limiter, for methods that learn the identity only
+    /// by verifying it (`aws-iid`).
+    pub limits: &'a crate::ratelimit::Limiters,
+    /// `[aws].region`: the AWS methods' region when the role names none.
+    pub aws_region: Option<&'a str>,
 }
 
 /// SHA-256 over length-prefixed fields, so no two field tuples share a key.
