@@ -521,7 +521,8 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
     fn the_annotated_example_is_valid() {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/broker.toml");
         let c = Config::load(Path::new(p)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.roles.len(), 2);
+        assert_eq!(c.roles.len(), 3);
+        assert_eq!(c.k8s.len(), 1);
         assert!(c.server.tls_cert.is_some());
     }
 
