@@ -282,6 +282,55 @@ impl TestEnv {
         pem
     }
 
+    /// A token `token` holding an RSA-2048 key pair (label `rsa`, id 01)
+    /// with a self-signed certificate of the same id and label (as Java's
+    /// KeyStore wants). Returns the public key (DER) for software checks.
+    pub fn token_with_signing_key(&self, token: &str) -> PathBuf {
+        self.init_token(token);
+        let pem = self.rsa_pem();
+        self.import_key(token, &pem, "rsa", "01");
+        let cert = self.path().join("rsa.crt.der");
+        run_ok(
+            Command::new("openssl")
+                .args(["req", "-x509", "-new", "-key"])
+                .arg(&pem)
+                .args([
+                    "-subj",
+                    "/CN=p11shim test",
+                    "-days",
+                    "30",
+                    "-outform",
+                    "DER",
+                    "-out",
+                ])
+                .arg(&cert),
+        );
+        run_ok(
+            self.command("pkcs11-tool")
+                .arg("--module")
+                .arg(softhsm_lib())
+                .args([
+                    "--token-label",
+                    token,
+                    "--login",
+                    "--pin",
+                    USER_PIN,
+                    "--write-object",
+                ])
+                .arg(&cert)
+                .args(["--type", "cert", "--id", "01", "--label", "rsa"]),
+        );
+        let pubkey = self.path().join("rsa.pub.der");
+        run_ok(
+            Command::new("openssl")
+                .args(["pkey", "-in"])
+                .arg(&pem)
+                .args(["-pubout", "-outform", "DER", "-out"])
+                .arg(&pubkey),
+        );
+        pubkey
+    }
+
     /// `n` members named `ha-a`, `ha-b`, ...: a token each, holding the
     /// same RSA-2048 key pair (`rsa`, id 01), each loaded through its own
     /// copy of the fault module. Returns the members.

@@ -6,7 +6,6 @@
 //! that comes up late, and one that never does.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -37,48 +36,7 @@ struct Setup {
 
 fn setup(role_extra: &str, module_extra: &str) -> Setup {
     let env = TestEnv::new();
-    env.init_token(TOKEN);
-    let pem = env.rsa_pem();
-    env.import_key(TOKEN, &pem, "rsa", "01");
-    let cert = env.path().join("rsa.crt.der");
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-new", "-key"])
-            .arg(&pem)
-            .args([
-                "-subj",
-                "/CN=p11shim attestation test",
-                "-days",
-                "30",
-                "-outform",
-                "DER",
-                "-out",
-            ])
-            .arg(&cert),
-    );
-    run_ok(
-        env.command("pkcs11-tool")
-            .arg("--module")
-            .arg(softhsm_lib())
-            .args([
-                "--token-label",
-                TOKEN,
-                "--login",
-                "--pin",
-                USER_PIN,
-                "--write-object",
-            ])
-            .arg(&cert)
-            .args(["--type", "cert", "--id", "01", "--label", "rsa"]),
-    );
-    let pubkey = env.path().join("rsa.pub.der");
-    run_ok(
-        Command::new("openssl")
-            .args(["pkey", "-in"])
-            .arg(&pem)
-            .args(["-pubout", "-outform", "DER", "-out"])
-            .arg(&pubkey),
-    );
+    let pubkey = env.token_with_signing_key(TOKEN);
     let pin_file = write_secret(env.path(), "role.pin", USER_PIN);
     let broker = TestBroker::start(&broker_toml(
         env.path(),

@@ -18,7 +18,6 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -36,7 +35,7 @@ use p11shim_tests::peers::moto::{ACCOUNT, Moto, REGION, require_moto};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok};
 
 mod common;
-use common::{openssl, openssl_cnf, openssl_verify, text, write};
+use common::{compile_java, openssl, openssl_cnf, openssl_verify, sunpkcs11_cfg, text, write};
 
 const TOKEN: &str = "aws";
 const ROLE: &str = "signer";
@@ -466,21 +465,6 @@ fn start_moto() -> Option<Moto> {
 
 /// A token with an RSA key (id 01, label `rsa`); returns its public key
 /// (DER) for verification.
-fn token_with_key(env: &TestEnv) -> PathBuf {
-    env.init_token(TOKEN);
-    let pem = env.rsa_pem();
-    env.import_key(TOKEN, &pem, "rsa", "01");
-    let pubkey = env.path().join("rsa.pub.der");
-    run_ok(
-        Command::new("openssl")
-            .args(["pkey", "-in"])
-            .arg(&pem)
-            .args(["-pubout", "-outform", "DER", "-out"])
-            .arg(&pubkey),
-    );
-    pubkey
-}
-
 fn module_config(env: &TestEnv, url: &str, method: &str, imds: &str) {
     let extra = format!(
         "imds_endpoint = \"{imds}\"\nnonce_file = \"{}\"\nwait_ms = 20000\n",
@@ -519,7 +503,7 @@ fn decisions(broker: &TestBroker, method: &str, outcome: &str) -> u64 {
 
 #[test]
 fn the_module_signs_with_aws_iid_and_aws_imds_fields_and_no_pin() {
-    if !require("pkcs11-tool") || !require("openssl") {
+    if !require("pkcs11-tool") || !require("openssl") || !require("java") || !require("javac") {
         return;
     }
     let Some(moto) = start_moto() else { return };
@@ -527,7 +511,7 @@ fn the_module_signs_with_aws_iid_and_aws_imds_fields_and_no_pin() {
     let aws = Aws::seed(moto);
     let inst = aws.launch("hsm-client-profile");
     let env = TestEnv::new();
-    let pubkey = token_with_key(&env);
+    let pubkey = env.token_with_signing_key(TOKEN);
     let ca = env.path().join("imds-ca");
     let emu = emulator(&inst, env.path(), &ca);
     let broker = TestBroker::start(&broker_config(
@@ -558,6 +542,18 @@ fn the_module_signs_with_aws_iid_and_aws_imds_fields_and_no_pin() {
             .arg(&msg),
     );
     openssl_verify(&env, &pubkey, &msg, &engine_sig);
+    // Java SunPKCS11, an empty keystore password: a third process.
+    let cfg = sunpkcs11_cfg(&env);
+    let classes = compile_java(&env, "HaSign.java");
+    let out = text(&run_ok(
+        env.command("java")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("HaSign")
+            .arg(&cfg)
+            .args(["", "10", ""]),
+    ));
+    assert!(out.contains("signed: 10 verified: 10 failed: 0"), "{out}");
     assert_eq!(decisions(&broker, "aws-iid", "granted"), 1);
     assert!(decisions(&broker, "aws-iid", "reauthenticated") >= 1);
 

@@ -9,7 +9,6 @@
 //! Needs `cargo build -p p11shim-peers` (the `k8s-fake` binary).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -24,7 +23,7 @@ use p11shim_tests::peers::k8s::{K8sFake, MintSpec};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib};
 
 mod common;
-use common::{openssl, openssl_cnf, openssl_verify, text, write};
+use common::{compile_java, openssl, openssl_cnf, openssl_verify, sunpkcs11_cfg, text, write};
 
 const TOKEN: &str = "pod";
 const ROLE: &str = "pod-signer";
@@ -95,17 +94,7 @@ struct Pod {
 
 fn pod(mode: &str, cluster_extra: &str, role_extra: &str, module_extra: &str) -> Pod {
     let env = TestEnv::new();
-    env.init_token(TOKEN);
-    let pem = env.rsa_pem();
-    env.import_key(TOKEN, &pem, "rsa", "01");
-    let pubkey = env.path().join("rsa.pub.der");
-    run_ok(
-        Command::new("openssl")
-            .args(["pkey", "-in"])
-            .arg(&pem)
-            .args(["-pubout", "-outform", "DER", "-out"])
-            .arg(&pubkey),
-    );
+    let pubkey = env.token_with_signing_key(TOKEN);
     let fake = K8sFake::start(env.path());
     let (broker, _) = start_broker(env.path(), &fake, mode, "", cluster_extra, role_extra);
     // What the kubelet writes into the projected volume.
@@ -190,6 +179,21 @@ fn module_signs_with_the_pods_token(mode: &str, module_extra: &str) {
             .arg(&msg),
     );
     openssl_verify(&p.env, &p.pubkey, &msg, &sig);
+    // Java SunPKCS11 with an empty keystore password (once, in one mode).
+    if mode == "tokenreview" && require("java") && require("javac") {
+        let cfg = sunpkcs11_cfg(&p.env);
+        let classes = compile_java(&p.env, "HaSign.java");
+        let out = text(&run_ok(
+            p.env
+                .command("java")
+                .arg("-cp")
+                .arg(&classes)
+                .arg("HaSign")
+                .arg(&cfg)
+                .args(["", "10", ""]),
+        ));
+        assert!(out.contains("signed: 10 verified: 10 failed: 0"), "{out}");
+    }
 
     let (granted, reauth) = (p.broker.counter(GRANTED), p.broker.counter(REAUTH));
     assert_eq!(granted, 1);
