@@ -19,7 +19,7 @@ use p11shim_tests::peers::broker::{
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib, status_json};
 
 mod common;
-use common::{compile_java, openssl, openssl_cnf, openssl_verify, sunpkcs11_cfg, text, write};
+use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
 
 const TOKEN: &str = "att";
 const ROLE: &str = "signer";
@@ -142,18 +142,7 @@ fn pkcs11_tool_java_and_openssl_sign_with_no_pin_configured() {
     openssl_verify(&s.env, &s.pubkey, &msg, &sig);
 
     // Java SunPKCS11: an empty keystore password; 20 signatures.
-    let cfg = sunpkcs11_cfg(&s.env);
-    let classes = compile_java(&s.env, "HaSign.java");
-    let out = text(&run_ok(
-        s.env
-            .command("java")
-            .arg("-cp")
-            .arg(&classes)
-            .args(["HaSign"])
-            .arg(&cfg)
-            .args(["", "20", ""]),
-    ));
-    assert!(out.contains("signed: 20 verified: 20 failed: 0"), "{out}");
+    java_signs_without_pin(&s.env, 20);
 
     // Three processes, each a first use or a nonce re-authentication.
     assert_eq!(

@@ -35,7 +35,7 @@ use p11shim_tests::peers::moto::{ACCOUNT, Moto, REGION, require_moto};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok};
 
 mod common;
-use common::{compile_java, openssl, openssl_cnf, openssl_verify, sunpkcs11_cfg, text, write};
+use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
 
 const TOKEN: &str = "aws";
 const ROLE: &str = "signer";
@@ -543,17 +543,7 @@ fn the_module_signs_with_aws_iid_and_aws_imds_fields_and_no_pin() {
     );
     openssl_verify(&env, &pubkey, &msg, &engine_sig);
     // Java SunPKCS11, an empty keystore password: a third process.
-    let cfg = sunpkcs11_cfg(&env);
-    let classes = compile_java(&env, "HaSign.java");
-    let out = text(&run_ok(
-        env.command("java")
-            .arg("-cp")
-            .arg(&classes)
-            .arg("HaSign")
-            .arg(&cfg)
-            .args(["", "10", ""]),
-    ));
-    assert!(out.contains("signed: 10 verified: 10 failed: 0"), "{out}");
+    java_signs_without_pin(&env, 10);
     assert_eq!(decisions(&broker, "aws-iid", "granted"), 1);
     assert!(decisions(&broker, "aws-iid", "reauthenticated") >= 1);
 

@@ -23,7 +23,7 @@ use p11shim_tests::peers::k8s::{K8sFake, MintSpec};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib};
 
 mod common;
-use common::{compile_java, openssl, openssl_cnf, openssl_verify, sunpkcs11_cfg, text, write};
+use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
 
 const TOKEN: &str = "pod";
 const ROLE: &str = "pod-signer";
@@ -181,18 +181,7 @@ fn module_signs_with_the_pods_token(mode: &str, module_extra: &str) {
     openssl_verify(&p.env, &p.pubkey, &msg, &sig);
     // Java SunPKCS11 with an empty keystore password (once, in one mode).
     if mode == "tokenreview" && require("java") && require("javac") {
-        let cfg = sunpkcs11_cfg(&p.env);
-        let classes = compile_java(&p.env, "HaSign.java");
-        let out = text(&run_ok(
-            p.env
-                .command("java")
-                .arg("-cp")
-                .arg(&classes)
-                .arg("HaSign")
-                .arg(&cfg)
-                .args(["", "10", ""]),
-        ));
-        assert!(out.contains("signed: 10 verified: 10 failed: 0"), "{out}");
+        java_signs_without_pin(&p.env, 10);
     }
 
     let (granted, reauth) = (p.broker.counter(GRANTED), p.broker.counter(REAUTH));

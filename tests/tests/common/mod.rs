@@ -130,3 +130,22 @@ pub fn compile_java(env: &TestEnv, source: &str) -> PathBuf {
     );
     classes
 }
+
+/// Java's SunPKCS11 signing `count` times through p11shim's slot 0 with an
+/// empty keystore password (tests/clients/java/HaSign.java); returns the
+/// program's output after checking that every signature verified.
+pub fn java_signs_without_pin(env: &TestEnv, count: u32) -> String {
+    let cfg = sunpkcs11_cfg(env);
+    let classes = compile_java(env, "HaSign.java");
+    let out = text(&run_ok(
+        env.command("java")
+            .arg("-cp")
+            .arg(&classes)
+            .arg("HaSign")
+            .arg(&cfg)
+            .args(["", &count.to_string(), ""]),
+    ));
+    let want = format!("signed: {count} verified: {count} failed: 0");
+    assert!(out.contains(&want), "{out}");
+    out
+}
