@@ -12,6 +12,9 @@
                 status JSON (C_GetInterface("p11shim"), P11shim_GetStatus)
                 in a file, until a stop file appears.
   show-status   prints the interesting part of a saved status JSON.
+  verify-rsa    verifies the signer's SHA256-RSA-PKCS signatures (RFC 8017
+                8.2.2: the expected encoding is rebuilt and compared) with
+                the public key's numbers as openssl prints them.
 
 Secrets are read from files, never from the command line, and never
 printed.
@@ -194,8 +197,13 @@ def template_of(attrs):
         elif isinstance(value, int):
             raw = bytes(CK_ULONG(value))
         else:
-            raw = bytes(value)
-        buf = ctypes.create_string_buffer(raw, len(raw))
+            raw = value
+        buf = ctypes.create_string_buffer(len(raw))
+        if isinstance(raw, bytearray):
+            # Copied without an immutable bytes object (which could not be wiped).
+            ctypes.memmove(buf, (ctypes.c_char * len(raw)).from_buffer(raw), len(raw))
+        else:
+            ctypes.memmove(buf, raw, len(raw))
         keep.append(buf)
         arr[i] = Attribute(kind, ctypes.cast(buf, ctypes.c_void_p), len(raw))
     return arr, keep
@@ -210,19 +218,27 @@ def trusted_key(args):
     m = Module(args.module)
     m.initialize()
     try:
-        slot = next((s for s in m.slots() if m.token_label(s) == args.token), None)
-        if slot is None:
-            raise SystemExit(f"demo-client: no token {args.token!r}")
-        session = m.open_session(slot)
-        m.login(session, CKU_SO, read_secret(args.so_pin_file))
-        value = bytearray(read_secret(args.value_file))
+        labels = {m.token_label(s): s for s in m.slots()}
+        for token in args.token:
+            if token not in labels:
+                raise SystemExit(f"demo-client: no token {token!r}")
+            put_trusted_key(m, labels[token], args)
+    finally:
+        m.finalize()
+
+
+def put_trusted_key(m, slot, args):
+    session = m.open_session(slot)
+    m.login(session, CKU_SO, read_secret(args.so_pin_file))
+    value = bytearray(read_secret(args.value_file))
+    try:
         if len(value) != 32:
             raise SystemExit("demo-client: the replication key must be 32 bytes")
         template, keep = template_of([
             (CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES), (CKA_TOKEN, True),
             (CKA_PRIVATE, False), (CKA_LABEL, args.label.encode()), (CKA_WRAP, True),
             (CKA_UNWRAP, True), (CKA_TRUSTED, True), (CKA_SENSITIVE, True),
-            (CKA_EXTRACTABLE, False), (CKA_VALUE, bytes(value)),
+            (CKA_EXTRACTABLE, False), (CKA_VALUE, value),
         ])
         h = CK_ULONG(0)
         try:
@@ -230,11 +246,10 @@ def trusted_key(args):
         finally:
             for b in keep:
                 ctypes.memset(b, 0, len(b))
-            value[:] = bytes(len(value))
-        m.call("C_Logout", CK_ULONG(session))
-        m.call("C_CloseAllSessions", CK_ULONG(slot))
     finally:
-        m.finalize()
+        value[:] = bytes(len(value))
+    m.call("C_Logout", CK_ULONG(session))
+    m.call("C_CloseAllSessions", CK_ULONG(slot))
 
 
 def write_atomic(path, data):
@@ -242,6 +257,19 @@ def write_atomic(path, data):
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+def save_status(m, out):
+    """status.json, and members.txt: `<token> <state> <recoveries> <failovers>`
+    per member, for the shell to read."""
+    text = m.p11shim_status()
+    write_atomic(os.path.join(out, "status.json"), text.encode())
+    lines = []
+    for slot in json.loads(text).get("slots", []):
+        for mb in slot["members"]:
+            token = mb["token"].split('"')[1] if '"' in mb["token"] else mb["token"]
+            lines.append(f"{token} {mb['state']} {mb['recoveries']} {mb['failovers']}\n")
+    write_atomic(os.path.join(out, "members.txt"), "".join(lines).encode())
 
 
 def signer(args):
@@ -255,8 +283,7 @@ def signer(args):
         m.login(sessions[0], CKU_USER, None)
         key = m.find_one(sessions[0], [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_LABEL, args.label.encode())])
         os.makedirs(args.out, exist_ok=True)
-        status = os.path.join(args.out, "status.json")
-        write_atomic(status, m.p11shim_status().encode())
+        save_status(m, args.out)
         print("ready", flush=True)
         deadline = time.monotonic() + args.deadline
         i = 0
@@ -273,7 +300,7 @@ def signer(args):
                 with open(os.path.join(args.out, f"{i:05}.sig"), "wb") as f:
                     f.write(sig)
                 signed += 1
-            write_atomic(status, m.p11shim_status().encode())
+            save_status(m, args.out)
             i += 1
             time.sleep(args.interval)
     finally:
@@ -301,16 +328,38 @@ def show_status(args):
             )
 
 
-def member_state(args):
-    """Prints the state of the member whose token is `args.token`."""
-    with open(args.file) as f:
-        st = json.load(f)
-    for slot in st.get("slots", []):
-        for mb in slot["members"]:
-            if f'"{args.token}"' in mb["token"]:
-                print(f"{mb['state']} {mb['recoveries']}")
-                return 0
-    return 1
+# DigestInfo of SHA-256 (RFC 8017 9.2, note 1).
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def verify_rsa(args):
+    """Verifies every <n>.sig over <n>.msg in a directory; prints the count."""
+    import hashlib
+    import re
+    import subprocess
+
+    text = subprocess.run(
+        ["openssl", "rsa", "-pubin", "-in", args.pub, "-noout", "-text"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    body = text.split("Modulus:", 1)[1].split("Exponent:", 1)
+    n = int(re.sub(r"[^0-9a-f]", "", body[0]), 16)
+    e = int(body[1].split()[0])
+    k = (n.bit_length() + 7) // 8
+    names = sorted(f[:-4] for f in os.listdir(args.dir) if f.endswith(".msg"))
+    for name in names:
+        with open(os.path.join(args.dir, name + ".msg"), "rb") as f:
+            msg = f.read()
+        with open(os.path.join(args.dir, name + ".sig"), "rb") as f:
+            sig = f.read()
+        t = SHA256_DIGEST_INFO + hashlib.sha256(msg).digest()
+        expected = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+        s = int.from_bytes(sig, "big")
+        if len(sig) != k or s >= n or pow(s, e, n).to_bytes(k, "big") != expected:
+            print(f"demo-client: signature {name} does NOT verify", file=sys.stderr)
+            return 1
+    print(len(names))
+    return 0
 
 
 def main():
@@ -318,7 +367,7 @@ def main():
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("trusted-key")
     t.add_argument("--module", required=True)
-    t.add_argument("--token", required=True)
+    t.add_argument("--token", required=True, action="append")
     t.add_argument("--so-pin-file", required=True)
     t.add_argument("--value-file", required=True)
     t.add_argument("--label", default="p11shim-replication")
@@ -331,16 +380,16 @@ def main():
     s.add_argument("--deadline", type=float, default=120.0)
     v = sub.add_parser("show-status")
     v.add_argument("file")
-    ms = sub.add_parser("member-state")
-    ms.add_argument("file")
-    ms.add_argument("token")
+    r = sub.add_parser("verify-rsa")
+    r.add_argument("--pub", required=True)
+    r.add_argument("--dir", required=True)
     a = p.parse_args()
     try:
         return {
             "trusted-key": trusted_key,
             "signer": signer,
             "show-status": show_status,
-            "member-state": member_state,
+            "verify-rsa": verify_rsa,
         }[a.command](a) or 0
     except Pkcs11Error as e:
         print(f"demo-client: {e}", file=sys.stderr)
