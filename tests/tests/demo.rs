@@ -26,13 +26,7 @@ fn summary(text: &str, prefix: &str) -> Vec<u64> {
 /// and comes back; no PIN in any log, and no secret left behind.
 #[test]
 fn the_demo_tells_its_story() {
-    for tool in [
-        "openssl",
-        "pkcs11-tool",
-        "softhsm2-util",
-        "python3",
-        "curl",
-    ] {
+    for tool in ["openssl", "pkcs11-tool", "softhsm2-util", "python3", "curl"] {
         if !require(tool) {
             return;
         }
