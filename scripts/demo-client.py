@@ -210,8 +210,9 @@ def template_of(attrs):
 
 
 def read_secret(path):
+    """A PIN file's content, without the line end."""
     with open(path, "rb") as f:
-        return f.read().strip()
+        return f.read().rstrip(b"\r\n")
 
 
 def trusted_key(args):
@@ -230,7 +231,8 @@ def trusted_key(args):
 def put_trusted_key(m, slot, args):
     session = m.open_session(slot)
     m.login(session, CKU_SO, read_secret(args.so_pin_file))
-    value = bytearray(read_secret(args.value_file))
+    with open(args.value_file, "rb") as f:
+        value = bytearray(f.read())
     try:
         if len(value) != 32:
             raise SystemExit("demo-client: the replication key must be 32 bytes")
@@ -313,13 +315,18 @@ def show_status(args):
     with open(args.file) as f:
         st = json.load(f)
     c = st.get("credentials") or {}
-    print(
+    line = (
         f"credentials: state={c.get('state')} role={c.get('role')} method={c.get('method')} "
-        f"subject={c.get('subject')} grants={c.get('grants')} expires_in_s={c.get('expires_in_s')} "
-        f"last_error={c.get('last_error')}"
+        f"subject={c.get('subject')} grants={c.get('grants')} expires_in_s={c.get('expires_in_s')}"
     )
+    if c.get("last_error"):
+        line += f" last_error={c['last_error']!r}"
+    print(line)
     for slot in st.get("slots", []):
-        print(f"slot {slot['id']} '{slot['label']}': logged_in={slot['logged_in']} sessions={slot['sessions']}")
+        print(
+            f"slot {slot['id']} '{slot['label']}': logged_in={str(slot['logged_in']).lower()} "
+            f"sessions={slot['sessions']}"
+        )
         for mb in slot["members"]:
             print(
                 f"  {mb['name']} {mb['token']}: {mb['state']}, sessions={mb['sessions']} "

@@ -171,9 +171,9 @@ TOML
 say "p11shim virtual slot payments over ha-a, ha-b, ha-c; pin = \"broker\" ($P11SHIM_CONFIG)"
 
 # 4. What applications see: one slot, a protected authentication path.
-pkcs11-tool --module "$MODULE" --list-slots 2>/dev/null | sed 's/^/    /'
-pkcs11-tool --module "$MODULE" --list-slots 2>/dev/null | grep -q 'PIN pad present' \
-  || fail "the virtual token does not show a protected authentication path"
+pkcs11-tool --module "$MODULE" --list-slots >"$WORK/slots.out" 2>&1 || fail "pkcs11-tool --list-slots: $(cat "$WORK/slots.out")"
+sed 's/^/    /' "$WORK/slots.out"
+grep -q 'PIN pad present' "$WORK/slots.out" || fail "the virtual token does not show a protected authentication path"
 
 # A key pair generated through the slot: made on one member, wrapped under
 # the trusted key and unwrapped on the others.
@@ -228,7 +228,8 @@ sign_loop() {
 }
 
 # A long-lived application signing all along, its status kept in a file.
-"${CLIENT[@]}" signer --module "$MODULE" --label demo-rsa --out "$WORK/signer" \
+# (Its p11shim logs at debug level: a failed probe of a member says why.)
+P11SHIM_LOG=debug "${CLIENT[@]}" signer --module "$MODULE" --label demo-rsa --out "$WORK/signer" \
   --stop "$WORK/signer.stop" >"$WORK/signer.out" 2>"$WORK/signer.err" &
 SIGNER_PID=$!
 signer_ready() {
@@ -245,6 +246,7 @@ fault() { printf '%s\n' "$2" > "$WORK/member-$1.so.ctl.tmp"; mv "$WORK/member-$1
 # member_is a down [min recoveries]: what the long-lived application's p11shim says.
 member_is() {
   local token state recoveries failovers
+  kill -0 "$SIGNER_PID" 2>/dev/null || fail "the long-lived application exited: $(cat "$WORK/signer.err")"
   while read -r token state recoveries failovers; do
     [ "$token" = "ha-$1" ] && [ "$state" = "$2" ] && [ "$recoveries" -ge "${3:-0}" ] && return 0
   done < "$WORK/signer/members.txt"
@@ -253,14 +255,15 @@ member_is() {
 fault a remove
 say "member ha-a removed (its token is gone: CKR_DEVICE_REMOVED from every call)"
 wait_for 100 member_is a down || fail "the long-lived application never saw ha-a down"
-say "p11shim status in the long-lived application (P11shim_GetStatus):"
+say "p11shim status in the long-lived application (P11shim_GetStatus; full JSON in status-member-down.json):"
 cp "$WORK/signer/status.json" "$WORK/status-member-down.json"
 "${CLIENT[@]}" show-status "$WORK/status-member-down.json" | sed 's/^/    /'
 sign_loop "with ha-a removed"
 
 # 7. The member comes back: the recovery thread logs it in again.
 fault a ""
-wait_for 150 member_is a active 1 || fail "ha-a did not recover within 15 s"
+wait_for 150 member_is a active 1 || fail "ha-a did not recover within 15 s: $(cat "$WORK/signer/members.txt")
+$(grep -E 'probe failed|member' "$WORK/p11shim.log" | tail -n 20)"
 say "member ha-a back: the recovery thread found its token, logged it in with the brokered PIN, returned it to service"
 
 touch "$WORK/signer.stop"
