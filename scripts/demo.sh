@@ -132,7 +132,7 @@ TOML
 BROKER_PID=$!
 broker_listening() {
   kill -0 "$BROKER_PID" 2>/dev/null || fail "p11shim-broker exited: $(cat "$WORK/broker/broker.log")"
-  grep -q '^listening ' "$WORK/broker/stdout"
+  grep -qs '^listening ' "$WORK/broker/stdout"
 }
 wait_for 100 broker_listening || fail "p11shim-broker did not start within 10 s"
 BROKER_ADDR=$(sed -n 's/^listening //p' "$WORK/broker/stdout" | head -n1)
@@ -234,7 +234,7 @@ P11SHIM_LOG=debug "${CLIENT[@]}" signer --module "$MODULE" --label demo-rsa --ou
 SIGNER_PID=$!
 signer_ready() {
   kill -0 "$SIGNER_PID" 2>/dev/null || fail "the signer exited: $(cat "$WORK/signer.err")"
-  grep -q '^ready' "$WORK/signer.out"
+  grep -qs '^ready' "$WORK/signer.out"
 }
 wait_for 300 signer_ready || fail "the signer did not log in within 30 s"
 say "a long-lived application logged in with no PIN and signs every 40 ms over 3 sessions (one per member)"
