@@ -31,7 +31,7 @@ CK_ULONG = ctypes.c_ulong
 CK_RV = CK_ULONG
 
 CKR_OK = 0x0
-CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+CKR_BUFFER_TOO_SMALL = 0x150
 CKF_OS_LOCKING_OK = 0x2
 CKF_RW_SESSION = 0x2
 CKF_SERIAL_SESSION = 0x4
@@ -178,13 +178,19 @@ class Module:
         fns = ctypes.cast(iface.contents.functions, ctypes.POINTER(P11shimFunctions)).contents
         n = CK_ULONG(0)
         rv = fns.get_status(None, ctypes.byref(n))
-        if rv != CKR_OK:
-            raise Pkcs11Error("P11shim_GetStatus", rv)
-        buf = ctypes.create_string_buffer(n.value)
-        rv = fns.get_status(buf, ctypes.byref(n))
-        if rv != CKR_OK:
-            raise Pkcs11Error("P11shim_GetStatus", rv)
-        return buf.raw[: n.value].decode("utf-8")
+        # The status changes between the two calls (a counter gains a
+        # digit): ask again with the new length, a few times.
+        for _ in range(5):
+            if rv != CKR_OK:
+                break
+            buf = ctypes.create_string_buffer(n.value + 256)
+            n = CK_ULONG(len(buf))
+            rv = fns.get_status(buf, ctypes.byref(n))
+            if rv == CKR_OK:
+                return buf.raw[: n.value].decode("utf-8")
+            if rv == CKR_BUFFER_TOO_SMALL:
+                rv = CKR_OK
+        raise Pkcs11Error("P11shim_GetStatus", rv)
 
 
 def template_of(attrs):
