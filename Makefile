@@ -15,8 +15,9 @@ deps:
 build:
 	$(CARGO) build -p p11shim
 
+# The module and the credential broker.
 build-release:
-	$(CARGO) build --release -p p11shim
+	$(CARGO) build --release -p p11shim -p p11shim-broker
 
 # The whole test suite: unit tests, the spec's error paths through the C ABI,
 # cryptoki scenarios against SoftHSM2 directly and through p11shim, and the
@@ -25,8 +26,14 @@ test: deps
 	$(CARGO) build -p p11shim -p p11shim-faultmod -p p11shim-broker -p p11shim-peers
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# Three SoftHSM2 tokens behind one HA slot (each member through its own copy
+# of the fault-injecting test module, so that one can be pulled out), the
+# broker on 127.0.0.1 handing out their PIN, and real clients signing
+# through p11shim while a member disappears and comes back (DEMO_ARGS=--quick
+# for a short run).
 demo: deps build-release
-	@scripts/demo.sh
+	$(CARGO) build --release -p p11shim-faultmod
+	@scripts/demo.sh $(DEMO_ARGS)
 
 # Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a
 # short run, --markdown for Markdown); bench-callgrind counts instructions
