@@ -90,11 +90,21 @@ pub fn status_json(path: &Path) -> String {
             CKR_OK
         );
         let status = status_fn(iface);
-        let mut len: CK_ULONG = 0;
-        assert_eq!(status(null_mut(), &mut len), CKR_OK);
-        let mut buf = vec![0u8; len as usize];
-        assert_eq!(status(buf.as_mut_ptr(), &mut len), CKR_OK);
-        buf.truncate(len as usize);
-        String::from_utf8(buf).expect("UTF-8 status")
+        // The document may grow between the size query and the fetch
+        // (counters gain digits): the two-call convention says ask again.
+        for _ in 0..8 {
+            let mut len: CK_ULONG = 0;
+            assert_eq!(status(null_mut(), &mut len), CKR_OK);
+            let mut buf = vec![0u8; len as usize];
+            match status(buf.as_mut_ptr(), &mut len) {
+                CKR_OK => {
+                    buf.truncate(len as usize);
+                    return String::from_utf8(buf).expect("UTF-8 status");
+                }
+                CKR_BUFFER_TOO_SMALL => continue,
+                rv => panic!("P11shim_GetStatus: {rv:#x}"),
+            }
+        }
+        panic!("P11shim_GetStatus kept growing")
     }
 }
