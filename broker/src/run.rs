@@ -98,9 +98,12 @@ pub async fn serve(
     match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) => {
             tls_provider();
-            let tls = RustlsConfig::from_pem_file(cert, key)
-                .await
-                .map_err(StartError::Tls)?;
+            let tls = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+                StartError::Tls(std::io::Error::new(
+                    e.kind(),
+                    format!("{}, {}: {e}", cert.display(), key.display()),
+                ))
+            })?;
             info!(%addr, "serving HTTPS");
             let mut server = axum_server::from_tcp(listener)
                 .acceptor(RustlsAcceptor::new(tls).handshake_timeout(header_timeout))
@@ -185,9 +188,20 @@ pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> 
         .name("p11shim-broker".into())
         .spawn(move || {
             rt.block_on(async move {
-                let served = tokio::spawn(serve(b, listener, h.clone()));
-                let _ = tx.send(h.listening().await.is_some());
-                match served.await {
+                let mut served = tokio::spawn(serve(b, listener, h.clone()));
+                // Serving can fail before it listens, and then `listening`
+                // never returns.
+                let done = tokio::select! {
+                    l = h.listening() => {
+                        let _ = tx.send(l.is_some());
+                        served.await
+                    }
+                    done = &mut served => {
+                        let _ = tx.send(false);
+                        done
+                    }
+                };
+                match done {
                     Ok(Err(e)) => warn!(error = %e, "broker stopped"),
                     Err(e) => warn!(error = %e, "broker task"),
                     Ok(Ok(())) => {}
