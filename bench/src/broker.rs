@@ -570,7 +570,7 @@ fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(&ca_key)
         .arg("-out")
         .arg(&ca);
-    run_checked(c, "openssl (the test CA)");
+    crate::env::run(c, "openssl (the test CA)", false);
     let mut c = Command::new("openssl");
     c.args(["req", "-new"])
         .args(ec)
@@ -578,7 +578,7 @@ fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(&key)
         .arg("-out")
         .arg(&csr);
-    run_checked(c, "openssl (server key)");
+    crate::env::run(c, "openssl (server key)", false);
     let mut c = Command::new("openssl");
     c.args(["x509", "-req", "-days", "2", "-set_serial", "2", "-in"])
         .arg(&csr)
@@ -590,7 +590,7 @@ fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(&ext)
         .arg("-out")
         .arg(&cert);
-    run_checked(c, "openssl (server certificate)");
+    crate::env::run(c, "openssl (server certificate)", false);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
         .unwrap_or_else(|e| die(format_args!("chmod {}: {e}", key.display())));
     (ca, cert, key)

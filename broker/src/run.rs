@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum_server::Handle;
+use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use hyper_util::rt::TokioTimer;
 use tracing::{info, warn};
@@ -105,8 +106,15 @@ pub async fn serve(
                 ))
             })?;
             info!(%addr, "serving HTTPS");
+            // TCP_NODELAY: after the handshake rustls sends its session
+            // tickets, and with Nagle the small answer that follows waits
+            // for the client's delayed ACK of them (40 ms on Linux).
             let mut server = axum_server::from_tcp(listener)
-                .acceptor(RustlsAcceptor::new(tls).handshake_timeout(header_timeout))
+                .acceptor(
+                    RustlsAcceptor::new(tls)
+                        .handshake_timeout(header_timeout)
+                        .acceptor(NoDelayAcceptor::new()),
+                )
                 .handle(handle);
             server
                 .http_builder()
@@ -117,7 +125,9 @@ pub async fn serve(
         }
         _ => {
             warn!(%addr, "serving plain HTTP on loopback: for tests and demos only");
-            let mut server = axum_server::from_tcp(listener).handle(handle);
+            let mut server = axum_server::from_tcp(listener)
+                .acceptor(NoDelayAcceptor::new())
+                .handle(handle);
             server
                 .http_builder()
                 .http1()
