@@ -49,7 +49,7 @@ bench-ha: deps build-release
 
 # The credential broker: verified requests per second with SQLite and a
 # throwaway PostgreSQL, and C_Initialize to first signature with the PIN
-# from a warm broker against SoftHSM2 with a PIN (about 2 minutes;
+# from a warm broker against SoftHSM2 with a PIN (about 1 minute;
 # BENCH_ARGS as above). See docs/performance.md, "Broker".
 .PHONY: bench-broker
 bench-broker: deps build-release

@@ -70,13 +70,13 @@ module (tests/faultmod), about 2 minutes:
                      comparison (default 0.6 and 4)
   --markdown         print the tables as Markdown
 
-The credential broker (the release p11shim-broker binary), about 2 minutes:
+The credential broker (the release p11shim-broker binary), about 1 minute:
   --broker           verified requests per second (nonce re-authentication,
                      sealed answers) with SQLite and a throwaway PostgreSQL,
                      from 1 and 8 client threads; then C_Initialize to first
                      signature in fresh processes: SoftHSM2 with a PIN,
                      p11shim with a PIN, p11shim with the PIN from a warm
-                     broker over HTTP and HTTPS (--quick: about 30 s)
+                     broker over HTTP and HTTPS (--quick: about 15 s)
   --stores a,b       sqlite, postgres (default both)
   --threads 1,8      client thread counts
   --secs S, --rounds R   measured seconds per round (default 3) and rounds
