@@ -203,12 +203,13 @@ fn broker_config(
 struct BrokerProcess {
     child: Child,
     addr: SocketAddr,
-    tls: bool,
+    /// The CA its HTTPS certificate chains to; `None`: plain HTTP.
+    ca: Option<PathBuf>,
     log: PathBuf,
 }
 
 impl BrokerProcess {
-    fn start(config: &Path, log: &Path, tls: bool) -> BrokerProcess {
+    fn start(config: &Path, log: &Path, ca: Option<&Path>) -> BrokerProcess {
         let stderr = std::fs::File::create(log)
             .unwrap_or_else(|e| die(format_args!("cannot create {}: {e}", log.display())));
         let mut child = Command::new(broker_bin())
@@ -253,19 +254,19 @@ impl BrokerProcess {
         BrokerProcess {
             child,
             addr,
-            tls,
+            ca: ca.map(Path::to_path_buf),
             log: log.to_path_buf(),
         }
     }
 
     fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
 
-    /// A decision counter of `/metrics` (plain HTTP brokers only).
+    /// A decision counter of `/metrics`.
     fn decisions(&self, outcome: &str) -> u64 {
-        let text = http_client()
+        let text = http_client(self.ca.as_deref())
             .get(format!("{}/metrics", self.url()))
             .send()
             .and_then(|r| r.text())
@@ -288,11 +289,19 @@ impl Drop for BrokerProcess {
     }
 }
 
-fn http_client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
+/// A client for the broker; trusting only `ca` when given.
+fn http_client(ca: Option<&Path>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
+        .timeout(Duration::from_secs(30));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .unwrap_or_else(|e| die(format_args!("cannot read {}: {e}", ca.display())));
+        let cert = reqwest::Certificate::from_pem(&pem)
+            .unwrap_or_else(|e| die(format_args!("{}: {e}", ca.display())));
+        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+    }
+    b.build()
         .unwrap_or_else(|e| die(format_args!("HTTP client: {e}")))
 }
 
@@ -317,7 +326,7 @@ impl Client {
             })
             .collect();
         Client {
-            http: http_client(),
+            http: http_client(None),
             url: format!("{url}{}", p11shim_proto::CREDENTIALS_PATH),
             identities,
             next: 0,
@@ -492,7 +501,7 @@ fn measure_store(store: Store, opts: &BrokerOpts, dir: &Path) -> Vec<LoadRow> {
     let broker = BrokerProcess::start(
         &config,
         &dir.join(format!("broker-{}.log", store.title())),
-        false,
+        None,
     );
     eprintln!(
         "{}: first use of {} identities...",
@@ -726,7 +735,7 @@ fn measure_starts(env: &BenchEnv, opts: &BrokerOpts, dir: &Path) -> Vec<(Start, 
         BrokerProcess::start(
             &config,
             &dir.join(format!("broker-{name}.log")),
-            tls.is_some(),
+            tls.map(|_| ca.as_path()),
         )
     };
     let http = mk("starts-http", None);
@@ -763,15 +772,19 @@ fn measure_starts(env: &BenchEnv, opts: &BrokerOpts, dir: &Path) -> Vec<(Start, 
             acc.total.extend(s.total);
         }
     }
-    let granted = http.decisions("granted");
-    let reauth = http.decisions("reauthenticated");
+    // Each start was one decision: the first a first use, the others
+    // re-authentications.
     let want = (opts.runs + 3) as u64;
-    if granted != 1 || reauth + granted != want {
-        die(format_args!(
-            "the HTTP broker counted {granted} first uses and {reauth} re-authentications for {want} application starts"
-        ));
+    for b in [&http, &https] {
+        let granted = b.decisions("granted");
+        let reauth = b.decisions("reauthenticated");
+        if granted != 1 || reauth + granted != want {
+            die(format_args!(
+                "the broker at {} counted {granted} first uses and {reauth} re-authentications for {want} application starts",
+                b.url()
+            ));
+        }
     }
-    drop(https);
     all
 }
 
