@@ -54,6 +54,15 @@ bench-ha: deps build-release
 	$(CARGO) build --release -p p11shim-faultmod
 	$(CARGO) run --release -p p11shim-bench -- --ha $(BENCH_ARGS)
 
+# The credential broker: verified requests per second with SQLite and a
+# throwaway PostgreSQL, and C_Initialize to first signature with the PIN
+# from a warm broker against SoftHSM2 with a PIN (about 1 minute;
+# BENCH_ARGS as above). See docs/performance.md, "Broker".
+.PHONY: bench-broker
+bench-broker: deps build-release
+	$(CARGO) build --release -p p11shim-broker
+	$(CARGO) run --release -p p11shim-bench -- --broker $(BENCH_ARGS)
+
 install: build-release
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/p11shim
 	install -m 0755 target/release/libp11shim.so $(DESTDIR)$(PREFIX)/lib/libp11shim.so

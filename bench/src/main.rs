@@ -4,6 +4,7 @@
 //! p11shim-bench [--quick] [--markdown]     timed comparison, 1 and 2 threads
 //! p11shim-bench --callgrind [--markdown]   instructions per operation, also vs p11-kit
 //! p11shim-bench --ha [--quick] [--markdown] HA slots: failover, scaling, cost
+//! p11shim-bench --broker [--quick] [--markdown] the broker: requests/s, C_Initialize to first signature
 //! ```
 //!
 //! The parent process creates a temporary SoftHSM2 token with the keys and
@@ -13,11 +14,14 @@
 //! its own. Workers call the modules' function lists directly, with no
 //! wrapper in between. See docs/performance.md.
 
+mod broker;
+mod broker_worker;
 mod callgrind;
 mod env;
 mod ha;
 mod ha_worker;
 mod p11;
+mod pg;
 mod stats;
 mod timing;
 mod worker;
@@ -66,8 +70,22 @@ module (tests/faultmod), about 2 minutes:
                      comparison (default 0.6 and 4)
   --markdown         print the tables as Markdown
 
+The credential broker (the release p11shim-broker binary), about 1 minute:
+  --broker           verified requests per second (nonce re-authentication,
+                     sealed answers) with SQLite and a throwaway PostgreSQL,
+                     from 1 and 8 client threads; then C_Initialize to first
+                     signature in fresh processes: SoftHSM2 with a PIN,
+                     p11shim with a PIN, p11shim with the PIN from a warm
+                     broker over HTTP and HTTPS (--quick: about 15 s)
+  --stores a,b       sqlite, postgres (default both)
+  --threads 1,8      client thread counts
+  --secs S, --rounds R   measured seconds per round (default 3) and rounds
+  --runs N           application starts per target (default 100; 0: none)
+  --keep             keep the temporary directory (broker logs are there)
+
 Environment: P11SHIM_LIB, SOFTHSM2_LIB, P11KIT_PROXY_LIB name the modules,
-P11FAULTMOD_LIB the fault-injecting module (default: next to this program).
+P11FAULTMOD_LIB the fault-injecting module, P11SHIM_BROKER_BIN the broker
+(default: next to this program).
 ";
 
 fn main() {
@@ -79,6 +97,11 @@ fn main() {
         }
         Some("--ha-worker") => {
             ha_worker::run(ha::parse_worker(&args));
+            return;
+        }
+        Some("--broker-worker") => {
+            let (lib, login) = broker_worker::parse(&args);
+            broker_worker::run(lib, login);
             return;
         }
         _ => {}
@@ -165,6 +188,7 @@ fn parent(args: &[String]) {
     let (mut quick, mut markdown, mut cg, mut ha_mode) = (false, false, false, false);
     let (mut ha_parts, mut reps, mut per_member, mut latency) = (None, None, None, None);
     let (mut keep, mut hang_reps) = (false, None);
+    let (mut broker_mode, mut stores, mut runs, mut threads_given) = (false, None, None, false);
     let (mut measure, mut rounds, mut threads, mut chosen) = (None, None, vec![1usize, 2], None);
     let (mut iters, mut out_dir) = (2000u64, None);
     let mut i = 0;
@@ -175,6 +199,21 @@ fn parent(args: &[String]) {
             "--markdown" => markdown = true,
             "--callgrind" => cg = true,
             "--ha" => ha_mode = true,
+            "--broker" => broker_mode = true,
+            "--stores" => {
+                stores = Some(
+                    value(args, &mut i, a)
+                        .split(',')
+                        .map(|s| {
+                            broker::Store::parse(s.trim()).unwrap_or_else(|| {
+                                die(format_args!("unknown store {s:?}\n\n{USAGE}"))
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                broker_mode = true;
+            }
+            "--runs" => runs = Some(number::<usize>(value(args, &mut i, a), a)),
             "--ha-parts" => {
                 ha_parts = Some(
                     value(args, &mut i, a)
@@ -199,7 +238,8 @@ fn parent(args: &[String]) {
                 threads = value(args, &mut i, a)
                     .split(',')
                     .map(|t| number::<usize>(t.trim(), a).max(1))
-                    .collect()
+                    .collect();
+                threads_given = true;
             }
             "--cases" => chosen = Some(cases(value(args, &mut i, a))),
             "--iters" => iters = number::<u64>(value(args, &mut i, a), a).max(1),
@@ -214,6 +254,35 @@ fn parent(args: &[String]) {
     }
 
     print_machine(markdown);
+    if broker_mode {
+        let mut opts = broker::BrokerOpts::new(quick);
+        if let Some(s) = stores {
+            opts.stores = s;
+        }
+        if threads_given {
+            opts.threads = threads;
+        }
+        if let Some(s) = measure {
+            opts.secs = s;
+        }
+        if let Some(r) = rounds {
+            opts.rounds = r;
+        }
+        if let Some(r) = runs {
+            opts.runs = r;
+        }
+        opts.keep = keep;
+        let load_before = loadavg();
+        let start = std::time::Instant::now();
+        broker::run(&opts, markdown);
+        println!();
+        println!(
+            "Load average (1 min) before and after the run: {load_before} / {}; {:.0} s in all",
+            loadavg(),
+            start.elapsed().as_secs_f64()
+        );
+        return;
+    }
     if ha_mode {
         let mut opts = ha::HaOpts::new(quick);
         if let Some(p) = ha_parts {

@@ -76,22 +76,24 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let listen = cfg.server.listen;
+            let listener = match std::net::TcpListener::bind(listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%listen, error = %e, "cannot listen");
+                    return ExitCode::FAILURE;
+                }
+            };
+            // Outside the runtime: the PostgreSQL store's client runs one of
+            // its own, which cannot start inside another.
+            let broker = match p11shim_broker::run::build(cfg, Arc::new(SystemClock)) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
             rt.block_on(async move {
-                let listen = cfg.server.listen;
-                let listener = match std::net::TcpListener::bind(listen) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(%listen, error = %e, "cannot listen");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let broker = match p11shim_broker::run::build(cfg, Arc::new(SystemClock)) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start");
-                        return ExitCode::FAILURE;
-                    }
-                };
                 let handle = axum_server::Handle::new();
                 let h = handle.clone();
                 tokio::spawn(async move {
@@ -109,15 +111,25 @@ fn main() -> ExitCode {
                     h.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
                 });
                 let addr = listener.local_addr().ok();
-                let served =
+                let mut served =
                     tokio::spawn(p11shim_broker::run::serve(broker, listener, handle.clone()));
-                if handle.listening().await.is_some() {
-                    if let Some(a) = addr {
-                        // Tests and scripts read the bound address from here.
-                        println!("listening {a}");
+                // Serving can fail before it listens (a TLS key that cannot
+                // be read), and then `listening` never returns.
+                let early = tokio::select! {
+                    listening = handle.listening() => {
+                        if let (Some(_), Some(a)) = (listening, addr) {
+                            // Tests and scripts read the bound address from here.
+                            println!("listening {a}");
+                        }
+                        None
                     }
-                }
-                match served.await {
+                    done = &mut served => Some(done),
+                };
+                let done = match early {
+                    Some(done) => done,
+                    None => served.await,
+                };
+                match done {
                     Ok(Ok(())) => ExitCode::SUCCESS,
                     Ok(Err(e)) => {
                         tracing::error!(error = %e, "stopped");

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum_server::Handle;
+use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use hyper_util::rt::TokioTimer;
 use tracing::{info, warn};
@@ -98,12 +99,22 @@ pub async fn serve(
     match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) => {
             tls_provider();
-            let tls = RustlsConfig::from_pem_file(cert, key)
-                .await
-                .map_err(StartError::Tls)?;
+            let tls = RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+                StartError::Tls(std::io::Error::new(
+                    e.kind(),
+                    format!("{}, {}: {e}", cert.display(), key.display()),
+                ))
+            })?;
             info!(%addr, "serving HTTPS");
+            // TCP_NODELAY: after the handshake rustls sends its session
+            // tickets, and with Nagle the small answer that follows waits
+            // for the client's delayed ACK of them (40 ms on Linux).
             let mut server = axum_server::from_tcp(listener)
-                .acceptor(RustlsAcceptor::new(tls).handshake_timeout(header_timeout))
+                .acceptor(
+                    RustlsAcceptor::new(tls)
+                        .handshake_timeout(header_timeout)
+                        .acceptor(NoDelayAcceptor::new()),
+                )
                 .handle(handle);
             server
                 .http_builder()
@@ -114,7 +125,9 @@ pub async fn serve(
         }
         _ => {
             warn!(%addr, "serving plain HTTP on loopback: for tests and demos only");
-            let mut server = axum_server::from_tcp(listener).handle(handle);
+            let mut server = axum_server::from_tcp(listener)
+                .acceptor(NoDelayAcceptor::new())
+                .handle(handle);
             server
                 .http_builder()
                 .http1()
@@ -185,9 +198,20 @@ pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> 
         .name("p11shim-broker".into())
         .spawn(move || {
             rt.block_on(async move {
-                let served = tokio::spawn(serve(b, listener, h.clone()));
-                let _ = tx.send(h.listening().await.is_some());
-                match served.await {
+                let mut served = tokio::spawn(serve(b, listener, h.clone()));
+                // Serving can fail before it listens, and then `listening`
+                // never returns.
+                let done = tokio::select! {
+                    l = h.listening() => {
+                        let _ = tx.send(l.is_some());
+                        served.await
+                    }
+                    done = &mut served => {
+                        let _ = tx.send(false);
+                        done
+                    }
+                };
+                match done {
                     Ok(Err(e)) => warn!(error = %e, "broker stopped"),
                     Err(e) => warn!(error = %e, "broker task"),
                     Ok(Ok(())) => {}
