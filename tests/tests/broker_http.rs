@@ -179,3 +179,50 @@ fn a_client_that_never_finishes_its_headers_is_cut_off() {
         .unwrap();
     assert_eq!(health.status().as_u16(), 200);
 }
+
+#[test]
+fn a_role_with_a_client_certificate_hands_it_over_sealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = write_secret(dir.path(), "pin", "123456");
+    let cert = dir.path().join("client.crt");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let key = write_secret(
+        dir.path(),
+        "client.key",
+        "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----",
+    );
+    let extra = format!(
+        "mtls_cert = \"{}\"\nmtls_key = \"file:{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let b = TestBroker::start(&broker_toml(
+        dir.path(),
+        &fingerprint_role("fp", &pin, &extra),
+    ));
+    let k = KeyPair::generate();
+    let (st, body) = post(&b, &request(Some(&k), 1));
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        !body.to_string().contains("PRIVATE KEY"),
+        "the key travels sealed only"
+    );
+    let resp: p11shim_proto::Response = serde_json::from_value(body).unwrap();
+    let aad = p11shim_proto::seal::aad(
+        &resp.request_id,
+        &resp.role,
+        &resp.subject,
+        &resp.expires_at,
+    );
+    let plain = k
+        .open(resp.sealed_credentials.as_ref().unwrap(), &aad)
+        .unwrap();
+    let creds: p11shim_proto::Credentials = serde_json::from_slice(&plain).unwrap();
+    let mtls = creds.mtls.expect("the client certificate and key");
+    assert!(mtls.cert_pem.contains("BEGIN CERTIFICATE"));
+    assert!(mtls.key_pem.expose().contains("BEGIN PRIVATE KEY"));
+}
