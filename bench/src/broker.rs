@@ -34,7 +34,7 @@ use p11shim_proto::{Credentials, FingerprintEvidence, Method, Request, Response,
 use crate::broker_worker::Login;
 use crate::env::{BenchEnv, Target, exe, result_field, run_checked, softhsm_lib};
 use crate::p11::die;
-use crate::pg::Postgres;
+use p11shim_servers::Postgres;
 use crate::stats::Histogram;
 use crate::worker::TOKEN_LABEL;
 
@@ -482,8 +482,9 @@ fn measure_store(store: Store, opts: &BrokerOpts, dir: &Path) -> Vec<LoadRow> {
         ),
         Store::Postgres => {
             eprintln!("Starting a throwaway PostgreSQL cluster...");
-            let pg = Postgres::start();
-            eprintln!("  {}", pg.version);
+            let pg = Postgres::start()
+                .unwrap_or_else(|| die("PostgreSQL is not installed (apt-get install postgresql)"));
+            eprintln!("  {}", pg.version());
             let url_file = dir.join("pg-url");
             write_secret(&url_file, &pg.url());
             _pg = pg;

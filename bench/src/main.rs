@@ -21,7 +21,6 @@ mod env;
 mod ha;
 mod ha_worker;
 mod p11;
-mod pg;
 mod stats;
 mod timing;
 mod worker;
