@@ -34,9 +34,9 @@ use p11shim_proto::{Credentials, FingerprintEvidence, Method, Request, Response,
 use crate::broker_worker::Login;
 use crate::env::{BenchEnv, Target, exe, result_field, run_checked, softhsm_lib};
 use crate::p11::die;
-use p11shim_servers::Postgres;
 use crate::stats::Histogram;
 use crate::worker::TOKEN_LABEL;
+use p11shim_servers::Postgres;
 
 /// The role the load clients use, and the module's role.
 const LOAD_ROLE: &str = "load";

@@ -19,7 +19,10 @@ use p11shim_tests::peers::broker::{
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib, status_json};
 
 mod common;
-use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
+use common::{
+    java_signs_without_pin, openssl, openssl_cnf, openssl_verify, pkcs11_tool_sign_without_pin,
+    text,
+};
 
 const TOKEN: &str = "att";
 const ROLE: &str = "signer";
@@ -66,25 +69,7 @@ fn nonce_file(env: &TestEnv) -> String {
 
 /// pkcs11-tool signs with the token key, logging in with no PIN.
 fn pkcs11_tool_sign(env: &TestEnv, n: u32) -> std::process::Output {
-    let msg = write(env, &format!("msg{n}.txt"), format!("message {n}\n"));
-    let sig = env.path().join(format!("msg{n}.sig"));
-    env.command("pkcs11-tool")
-        .arg("--module")
-        .arg(p11shim_lib())
-        .args([
-            "--login",
-            "--sign",
-            "--id",
-            "01",
-            "-m",
-            "SHA256-RSA-PKCS",
-            "--input-file",
-        ])
-        .arg(&msg)
-        .arg("--output-file")
-        .arg(&sig)
-        .output()
-        .expect("pkcs11-tool")
+    pkcs11_tool_sign_without_pin(env, n).2
 }
 
 fn assert_no_pin_in_logs(s: &Setup) {

@@ -32,10 +32,13 @@ use p11shim_proto::{
 use p11shim_tests::peers::broker::{TestBroker, http, module_broker, write_secret};
 use p11shim_tests::peers::imds::{Imds, ImdsInstance};
 use p11shim_tests::peers::moto::{ACCOUNT, Moto, REGION, require_moto};
-use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok};
+use p11shim_tests::{TestEnv, USER_PIN, require, run_ok};
 
 mod common;
-use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
+use common::{
+    java_signs_without_pin, openssl, openssl_cnf, openssl_verify, pkcs11_tool_sign_without_pin,
+    text,
+};
 
 const TOKEN: &str = "aws";
 const ROLE: &str = "signer";
@@ -479,20 +482,7 @@ fn module_config(env: &TestEnv, url: &str, method: &str, imds: &str) {
 }
 
 fn pkcs11_tool_sign(env: &TestEnv, n: u32) -> (PathBuf, PathBuf, std::process::Output) {
-    let msg = write(env, &format!("msg{n}.txt"), format!("message {n}\n"));
-    let sig = env.path().join(format!("msg{n}.sig"));
-    let out = env
-        .command("pkcs11-tool")
-        .arg("--module")
-        .arg(p11shim_lib())
-        .args(["--login", "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS"])
-        .arg("--input-file")
-        .arg(&msg)
-        .arg("--output-file")
-        .arg(&sig)
-        .output()
-        .expect("pkcs11-tool");
-    (msg, sig, out)
+    pkcs11_tool_sign_without_pin(env, n)
 }
 
 fn decisions(broker: &TestBroker, method: &str, outcome: &str) -> u64 {

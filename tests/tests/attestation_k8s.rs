@@ -23,7 +23,10 @@ use p11shim_tests::peers::k8s::{K8sFake, MintSpec};
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib};
 
 mod common;
-use common::{java_signs_without_pin, openssl, openssl_cnf, openssl_verify, text, write};
+use common::{
+    java_signs_without_pin, openssl, openssl_cnf, openssl_verify, pkcs11_tool_sign_without_pin,
+    text,
+};
 
 const TOKEN: &str = "pod";
 const ROLE: &str = "pod-signer";
@@ -125,26 +128,7 @@ fn pod(mode: &str, cluster_extra: &str, role_extra: &str, module_extra: &str) ->
 
 /// pkcs11-tool signs with the token key, logging in with no PIN.
 fn pkcs11_tool_sign(env: &TestEnv, n: u32) -> PathBuf {
-    let msg = write(env, &format!("msg{n}.txt"), format!("message {n}\n"));
-    let sig = env.path().join(format!("msg{n}.sig"));
-    let out = env
-        .command("pkcs11-tool")
-        .arg("--module")
-        .arg(p11shim_lib())
-        .args([
-            "--login",
-            "--sign",
-            "--id",
-            "01",
-            "-m",
-            "SHA256-RSA-PKCS",
-            "--input-file",
-        ])
-        .arg(&msg)
-        .arg("--output-file")
-        .arg(&sig)
-        .output()
-        .expect("pkcs11-tool");
+    let (msg, _, out) = pkcs11_tool_sign_without_pin(env, n);
     assert!(
         out.status.success(),
         "pkcs11-tool #{n}: {}\n{}",

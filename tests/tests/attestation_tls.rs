@@ -19,7 +19,7 @@ use p11shim_tests::peers::broker::{
 use p11shim_tests::{TestEnv, USER_PIN, p11shim_lib, require, run_ok, softhsm_lib, status_json};
 
 mod common;
-use common::{openssl_verify, text, write};
+use common::{openssl_verify, pkcs11_tool_sign_without_pin, text};
 
 const TOKEN: &str = "tls";
 const ROLE: &str = "signer";
@@ -178,24 +178,7 @@ fn write_module_config(env: &TestEnv, url: &str, ca: &Path, extra: &str) {
 }
 
 fn pkcs11_tool_sign(env: &TestEnv, n: u32) -> std::process::Output {
-    let msg = write(env, &format!("msg{n}.txt"), format!("message {n}\n"));
-    env.command("pkcs11-tool")
-        .arg("--module")
-        .arg(p11shim_lib())
-        .args([
-            "--login",
-            "--sign",
-            "--id",
-            "01",
-            "-m",
-            "SHA256-RSA-PKCS",
-            "--input-file",
-        ])
-        .arg(&msg)
-        .arg("--output-file")
-        .arg(env.path().join(format!("msg{n}.sig")))
-        .output()
-        .expect("pkcs11-tool")
+    pkcs11_tool_sign_without_pin(env, n).2
 }
 
 /// A decision counter of the broker's `/metrics`, fetched over HTTPS

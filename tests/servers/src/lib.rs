@@ -31,9 +31,8 @@ pub fn free_port() -> u16 {
 
 /// Whether a program is on the PATH.
 fn have(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|d| d.join(tool).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(tool).is_file()))
 }
 
 /// Fails (or, under `P11SHIM_ALLOW_SKIP=1`, reports a skip) when a server

@@ -149,3 +149,23 @@ pub fn java_signs_without_pin(env: &TestEnv, count: u32) -> String {
     assert!(out.contains(&want), "{out}");
     out
 }
+
+/// pkcs11-tool signs `message <n>` with the key of id 01 through p11shim,
+/// logging in with no PIN (the slot's PIN source supplies it). Returns the
+/// message, the signature path and the process output.
+pub fn pkcs11_tool_sign_without_pin(env: &TestEnv, n: u32) -> (PathBuf, PathBuf, Output) {
+    let msg = write(env, &format!("msg{n}.txt"), format!("message {n}\n"));
+    let sig = env.path().join(format!("msg{n}.sig"));
+    let out = env
+        .command("pkcs11-tool")
+        .arg("--module")
+        .arg(p11shim_lib())
+        .args(["--login", "--sign", "--id", "01", "-m", "SHA256-RSA-PKCS"])
+        .arg("--input-file")
+        .arg(&msg)
+        .arg("--output-file")
+        .arg(&sig)
+        .output()
+        .expect("pkcs11-tool");
+    (msg, sig, out)
+}
