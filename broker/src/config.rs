@@ -215,9 +215,10 @@ pub struct Role {
     #[serde(default)]
     pub service_accounts: Vec<String>,
 
-    /// The key ACL policy handed to the module with the credentials.
+    /// The key ACL policy handed to the module with the credentials
+    /// (`p11shim_proto::policy`); validated at load.
     #[serde(default)]
-    pub policy: Option<toml::Table>,
+    pub policy: Option<p11shim_proto::policy::PolicyDoc>,
 }
 
 fn yes() -> bool {
@@ -318,6 +319,14 @@ impl Config {
             }
             if r.methods.is_empty() {
                 return Err(err(at("methods"), "list at least one method"));
+            }
+            if let Some(p) = &r.policy {
+                p.validate().map_err(|e| {
+                    err(
+                        at(&format!("policy.keys[{}].{}", e.rule, e.field)),
+                        e.message,
+                    )
+                })?;
             }
             if r.ttl < Duration::from_secs(5) || r.ttl > Duration::from_secs(7 * 86400) {
                 return Err(err(at("ttl"), "between 5s and 7d"));
@@ -530,6 +539,12 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
     fn refusals_name_their_key() {
         let e = Config::parse(&MINIMAL.replace("127.0.0.1:0", "0.0.0.0:8443")).unwrap_err();
         assert_eq!(e.path, "server.listen");
+        let e = Config::parse(&format!(
+            "{MINIMAL}policy = {{ keys = [{{ label = \"a\" }}, {{ ops = [\"sing\"] }}] }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "roles.demo.policy.keys[1].ops");
+        assert!(e.message.contains("unknown operation \"sing\""), "{e}");
         let e = Config::parse(&MINIMAL.replace("env:DEMO_PIN", "1234")).unwrap_err();
         assert!(e.message.contains("never inline"), "{e}");
         let e = Config::parse(&MINIMAL.replace("static-fingerprint", "aws-iid")).unwrap_err();

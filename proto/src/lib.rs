@@ -9,6 +9,8 @@
 //! key, so TLS terminators and access logs never see a PIN.
 
 pub mod fingerprint;
+pub mod names;
+pub mod policy;
 pub mod seal;
 mod wire;
 

@@ -287,16 +287,34 @@ impl TestEnv {
     /// KeyStore wants). Returns the public key (DER) for software checks.
     pub fn token_with_signing_key(&self, token: &str) -> PathBuf {
         self.init_token(token);
-        let pem = self.rsa_pem();
-        self.import_key(token, &pem, "rsa", "01");
-        let cert = self.path().join("rsa.crt.der");
+        self.add_signing_key(token, "rsa", "01")
+    }
+
+    /// Adds an RSA-2048 key pair and a self-signed certificate, all with
+    /// the same label and id, to the token. Returns the public key (DER).
+    pub fn add_signing_key(&self, token: &str, label: &str, id_hex: &str) -> PathBuf {
+        let pem = self.path().join(format!("{label}.pem"));
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ])
+                .arg(&pem),
+        );
+        self.import_key(token, &pem, label, id_hex);
+        let cert = self.path().join(format!("{label}.crt.der"));
         run_ok(
             Command::new("openssl")
                 .args(["req", "-x509", "-new", "-key"])
                 .arg(&pem)
                 .args([
                     "-subj",
-                    "/CN=p11shim test",
+                    &format!("/CN={label}"),
                     "-days",
                     "30",
                     "-outform",
@@ -318,9 +336,9 @@ impl TestEnv {
                     "--write-object",
                 ])
                 .arg(&cert)
-                .args(["--type", "cert", "--id", "01", "--label", "rsa"]),
+                .args(["--type", "cert", "--id", id_hex, "--label", label]),
         );
-        let pubkey = self.path().join("rsa.pub.der");
+        let pubkey = self.path().join(format!("{label}.pub.der"));
         run_ok(
             Command::new("openssl")
                 .args(["pkey", "-in"])

@@ -5,6 +5,7 @@
 //! An error names the file, the line and the key, so that `C_Initialize`
 //! can fail with a message an operator can act on.
 
+mod acl;
 mod uri;
 
 use std::fmt;
@@ -15,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use zeroize::Zeroizing;
 
+pub use acl::AclConfig;
 pub use uri::{Pkcs11Uri, UriError};
 
 /// Where the configuration is read from when nothing else says.
@@ -35,6 +37,7 @@ struct RawConfig {
     #[serde(default, rename = "slot")]
     slots: Vec<Spanned<RawSlot>>,
     broker: Option<Spanned<RawBroker>>,
+    acl: Option<Spanned<acl::RawAcl>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +104,8 @@ pub struct Config {
     pub slots: Vec<SlotConfig>,
     /// Where slots with `pin = "broker"` get their credentials.
     pub broker: Option<BrokerConfig>,
+    /// The key ACL; `None`: no policy of p11shim's own.
+    pub acl: Option<AclConfig>,
 }
 
 /// `[broker]`: credentials by attestation from `p11shim-broker`.
@@ -647,11 +652,17 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let acl = match &raw.acl {
+        None => None,
+        Some(a) => Some(acl::validate(ctx, a, broker.is_some())?),
+    };
+
     Ok(Config {
         source: ctx.file.to_path_buf(),
         log: LogConfig { level, file },
         slots,
         broker,
+        acl,
     })
 }
 

@@ -15,6 +15,7 @@ mod evidence;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,8 @@ struct Shared {
     /// Signalled when the state changes (waiters) or work is asked for
     /// (the thread).
     changed: Condvar,
+    /// `State::generation`, readable without the lock.
+    published: AtomicU64,
 }
 
 /// The credential agent of an initialized module.
@@ -110,6 +113,7 @@ impl Agent {
             cfg,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            published: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -179,14 +183,25 @@ impl Agent {
         st.generation >= target
     }
 
-    /// The key ACL policy that came with the credentials.
-    pub fn policy(&self) -> Option<serde_json::Value> {
-        self.shared
-            .state
-            .lock()
-            .grant
+    /// [`Agent::generation`] without taking the state lock: cheap enough
+    /// for every call that checks whether the policy changed.
+    #[inline]
+    pub fn published(&self) -> u64 {
+        self.shared.published.load(Ordering::Acquire)
+    }
+
+    /// The role asked for.
+    pub fn role(&self) -> &str {
+        &self.shared.cfg.role
+    }
+
+    /// The key ACL policy that came with the credentials, the subject the
+    /// broker verified, and the grant's generation.
+    pub fn policy(&self) -> Option<(serde_json::Value, String, u64)> {
+        let st = self.shared.state.lock();
+        st.grant
             .as_ref()
-            .map(|g| g.policy.clone())
+            .map(|g| (g.policy.clone(), g.subject.clone(), st.generation))
     }
 
     /// State for `P11shim_GetStatus`.
@@ -382,6 +397,7 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
                 let next = g.refresh_at();
                 st.grant = Some(g);
                 st.generation += 1;
+                shared.published.store(st.generation, Ordering::Release);
                 st.grants += 1;
                 st.last_error = None;
                 st.refused = None;

@@ -9,6 +9,7 @@
 use pkcs11_sys::*;
 
 use super::Library;
+use super::acl::HandleKind;
 use std::sync::Arc;
 
 use super::resync::Remake;
@@ -17,11 +18,25 @@ use crate::abi::mem::{
 };
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
+use crate::policy::Op;
 use crate::router::replay::{OpKind, Outcome, final_outcome};
 use crate::router::{Member, bounded};
 
 type Sh = CK_SESSION_HANDLE;
 type Oh = CK_OBJECT_HANDLE;
+
+/// The `*Init` function of an operation and what the ACL calls it.
+fn init_of(kind: OpKind) -> (&'static str, Op) {
+    match kind {
+        OpKind::Encrypt => ("C_EncryptInit", Op::Encrypt),
+        OpKind::Decrypt => ("C_DecryptInit", Op::Decrypt),
+        OpKind::Digest => ("C_DigestInit", Op::Digest),
+        OpKind::Sign => ("C_SignInit", Op::Sign),
+        OpKind::Verify => ("C_VerifyInit", Op::Verify),
+        OpKind::SignRecover => ("C_SignRecoverInit", Op::Sign),
+        OpKind::VerifyRecover => ("C_VerifyRecoverInit", Op::Verify),
+    }
+}
 
 impl Library {
     /// `*Init` with a key: translates the key for the serving member and
@@ -36,6 +51,8 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let (function, op) = init_of(kind);
+        self.authorize(function, key, HandleKind::Key, Some(op), Some(m.kind()))?;
         self.on_session(&sess, None, |mem, mi, vh| {
             let k = if key == CK_INVALID_HANDLE {
                 key
@@ -246,6 +263,7 @@ impl Library {
     pub fn digest_key(&self, h: Sh, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        self.authorize("C_DigestKey", key, HandleKind::Key, Some(Op::Digest), None)?;
         let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| {
             m.vendor.digest_key(vh, self.object_on(slot, mi, key)?)
         });
@@ -304,6 +322,15 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let mech = Some(m.kind());
+        self.authorize(
+            "C_WrapKey",
+            wrapping,
+            HandleKind::Wrapping,
+            Some(Op::Wrap),
+            mech,
+        )?;
+        self.authorize("C_WrapKey", key, HandleKind::Key, None, None)?;
         self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor.wrap_key(
                 vh,
@@ -328,6 +355,16 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let mech = Some(m.kind());
+        let f = "C_UnwrapKey";
+        self.authorize(
+            f,
+            unwrapping,
+            HandleKind::Unwrapping,
+            Some(Op::Unwrap),
+            mech,
+        )?;
+        self.authorize_new(f, Op::Unwrap, &t, None, mech)?;
         let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
             let mut k = CK_INVALID_HANDLE;
             mem.vendor.unwrap_key(
@@ -403,6 +440,13 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let mech = Some(m.kind());
+        let f = "C_DeriveKey";
+        self.authorize(f, base, HandleKind::Key, Some(Op::Derive), mech)?;
+        if let Some(other) = m.handle_param() {
+            self.authorize(f, other, HandleKind::Key, Some(Op::Derive), mech)?;
+        }
+        self.authorize_new(f, Op::Derive, &t, None, mech)?;
         // `cs` is p11shim's own session on the member when replicating.
         let derive = |mem: &crate::router::Member, mi: u32, vh: Sh, cs: Option<Sh>| -> Result<Oh> {
             let on = |h| match cs {
@@ -510,6 +554,13 @@ impl Library {
     }
     pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize(
+            "C_MessageEncryptInit",
+            key,
+            HandleKind::Key,
+            Some(Op::Encrypt),
+            Some(m.kind()),
+        )?;
         self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor
                 .message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
@@ -517,6 +568,13 @@ impl Library {
     }
     pub fn message_decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize(
+            "C_MessageDecryptInit",
+            key,
+            HandleKind::Key,
+            Some(Op::Decrypt),
+            Some(m.kind()),
+        )?;
         self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor
                 .message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
@@ -524,6 +582,13 @@ impl Library {
     }
     pub fn message_sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize(
+            "C_MessageSignInit",
+            key,
+            HandleKind::Key,
+            Some(Op::Sign),
+            Some(m.kind()),
+        )?;
         self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor
                 .message_sign_init(vh, m, self.object_on(sess.slot, mi, key)?)
@@ -531,6 +596,13 @@ impl Library {
     }
     pub fn message_verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize(
+            "C_MessageVerifyInit",
+            key,
+            HandleKind::Key,
+            Some(Op::Verify),
+            Some(m.kind()),
+        )?;
         self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor
                 .message_verify_init(vh, m, self.object_on(sess.slot, mi, key)?)

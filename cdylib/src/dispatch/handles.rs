@@ -23,6 +23,7 @@ use pkcs11_sys::{CK_FLAGS, CK_INVALID_HANDLE, CK_OBJECT_HANDLE, CK_SESSION_HANDL
 use rustc_hash::FxHashMap;
 
 use crate::config::MAX_MEMBERS;
+use crate::policy::{Attrs, Grant};
 use crate::router::replay::Ops;
 
 /// First handle issued.
@@ -194,12 +195,63 @@ pub struct Identity {
     pub key_type: Option<CK_ULONG>,
 }
 
+/// What the ACL and the audit log know of an object: its selector
+/// attributes, read once when its handle is issued, and its fingerprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub attrs: Attrs,
+    /// SHA-256 over the key's public material where the token shows it
+    /// (RSA modulus, EC point), else over its identity attributes and
+    /// check value: the same for a key on every member, and for the two
+    /// halves of an RSA or EC key pair.
+    pub fingerprint: [u8; 32],
+}
+
+impl ObjectInfo {
+    pub fn new(
+        attrs: Attrs,
+        modulus: Option<&[u8]>,
+        ec_point: Option<&[u8]>,
+        check_value: Option<&[u8]>,
+    ) -> ObjectInfo {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut part = |tag: &[u8], v: &[u8]| {
+            h.update(tag);
+            h.update((v.len() as u32).to_be_bytes());
+            h.update(v);
+        };
+        match (
+            modulus.filter(|m| !m.is_empty()),
+            ec_point.filter(|p| !p.is_empty()),
+        ) {
+            (Some(m), _) => part(b"rsa-modulus", m),
+            (None, Some(p)) => part(b"ec-point", p),
+            (None, None) => {
+                let ulong = |v: Option<u64>| v.unwrap_or(u64::MAX).to_be_bytes();
+                part(b"class", &ulong(attrs.class));
+                part(b"key-type", &ulong(attrs.key_type));
+                part(b"id", attrs.id.as_deref().unwrap_or_default());
+                part(b"label", attrs.label.as_deref().unwrap_or_default());
+                part(b"check-value", check_value.unwrap_or_default());
+            }
+        }
+        ObjectInfo {
+            attrs,
+            fingerprint: h.finalize().into(),
+        }
+    }
+}
+
 /// An object the application has seen.
 #[derive(Debug, Clone)]
 pub struct ObjectEntry {
     pub slot: u32,
     pub owner: Owner,
     pub identity: Option<Arc<Identity>>,
+    pub info: Option<Arc<ObjectInfo>>,
+    /// The role's grant, and the policy epoch it was computed under.
+    grant: Option<(u64, Arc<Grant>)>,
     /// The object's handle on each member, `CK_INVALID_HANDLE` where not
     /// (yet) known.
     pub handles: [CK_OBJECT_HANDLE; MAX_MEMBERS],
@@ -282,6 +334,7 @@ impl Objects {
         vendor: CK_OBJECT_HANDLE,
         owner: Owner,
         identity: Option<Identity>,
+        info: Option<ObjectInfo>,
     ) -> CK_OBJECT_HANDLE {
         let mut maps = self.maps.write();
         if let Some(h) = maps.by_vendor.get(&(slot, member, vendor)) {
@@ -324,6 +377,8 @@ impl Objects {
                 slot,
                 owner,
                 identity,
+                info: info.map(Arc::new),
+                grant: None,
                 handles,
             },
         );
@@ -335,11 +390,18 @@ impl Objects {
     }
 
     /// Replaces an object's identity (its `CKA_LABEL` or `CKA_ID` changed).
-    pub fn set_identity(&self, h: CK_OBJECT_HANDLE, identity: Option<Identity>) {
+    pub fn set_identity(
+        &self,
+        h: CK_OBJECT_HANDLE,
+        identity: Option<Identity>,
+        info: Option<ObjectInfo>,
+    ) {
         let mut maps = self.maps.write();
         let Some(e) = maps.by_handle.get_mut(&h) else {
             return;
         };
+        e.info = info.map(Arc::new);
+        e.grant = None;
         let (slot, owner) = (e.slot, e.owner);
         let old = std::mem::replace(&mut e.identity, identity.map(Arc::new));
         let new = e.identity.clone();
@@ -353,6 +415,35 @@ impl Objects {
                 maps.by_identity.entry((slot, id)).or_insert(h);
             }
         }
+    }
+
+    /// The role's grant on an object, computed from its attributes on
+    /// first use under a policy `epoch` and cached with the handle; `None`
+    /// for an unknown handle.
+    #[inline]
+    pub fn grant(
+        &self,
+        h: CK_OBJECT_HANDLE,
+        epoch: u64,
+        compute: impl FnOnce(&Attrs) -> Grant,
+    ) -> Option<(Arc<Grant>, Option<Arc<ObjectInfo>>)> {
+        {
+            let maps = self.maps.read();
+            let e = maps.by_handle.get(&h)?;
+            if let Some((at, g)) = &e.grant {
+                if *at == epoch {
+                    return Some((g.clone(), e.info.clone()));
+                }
+            }
+        }
+        let mut maps = self.maps.write();
+        let e = maps.by_handle.get_mut(&h)?;
+        let g = Arc::new(match &e.info {
+            Some(i) => compute(&i.attrs),
+            None => compute(&Attrs::default()),
+        });
+        e.grant = Some((epoch, g.clone()));
+        Some((g, e.info.clone()))
     }
 
     pub fn remove(&self, h: CK_OBJECT_HANDLE) {
@@ -442,37 +533,37 @@ mod tests {
     #[test]
     fn the_same_object_keeps_its_handle_across_members() {
         let o = Objects::default();
-        let h = o.insert(0, 0, 7, Owner::Token, id("k"));
-        assert_eq!(o.insert(0, 0, 7, Owner::Token, id("k")), h);
+        let h = o.insert(0, 0, 7, Owner::Token, id("k"), None);
+        assert_eq!(o.insert(0, 0, 7, Owner::Token, id("k"), None), h);
         // Found on member 1 under the same identity: the same handle.
-        assert_eq!(o.insert(0, 1, 9, Owner::Token, id("k")), h);
+        assert_eq!(o.insert(0, 1, 9, Owner::Token, id("k"), None), h);
         assert_eq!(o.on_member(h, 0, 0), Some(7));
         assert_eq!(o.on_member(h, 0, 1), Some(9));
         assert_eq!(o.on_member(h, 0, 2), None);
         assert_eq!(o.on_member(h, 1, 0), None, "another slot's handle");
         // Another identity: another handle.
-        assert_ne!(o.insert(0, 1, 10, Owner::Token, id("other")), h);
+        assert_ne!(o.insert(0, 1, 10, Owner::Token, id("other"), None), h);
         // A second object with the same identity on one member: its own
         // handle, and the identity no longer matches across members.
-        let twin = o.insert(0, 0, 8, Owner::Token, id("k"));
+        let twin = o.insert(0, 0, 8, Owner::Token, id("k"), None);
         assert_ne!(twin, h);
-        assert_ne!(o.insert(0, 2, 12, Owner::Token, id("k")), h);
+        assert_ne!(o.insert(0, 2, 12, Owner::Token, id("k"), None), h);
         o.forget_member(0, 1);
         assert_eq!(o.on_member(h, 0, 1), None);
         o.set_on_member(h, 1, 11);
         assert_eq!(o.lookup_vendor(0, 1, 11), Some(h));
         o.remove(h);
         assert!(o.get(h).is_none());
-        assert_ne!(o.insert(0, 0, 7, Owner::Token, id("k")), h);
+        assert_ne!(o.insert(0, 0, 7, Owner::Token, id("k"), None), h);
     }
 
     #[test]
     fn session_objects_go_with_their_session() {
         let o = Objects::default();
-        let tok = o.insert(0, 0, 1, Owner::Token, None);
-        let mine = o.insert(0, 0, 2, Owner::Session(10), None);
-        let found = o.insert(0, 0, 4, Owner::SlotSessions, None);
-        let elsewhere = o.insert(1, 0, 4, Owner::SlotSessions, None);
+        let tok = o.insert(0, 0, 1, Owner::Token, None, None);
+        let mine = o.insert(0, 0, 2, Owner::Session(10), None, None);
+        let found = o.insert(0, 0, 4, Owner::SlotSessions, None, None);
+        let elsewhere = o.insert(1, 0, 4, Owner::SlotSessions, None, None);
         o.forget(&[mine]);
         assert!(o.get(mine).is_none() && o.lookup_vendor(0, 0, 2).is_none());
         assert!(o.get(found).is_some());

@@ -25,6 +25,7 @@ use super::{Library, Session};
 use crate::abi::mem::{Bytes, Mechanism, Out, OutBytes, RawMechanism, SavedTemplate, Template};
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
+use crate::policy::Op;
 use crate::router::Member;
 
 type Sh = CK_SESSION_HANDLE;
@@ -209,6 +210,14 @@ impl Library {
         mut out: Out<'_, Oh>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        let mech = Some(m.kind());
+        self.authorize_new(
+            "C_GenerateKey",
+            Op::Generate,
+            &t,
+            Some(CKO_SECRET_KEY),
+            mech,
+        )?;
         let label = if self.multi_member_token(&sess, &[t]) {
             self.replication(&sess)?
         } else {
@@ -256,6 +265,9 @@ impl Library {
         mut priv_out: Out<'_, Oh>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        let (f, mech) = ("C_GenerateKeyPair", Some(m.kind()));
+        self.authorize_new(f, Op::Generate, &pub_t, Some(CKO_PUBLIC_KEY), mech)?;
+        self.authorize_new(f, Op::Generate, &priv_t, Some(CKO_PRIVATE_KEY), mech)?;
         let label = if self.multi_member_token(&sess, &[priv_t]) {
             self.replication(&sess)?
         } else {

@@ -14,6 +14,7 @@
 //! call; a session's state lock only while that session moves to another
 //! member.
 
+mod acl;
 mod crypto;
 mod handles;
 mod keygen;
@@ -36,10 +37,11 @@ use crate::backend::Vendor;
 use crate::config::{self, Config, MemberConfig, SlotConfig, TokenSelector};
 use crate::error::{Error, Result};
 use crate::logging;
+use crate::policy::Attrs;
 use crate::router::replay::{OpKind, OpRecord};
 use crate::router::{self, Member, recovery};
 
-pub use handles::{Identity, ObjectEntry, Owner, Session, SessionState};
+pub use handles::{Identity, ObjectEntry, ObjectInfo, Owner, Session, SessionState};
 pub use slots::info;
 
 /// Bumped in the child after every `fork()`; state from another generation
@@ -279,6 +281,8 @@ pub struct Library {
     recovery: Arc<recovery::Control>,
     /// Credentials by attestation, when `[broker]` is configured.
     pub credentials: Option<Arc<crate::credentials::Agent>>,
+    /// The role's key ACL.
+    acl: acl::AclState,
 }
 
 impl Library {
@@ -370,6 +374,10 @@ impl Library {
         match result {
             Ok(slots) => Ok(Library {
                 fork_gen,
+                acl: acl::AclState::new(
+                    cfg.acl.clone(),
+                    cfg.broker.as_ref().map(|b| b.role.as_str()),
+                ),
                 config: cfg,
                 vendors,
                 slots,
@@ -834,12 +842,12 @@ impl Library {
         if let Some(h) = self.objects.lookup_vendor(slot, m, o) {
             return h;
         }
-        let (token, identity) = read_identity(vendor, vh, o);
+        let (token, identity, info) = read_object(vendor, vh, o);
         let owner = match token {
             Some(false) => creator.map_or(Owner::SlotSessions, Owner::Session),
             _ => Owner::Token,
         };
-        let h = self.objects.insert(slot, m, o, owner, identity);
+        let h = self.objects.insert(slot, m, o, owner, identity, info);
         if let Owner::Session(creator) = owner {
             if let Some(sess) = self.sessions.get(creator) {
                 sess.state.lock().owned.push(h);
@@ -963,6 +971,7 @@ impl Library {
             "config": self.config.source.display().to_string(),
             "recovery_thread": !self.no_threads,
             "credentials": self.credentials.as_ref().map(|a| a.status_json()),
+            "acl": self.acl_status(),
             "slots": slots,
         })
         .to_string()
@@ -1004,65 +1013,89 @@ pub(super) fn identity_template(id: &Identity) -> Vec<(CK_ATTRIBUTE_TYPE, Vec<u8
     t
 }
 
-/// Reads whether an object is a token object, and its identity, in one call.
-pub(super) fn read_identity(
+/// Reads whether an object is a token object, its identity, and what the
+/// ACL and the audit log know of it, in one call.
+pub(super) fn read_object(
     vendor: &Vendor,
     vh: CK_SESSION_HANDLE,
     o: CK_OBJECT_HANDLE,
-) -> (Option<bool>, Option<Identity>) {
+) -> (Option<bool>, Option<Identity>, Option<ObjectInfo>) {
     let mut token: CK_BBOOL = CK_FALSE;
     let mut class: CK_ULONG = 0;
     let mut key_type: CK_ULONG = 0;
     let mut id = [0u8; 128];
     let mut label = [0u8; 128];
-    let size = |n: usize| n as CK_ULONG;
+    let mut unique_id = [0u8; 128];
+    let mut modulus = [0u8; 1024];
+    let mut ec_point = [0u8; 256];
+    let mut check_value = [0u8; 16];
+    fn attr(type_: CK_ATTRIBUTE_TYPE, buf: &mut [u8]) -> CK_ATTRIBUTE {
+        CK_ATTRIBUTE {
+            type_,
+            pValue: buf.as_mut_ptr().cast(),
+            ulValueLen: buf.len() as CK_ULONG,
+        }
+    }
+    let ulong = std::mem::size_of::<CK_ULONG>() as CK_ULONG;
     let mut attrs = [
         CK_ATTRIBUTE {
             type_: CKA_TOKEN,
             pValue: (&mut token as *mut CK_BBOOL).cast(),
-            ulValueLen: size(1),
+            ulValueLen: 1,
         },
         CK_ATTRIBUTE {
             type_: CKA_CLASS,
             pValue: (&mut class as *mut CK_ULONG).cast(),
-            ulValueLen: size(std::mem::size_of::<CK_ULONG>()),
+            ulValueLen: ulong,
         },
-        CK_ATTRIBUTE {
-            type_: CKA_ID,
-            pValue: id.as_mut_ptr().cast(),
-            ulValueLen: size(id.len()),
-        },
-        CK_ATTRIBUTE {
-            type_: CKA_LABEL,
-            pValue: label.as_mut_ptr().cast(),
-            ulValueLen: size(label.len()),
-        },
+        attr(CKA_ID, &mut id),
+        attr(CKA_LABEL, &mut label),
         CK_ATTRIBUTE {
             type_: CKA_KEY_TYPE,
             pValue: (&mut key_type as *mut CK_ULONG).cast(),
-            ulValueLen: size(std::mem::size_of::<CK_ULONG>()),
+            ulValueLen: ulong,
         },
+        attr(CKA_UNIQUE_ID, &mut unique_id),
+        attr(CKA_MODULUS, &mut modulus),
+        attr(CKA_EC_POINT, &mut ec_point),
+        attr(CKA_CHECK_VALUE, &mut check_value),
     ];
     match vendor.get_attribute_value(vh, o, Template::from_slice(&mut attrs)) {
         Ok(())
         | Err(Error::Vendor(
             CKR_ATTRIBUTE_TYPE_INVALID | CKR_ATTRIBUTE_SENSITIVE | CKR_BUFFER_TOO_SMALL,
         )) => {}
-        Err(_) => return (None, None),
+        Err(_) => return (None, None, None),
     }
-    let got = |i: usize| attrs[i].ulValueLen != CK_UNAVAILABLE_INFORMATION;
-    let token = got(0).then_some(token != CK_FALSE);
+    let len = |i: usize| {
+        let n = attrs[i].ulValueLen;
+        (n != CK_UNAVAILABLE_INFORMATION).then_some(n as usize)
+    };
+    let bytes = |i: usize, buf: &[u8]| len(i).map(|n| buf[..n.min(buf.len())].to_vec());
+    let token = len(0).map(|_| token != CK_FALSE);
+    let info = ObjectInfo::new(
+        Attrs {
+            class: len(1).map(|_| class as u64),
+            key_type: len(4).map(|_| key_type as u64),
+            id: bytes(2, &id),
+            label: bytes(3, &label),
+            unique_id: bytes(5, &unique_id),
+        },
+        bytes(6, &modulus).as_deref(),
+        bytes(7, &ec_point).as_deref(),
+        bytes(8, &check_value).as_deref(),
+    );
     let identity = Identity {
-        class: got(1).then_some(class),
-        id: got(2).then(|| id[..attrs[2].ulValueLen as usize].to_vec()),
-        label: got(3).then(|| label[..attrs[3].ulValueLen as usize].to_vec()),
-        key_type: got(4).then_some(key_type),
+        class: info.attrs.class.map(|c| c as CK_ULONG),
+        id: info.attrs.id.clone(),
+        label: info.attrs.label.clone(),
+        key_type: info.attrs.key_type.map(|k| k as CK_ULONG),
     };
     // An identity without CKA_ID and CKA_LABEL does not single an object out.
     let useful = identity.class.is_some()
         && (identity.id.as_ref().is_some_and(|v| !v.is_empty())
             || identity.label.as_ref().is_some_and(|v| !v.is_empty()));
-    (token, useful.then_some(identity))
+    (token, useful.then_some(identity), Some(info))
 }
 
 /// Finds a member's token among its vendor library's slots.

@@ -5,9 +5,11 @@
 
 use pkcs11_sys::*;
 
+use super::acl::HandleKind;
 use super::{Library, Session};
 use crate::abi::mem::{Out, OutHandles, Template};
 use crate::error::{Error, Result};
+use crate::policy::Op;
 use std::sync::Arc;
 
 use super::resync::{Change, Remake, find_identity};
@@ -164,6 +166,7 @@ impl Library {
         mut out: Out<'_, CK_OBJECT_HANDLE>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize_new("C_CreateObject", Op::Create, &t, None, None)?;
         let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
             m.vendor.create_object(vh, t, &mut o)?;
@@ -213,6 +216,7 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        self.authorize_change("C_CopyObject", Op::Copy, src, &t)?;
         let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
             m.vendor
@@ -256,6 +260,8 @@ impl Library {
     pub fn destroy_object(&self, h: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let f = "C_DestroyObject";
+        self.authorize(f, o, HandleKind::Object, Some(Op::Destroy), None)?;
         let done_on = self.on_session(&sess, None, |m, mi, vh| {
             m.vendor
                 .destroy_object(vh, self.object_on(slot, mi, o)?)
@@ -291,6 +297,7 @@ impl Library {
         mut out: Out<'_, CK_ULONG>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize("C_GetObjectSize", o, HandleKind::Object, None, None)?;
         self.on_session(&sess, None, |m, mi, vh| {
             m.vendor
                 .get_object_size(vh, self.object_on(sess.slot, mi, o)?, out.reborrow())
@@ -304,6 +311,7 @@ impl Library {
         t: Template<'_>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        self.authorize("C_GetAttributeValue", o, HandleKind::Object, None, None)?;
         self.on_session(&sess, None, |m, mi, vh| {
             m.vendor
                 .get_attribute_value(vh, self.object_on(sess.slot, mi, o)?, t)
@@ -318,6 +326,7 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        self.authorize_change("C_SetAttributeValue", Op::SetAttributes, o, &t)?;
         let changes_identity = t
             .attrs()
             .iter()
@@ -336,8 +345,8 @@ impl Library {
             let v = self.object_on(slot, mi, o)?;
             m.vendor.set_attribute_value(vh, v, t)?;
             if changes_identity {
-                self.objects
-                    .set_identity(o, super::read_identity(&m.vendor, vh, v).1);
+                let (_, identity, info) = super::read_object(&m.vendor, vh, v);
+                self.objects.set_identity(o, identity, info);
             }
             Ok(mi)
         })?;
@@ -395,6 +404,12 @@ impl Library {
                 }
                 Ok(n)
             })?;
+            // Objects the role may not see do not exist for it; when a whole
+            // batch was hidden, the search goes on.
+            let (n, hidden) = self.hide_invisible(&mut out.as_mut_slice()[..n]);
+            if n == 0 && hidden {
+                continue;
+            }
             if !sess.replay {
                 out.set_count(n as CK_ULONG);
                 return Ok(());
@@ -423,6 +438,19 @@ impl Library {
                 return Ok(());
             }
         }
+    }
+
+    /// Moves the visible handles to the front; returns how many there are
+    /// and whether any was hidden.
+    fn hide_invisible(&self, found: &mut [CK_OBJECT_HANDLE]) -> (usize, bool) {
+        let mut kept = 0;
+        for i in 0..found.len() {
+            if self.visible(found[i]) {
+                found[kept] = found[i];
+                kept += 1;
+            }
+        }
+        (kept, kept < found.len())
     }
 
     pub fn find_objects_final(&self, h: CK_SESSION_HANDLE) -> Result<()> {
