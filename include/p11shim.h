@@ -45,6 +45,11 @@ extern "C" {
  * a multi-member slot would not reach the others (set allow_unreplicated
  * on the slot to accept that). */
 #define CKR_P11SHIM_NOT_REPLICATED          (CKR_VENDOR_DEFINED | 0x50530005UL)
+/* Any security-relevant call (C_Login, C_Logout, a key's *Init, key
+ * management) with [audit] on_failure = "fail-closed": the audit log cannot
+ * take the call's record (its queue is full or its sink is failing), so the
+ * call is refused. It succeeds again once records can be written. */
+#define CKR_P11SHIM_AUDIT_UNAVAILABLE       (CKR_VENDOR_DEFINED | 0x50530006UL)
 
 /* The interface name of the standard function lists (C_GetInterface). */
 #define P11SHIM_PKCS11_INTERFACE "PKCS 11"

@@ -323,9 +323,18 @@ impl Broker {
             }),
             _ => None,
         };
+        let audit_key = match &role.audit_key {
+            Some(k) => {
+                Some(Secret(k.read().map_err(|e| {
+                    Denial::unavailable(format!("audit_key: {e}"))
+                })?))
+            }
+            None => None,
+        };
         let creds = Credentials {
             pin: Secret(pin),
             mtls,
+            audit_key,
         };
         let expires = now + role.ttl;
         let expires_at = rfc3339(expires);

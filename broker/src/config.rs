@@ -165,6 +165,10 @@ pub struct Role {
     pub mtls_key: Option<SecretSource>,
     #[serde(default)]
     pub mtls_ca: Option<PathBuf>,
+    /// The HMAC key the module signs its audit checkpoints with (module
+    /// `[audit] signing_key = "broker"`); sealed like the PIN.
+    #[serde(default)]
+    pub audit_key: Option<SecretSource>,
     /// Lifetime of the credentials; the module re-authenticates before it ends.
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub ttl: Duration,

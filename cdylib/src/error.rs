@@ -24,6 +24,10 @@ pub mod vendor_rv {
     /// A token key would exist on one member of a multi-member slot only
     /// (no replication key configured, `allow_unreplicated` not set).
     pub const NOT_REPLICATED: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0005;
+    /// `[audit] on_failure = "fail-closed"`: the audit log cannot take the
+    /// record of this security-relevant call (its queue is full or its sink
+    /// is failing), so the call is refused.
+    pub const AUDIT_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0006;
 }
 
 /// Why a call failed.
@@ -70,6 +74,8 @@ pub enum Error {
     OperationLost,
     #[error("a token key would not be replicated to every member")]
     NotReplicated,
+    #[error("the audit log cannot record the call (fail-closed)")]
+    AuditUnavailable,
     /// A member call did not return before the slot's deadline.
     #[error("the member did not answer before the call deadline")]
     TimedOut,
@@ -99,6 +105,7 @@ impl Error {
             Error::PinSource(_) => vendor_rv::PIN_SOURCE_UNAVAILABLE,
             Error::OperationLost => vendor_rv::OPERATION_LOST,
             Error::NotReplicated => vendor_rv::NOT_REPLICATED,
+            Error::AuditUnavailable => vendor_rv::AUDIT_UNAVAILABLE,
             Error::TimedOut => CKR_DEVICE_ERROR,
         }
     }
@@ -117,95 +124,20 @@ impl Error {
 /// Result of every fallible operation in the module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The spec's name of a return code, for logs; unknown codes in hex.
+/// The spec's name of a return code (and p11shim's own), for logs and
+/// audit records; unknown codes in hex.
 pub fn rv_name(rv: CK_RV) -> String {
     let name = match rv {
-        CKR_OK => "CKR_OK",
-        CKR_CANCEL => "CKR_CANCEL",
-        CKR_HOST_MEMORY => "CKR_HOST_MEMORY",
-        CKR_SLOT_ID_INVALID => "CKR_SLOT_ID_INVALID",
-        CKR_GENERAL_ERROR => "CKR_GENERAL_ERROR",
-        CKR_FUNCTION_FAILED => "CKR_FUNCTION_FAILED",
-        CKR_ARGUMENTS_BAD => "CKR_ARGUMENTS_BAD",
-        CKR_NO_EVENT => "CKR_NO_EVENT",
-        CKR_CANT_LOCK => "CKR_CANT_LOCK",
-        CKR_ATTRIBUTE_READ_ONLY => "CKR_ATTRIBUTE_READ_ONLY",
-        CKR_ATTRIBUTE_SENSITIVE => "CKR_ATTRIBUTE_SENSITIVE",
-        CKR_ATTRIBUTE_TYPE_INVALID => "CKR_ATTRIBUTE_TYPE_INVALID",
-        CKR_ATTRIBUTE_VALUE_INVALID => "CKR_ATTRIBUTE_VALUE_INVALID",
-        CKR_DATA_INVALID => "CKR_DATA_INVALID",
-        CKR_DATA_LEN_RANGE => "CKR_DATA_LEN_RANGE",
-        CKR_DEVICE_ERROR => "CKR_DEVICE_ERROR",
-        CKR_DEVICE_MEMORY => "CKR_DEVICE_MEMORY",
-        CKR_DEVICE_REMOVED => "CKR_DEVICE_REMOVED",
-        CKR_ENCRYPTED_DATA_INVALID => "CKR_ENCRYPTED_DATA_INVALID",
-        CKR_ENCRYPTED_DATA_LEN_RANGE => "CKR_ENCRYPTED_DATA_LEN_RANGE",
-        CKR_FUNCTION_CANCELED => "CKR_FUNCTION_CANCELED",
-        CKR_FUNCTION_NOT_PARALLEL => "CKR_FUNCTION_NOT_PARALLEL",
-        CKR_FUNCTION_NOT_SUPPORTED => "CKR_FUNCTION_NOT_SUPPORTED",
-        CKR_KEY_HANDLE_INVALID => "CKR_KEY_HANDLE_INVALID",
-        CKR_KEY_SIZE_RANGE => "CKR_KEY_SIZE_RANGE",
-        CKR_KEY_TYPE_INCONSISTENT => "CKR_KEY_TYPE_INCONSISTENT",
-        CKR_KEY_FUNCTION_NOT_PERMITTED => "CKR_KEY_FUNCTION_NOT_PERMITTED",
-        CKR_KEY_NOT_WRAPPABLE => "CKR_KEY_NOT_WRAPPABLE",
-        CKR_KEY_UNEXTRACTABLE => "CKR_KEY_UNEXTRACTABLE",
-        CKR_MECHANISM_INVALID => "CKR_MECHANISM_INVALID",
-        CKR_MECHANISM_PARAM_INVALID => "CKR_MECHANISM_PARAM_INVALID",
-        CKR_OBJECT_HANDLE_INVALID => "CKR_OBJECT_HANDLE_INVALID",
-        CKR_OPERATION_ACTIVE => "CKR_OPERATION_ACTIVE",
-        CKR_OPERATION_NOT_INITIALIZED => "CKR_OPERATION_NOT_INITIALIZED",
-        CKR_PIN_INCORRECT => "CKR_PIN_INCORRECT",
-        CKR_PIN_INVALID => "CKR_PIN_INVALID",
-        CKR_PIN_LEN_RANGE => "CKR_PIN_LEN_RANGE",
-        CKR_PIN_EXPIRED => "CKR_PIN_EXPIRED",
-        CKR_PIN_LOCKED => "CKR_PIN_LOCKED",
-        CKR_SESSION_CLOSED => "CKR_SESSION_CLOSED",
-        CKR_SESSION_COUNT => "CKR_SESSION_COUNT",
-        CKR_SESSION_HANDLE_INVALID => "CKR_SESSION_HANDLE_INVALID",
-        CKR_SESSION_PARALLEL_NOT_SUPPORTED => "CKR_SESSION_PARALLEL_NOT_SUPPORTED",
-        CKR_SESSION_READ_ONLY => "CKR_SESSION_READ_ONLY",
-        CKR_SESSION_EXISTS => "CKR_SESSION_EXISTS",
-        CKR_SESSION_READ_ONLY_EXISTS => "CKR_SESSION_READ_ONLY_EXISTS",
-        CKR_SESSION_READ_WRITE_SO_EXISTS => "CKR_SESSION_READ_WRITE_SO_EXISTS",
-        CKR_SIGNATURE_INVALID => "CKR_SIGNATURE_INVALID",
-        CKR_SIGNATURE_LEN_RANGE => "CKR_SIGNATURE_LEN_RANGE",
-        CKR_TEMPLATE_INCOMPLETE => "CKR_TEMPLATE_INCOMPLETE",
-        CKR_TEMPLATE_INCONSISTENT => "CKR_TEMPLATE_INCONSISTENT",
-        CKR_TOKEN_NOT_PRESENT => "CKR_TOKEN_NOT_PRESENT",
-        CKR_TOKEN_NOT_RECOGNIZED => "CKR_TOKEN_NOT_RECOGNIZED",
-        CKR_TOKEN_WRITE_PROTECTED => "CKR_TOKEN_WRITE_PROTECTED",
-        CKR_UNWRAPPING_KEY_HANDLE_INVALID => "CKR_UNWRAPPING_KEY_HANDLE_INVALID",
-        CKR_USER_ALREADY_LOGGED_IN => "CKR_USER_ALREADY_LOGGED_IN",
-        CKR_USER_NOT_LOGGED_IN => "CKR_USER_NOT_LOGGED_IN",
-        CKR_USER_PIN_NOT_INITIALIZED => "CKR_USER_PIN_NOT_INITIALIZED",
-        CKR_USER_TYPE_INVALID => "CKR_USER_TYPE_INVALID",
-        CKR_USER_ANOTHER_ALREADY_LOGGED_IN => "CKR_USER_ANOTHER_ALREADY_LOGGED_IN",
-        CKR_USER_TOO_MANY_TYPES => "CKR_USER_TOO_MANY_TYPES",
-        CKR_WRAPPED_KEY_INVALID => "CKR_WRAPPED_KEY_INVALID",
-        CKR_WRAPPED_KEY_LEN_RANGE => "CKR_WRAPPED_KEY_LEN_RANGE",
-        CKR_WRAPPING_KEY_HANDLE_INVALID => "CKR_WRAPPING_KEY_HANDLE_INVALID",
-        CKR_WRAPPING_KEY_SIZE_RANGE => "CKR_WRAPPING_KEY_SIZE_RANGE",
-        CKR_WRAPPING_KEY_TYPE_INCONSISTENT => "CKR_WRAPPING_KEY_TYPE_INCONSISTENT",
-        CKR_RANDOM_SEED_NOT_SUPPORTED => "CKR_RANDOM_SEED_NOT_SUPPORTED",
-        CKR_RANDOM_NO_RNG => "CKR_RANDOM_NO_RNG",
-        CKR_DOMAIN_PARAMS_INVALID => "CKR_DOMAIN_PARAMS_INVALID",
-        CKR_CURVE_NOT_SUPPORTED => "CKR_CURVE_NOT_SUPPORTED",
-        CKR_BUFFER_TOO_SMALL => "CKR_BUFFER_TOO_SMALL",
-        CKR_SAVED_STATE_INVALID => "CKR_SAVED_STATE_INVALID",
-        CKR_INFORMATION_SENSITIVE => "CKR_INFORMATION_SENSITIVE",
-        CKR_STATE_UNSAVEABLE => "CKR_STATE_UNSAVEABLE",
-        CKR_CRYPTOKI_NOT_INITIALIZED => "CKR_CRYPTOKI_NOT_INITIALIZED",
-        CKR_CRYPTOKI_ALREADY_INITIALIZED => "CKR_CRYPTOKI_ALREADY_INITIALIZED",
-        CKR_MUTEX_BAD => "CKR_MUTEX_BAD",
-        CKR_MUTEX_NOT_LOCKED => "CKR_MUTEX_NOT_LOCKED",
-        CKR_FUNCTION_REJECTED => "CKR_FUNCTION_REJECTED",
-        CKR_OPERATION_CANCEL_FAILED => "CKR_OPERATION_CANCEL_FAILED",
         vendor_rv::CONFIG_INVALID => "CKR_P11SHIM_CONFIG_INVALID",
         vendor_rv::BACKEND_UNAVAILABLE => "CKR_P11SHIM_BACKEND_UNAVAILABLE",
         vendor_rv::PIN_SOURCE_UNAVAILABLE => "CKR_P11SHIM_PIN_SOURCE_UNAVAILABLE",
         vendor_rv::OPERATION_LOST => "CKR_P11SHIM_OPERATION_LOST",
         vendor_rv::NOT_REPLICATED => "CKR_P11SHIM_NOT_REPLICATED",
-        other => return format!("CKR_0x{other:08X}"),
+        vendor_rv::AUDIT_UNAVAILABLE => "CKR_P11SHIM_AUDIT_UNAVAILABLE",
+        other => match p11shim_proto::names::rv_name(other as u64) {
+            Some(n) => n,
+            None => return format!("CKR_0x{other:08X}"),
+        },
     };
     name.to_owned()
 }

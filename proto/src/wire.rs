@@ -199,6 +199,10 @@ pub struct Credentials {
     pub pin: Secret,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<Mtls>,
+    /// The key the module signs its audit checkpoints with (HMAC-SHA256),
+    /// when the role has one: the operator verifies the log with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_key: Option<Secret>,
 }
 
 /// A client certificate and key for HSMs that use mutual TLS.
@@ -301,9 +305,10 @@ mod tests {
         let c = Credentials {
             pin: Secret::new("123456"),
             mtls: None,
+            audit_key: Some(Secret::new("k3y-material")),
         };
         let d = format!("{c:?}");
-        assert!(!d.contains("123456"), "{d}");
+        assert!(!d.contains("123456") && !d.contains("k3y"), "{d}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! can fail with a message an operator can act on.
 
 mod acl;
+mod audit;
 mod uri;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use toml::Spanned;
 use zeroize::Zeroizing;
 
 pub use acl::AclConfig;
+pub use audit::{AuditConfig, AuditKey};
 pub use uri::{Pkcs11Uri, UriError};
 
 /// Where the configuration is read from when nothing else says.
@@ -38,6 +40,7 @@ struct RawConfig {
     slots: Vec<Spanned<RawSlot>>,
     broker: Option<Spanned<RawBroker>>,
     acl: Option<Spanned<acl::RawAcl>>,
+    audit: Option<Spanned<audit::RawAudit>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +109,8 @@ pub struct Config {
     pub broker: Option<BrokerConfig>,
     /// The key ACL; `None`: no policy of p11shim's own.
     pub acl: Option<AclConfig>,
+    /// The audit log; `None`: none.
+    pub audit: Option<AuditConfig>,
 }
 
 /// `[broker]`: credentials by attestation from `p11shim-broker`.
@@ -656,6 +661,10 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(a) => Some(acl::validate(ctx, a, broker.is_some())?),
     };
+    let audit = match &raw.audit {
+        None => None,
+        Some(a) => Some(audit::validate(ctx, a, broker.is_some())?),
+    };
 
     Ok(Config {
         source: ctx.file.to_path_buf(),
@@ -663,6 +672,7 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         slots,
         broker,
         acl,
+        audit,
     })
 }
 

@@ -44,6 +44,7 @@ const MAX_ANSWER: usize = 256 * 1024;
 /// Credentials the broker granted.
 struct Grant {
     pin: Zeroizing<Vec<u8>>,
+    audit_key: Option<Zeroizing<Vec<u8>>>,
     subject: String,
     policy: serde_json::Value,
     ttl: Duration,
@@ -86,6 +87,8 @@ struct Shared {
     changed: Condvar,
     /// `State::generation`, readable without the lock.
     published: AtomicU64,
+    /// Every exchange is recorded in the audit log.
+    audit: Option<Arc<p11shim_audit::Auditor>>,
 }
 
 /// The credential agent of an initialized module.
@@ -107,13 +110,17 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// Starts fetching; returns at once.
-    pub fn start(cfg: BrokerConfig) -> Result<Arc<Agent>> {
+    pub fn start(
+        cfg: BrokerConfig,
+        audit: Option<Arc<p11shim_audit::Auditor>>,
+    ) -> Result<Arc<Agent>> {
         let nonce = load_nonce(cfg.nonce_file.as_deref())?;
         let shared = Arc::new(Shared {
             cfg,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             published: AtomicU64::new(0),
+            audit,
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -188,6 +195,12 @@ impl Agent {
     #[inline]
     pub fn published(&self) -> u64 {
         self.shared.published.load(Ordering::Acquire)
+    }
+
+    /// The audit checkpoint key of the latest grant, when the role has one.
+    pub fn audit_key(&self) -> Option<Zeroizing<Vec<u8>>> {
+        let st = self.shared.state.lock();
+        st.grant.as_ref().and_then(|g| g.audit_key.clone())
     }
 
     /// The role asked for.
@@ -387,7 +400,11 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
             st.exchanging = true;
             st.refresh = false;
         }
+        let started = (std::time::SystemTime::now(), Instant::now());
         let outcome = exchange(cfg, &http, &imds, nonce);
+        if let Some(a) = &shared.audit {
+            a.record(exchange_record(cfg, &outcome, started));
+        }
         let mut st = shared.state.lock();
         st.attempts += 1;
         st.exchanging = false;
@@ -429,6 +446,40 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
         while !st.stop && !st.refresh && Instant::now() < next {
             shared.changed.wait_until(&mut st, next);
         }
+    }
+}
+
+/// The audit record of one exchange: method, role, subject and outcome;
+/// never the credentials.
+fn exchange_record(
+    cfg: &BrokerConfig,
+    outcome: &std::result::Result<Grant, Failure>,
+    started: (std::time::SystemTime, Instant),
+) -> p11shim_audit::Record {
+    use p11shim_audit::{Kind, Record};
+    let method = method(cfg.method).as_str();
+    let (result, subject, detail) = match outcome {
+        Ok(g) => (
+            0,
+            Some(std::sync::Arc::from(g.subject.as_str())),
+            format!("method={method} ttl_s={}", g.ttl.as_secs()),
+        ),
+        Err(f) => (
+            crate::error::vendor_rv::PIN_SOURCE_UNAVAILABLE as u64,
+            None,
+            format!(
+                "method={method} refused={}",
+                f.refused.map_or("no", |k| k.as_str())
+            ),
+        ),
+    };
+    Record {
+        time: started.0,
+        role: Some(std::sync::Arc::from(cfg.role.as_str())),
+        subject,
+        latency_us: Some(started.1.elapsed().as_micros() as u64),
+        detail: Some(detail.into()),
+        ..Record::new(Kind::Credentials, "credentials", result)
     }
 }
 
@@ -581,6 +632,10 @@ fn exchange(
     }
     Ok(Grant {
         pin: Zeroizing::new(creds.pin.expose().as_bytes().to_vec()),
+        audit_key: creds
+            .audit_key
+            .as_ref()
+            .map(|k| Zeroizing::new(k.expose().as_bytes().to_vec())),
         subject: resp.subject,
         policy: resp.policy,
         ttl: Duration::from_secs(resp.ttl_seconds.max(1)),

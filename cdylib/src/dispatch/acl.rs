@@ -161,8 +161,12 @@ impl Library {
         op: Option<Op>,
         mechanism: Option<CK_MECHANISM_TYPE>,
     ) -> Result<Option<Arc<ObjectInfo>>> {
+        self.audit_admit(function)?;
         let Some(c) = self.acl_now() else {
-            return Ok(None);
+            return Ok(match &self.audit {
+                Some(_) => self.objects.info(o),
+                None => None,
+            });
         };
         // A handle never issued reaches the vendor, which refuses it.
         let Some((grant, info)) = self.grant_of(&c, o) else {
@@ -198,6 +202,7 @@ impl Library {
         implied_class: Option<CK_OBJECT_CLASS>,
         mechanism: Option<CK_MECHANISM_TYPE>,
     ) -> Result<()> {
+        self.audit_admit(function)?;
         let Some(c) = self.acl_now() else {
             return Ok(());
         };
@@ -217,6 +222,7 @@ impl Library {
         o: CK_OBJECT_HANDLE,
         t: &Template<'_>,
     ) -> Result<()> {
+        self.audit_admit(function)?;
         let Some(c) = self.acl_now() else {
             return Ok(());
         };
@@ -238,6 +244,7 @@ impl Library {
         info: Option<&ObjectInfo>,
     ) -> Error {
         let rv = d.rv(invalid);
+        self.audit_denial(function, rv, info, d.reason());
         let label = info
             .and_then(|i| i.attrs.label.as_deref())
             .map(String::from_utf8_lossy);

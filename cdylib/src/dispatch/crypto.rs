@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::policy::Op;
 use crate::router::replay::{OpKind, Outcome, final_outcome};
 use crate::router::{Member, bounded};
+use p11shim_audit::Kind;
 
 type Sh = CK_SESSION_HANDLE;
 type Oh = CK_OBJECT_HANDLE;
@@ -51,16 +52,25 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let started = self.started();
         let (function, op) = init_of(kind);
-        self.authorize(function, key, HandleKind::Key, Some(op), Some(m.kind()))?;
-        self.on_session(&sess, None, |mem, mi, vh| {
+        let info = if key == CK_INVALID_HANDLE {
+            None // C_DigestInit
+        } else {
+            self.authorize(function, key, HandleKind::Key, Some(op), Some(m.kind()))?
+        };
+        let r = self.on_session(&sess, None, |mem, mi, vh| {
             let k = if key == CK_INVALID_HANDLE {
                 key
             } else {
                 self.object_on(slot, mi, key)?
             };
             bounded::init(mem, vh, m, k, init)
-        })?;
+        });
+        if key != CK_INVALID_HANDLE {
+            self.audit_init(&sess, kind, function, m.kind(), info, started, &r);
+        }
+        r?;
         if sess.replay {
             sess.state.lock().ops.start(kind, m.save(), key);
         }
@@ -69,17 +79,29 @@ impl Library {
 
     /// A call that ends an operation unless it is a size query or
     /// `CKR_BUFFER_TOO_SMALL` (single-part calls and `*Final`).
+    /// `single`: the single-part call (its `data` may be hashed into the
+    /// audit record), else `*Final`.
     fn op_last(
         &self,
         h: Sh,
         kind: OpKind,
+        single: bool,
+        data: &[u8],
         size_query: bool,
         mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
-        let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
-        if sess.replay && final_outcome(&r, size_query) == Outcome::Ended {
-            sess.state.lock().ops.end(kind);
+        let started = self.started();
+        let mut served = None;
+        let r = self.on_session(&sess, Some(kind), |m, mi, vh| {
+            served = Some(mi);
+            call(m, vh)
+        });
+        if final_outcome(&r, size_query) == Outcome::Ended {
+            if sess.replay {
+                sess.state.lock().ops.end(kind);
+            }
+            self.audit_end(&sess, kind, single, served, data, started, &r);
         }
         r
     }
@@ -164,7 +186,7 @@ impl Library {
 
     pub fn encrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Encrypt, q, |m, s| {
+        self.op_last(h, OpKind::Encrypt, true, d.as_slice(), q, |m, s| {
             bounded::in_out(m, s, d, &mut out, Vendor::encrypt)
         })
     }
@@ -176,13 +198,13 @@ impl Library {
     }
     pub fn encrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Encrypt, q, |m, s| {
+        self.op_last(h, OpKind::Encrypt, false, &[], q, |m, s| {
             bounded::out_only(m, s, &mut out, Vendor::encrypt_final)
         })
     }
     pub fn decrypt(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Decrypt, q, |m, s| {
+        self.op_last(h, OpKind::Decrypt, true, d.as_slice(), q, |m, s| {
             bounded::in_out(m, s, d, &mut out, Vendor::decrypt)
         })
     }
@@ -194,13 +216,13 @@ impl Library {
     }
     pub fn decrypt_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Decrypt, q, |m, s| {
+        self.op_last(h, OpKind::Decrypt, false, &[], q, |m, s| {
             bounded::out_only(m, s, &mut out, Vendor::decrypt_final)
         })
     }
     pub fn digest(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Digest, q, |m, s| {
+        self.op_last(h, OpKind::Digest, true, d.as_slice(), q, |m, s| {
             bounded::in_out(m, s, d, &mut out, Vendor::digest)
         })
     }
@@ -211,13 +233,13 @@ impl Library {
     }
     pub fn digest_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Digest, q, |m, s| {
+        self.op_last(h, OpKind::Digest, false, &[], q, |m, s| {
             bounded::out_only(m, s, &mut out, Vendor::digest_final)
         })
     }
     pub fn sign(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Sign, q, |m, s| {
+        self.op_last(h, OpKind::Sign, true, d.as_slice(), q, |m, s| {
             bounded::in_out(m, s, d, &mut out, Vendor::sign)
         })
     }
@@ -228,18 +250,18 @@ impl Library {
     }
     pub fn sign_final(&self, h: Sh, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::Sign, q, |m, s| {
+        self.op_last(h, OpKind::Sign, false, &[], q, |m, s| {
             bounded::out_only(m, s, &mut out, Vendor::sign_final)
         })
     }
     pub fn sign_recover(&self, h: Sh, d: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::SignRecover, q, |m, s| {
+        self.op_last(h, OpKind::SignRecover, true, d.as_slice(), q, |m, s| {
             bounded::in_out(m, s, d, &mut out, Vendor::sign_recover)
         })
     }
     pub fn verify(&self, h: Sh, d: Bytes<'_>, sig: Bytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Verify, false, |m, s| {
+        self.op_last(h, OpKind::Verify, true, d.as_slice(), false, |m, s| {
             bounded::in_in(m, s, d, sig, Vendor::verify)
         })
     }
@@ -249,13 +271,13 @@ impl Library {
         })
     }
     pub fn verify_final(&self, h: Sh, sig: Bytes<'_>) -> Result<()> {
-        self.op_last(h, OpKind::Verify, false, |m, s| {
+        self.op_last(h, OpKind::Verify, false, &[], false, |m, s| {
             bounded::in_only(m, s, sig, Vendor::verify_final)
         })
     }
     pub fn verify_recover(&self, h: Sh, sig: Bytes<'_>, mut out: OutBytes<'_>) -> Result<()> {
         let q = out.is_size_query();
-        self.op_last(h, OpKind::VerifyRecover, q, |m, s| {
+        self.op_last(h, OpKind::VerifyRecover, true, &[], q, |m, s| {
             bounded::in_out(m, s, sig, &mut out, Vendor::verify_recover)
         })
     }
@@ -263,10 +285,14 @@ impl Library {
     pub fn digest_key(&self, h: Sh, key: Oh) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        self.authorize("C_DigestKey", key, HandleKind::Key, Some(Op::Digest), None)?;
+        let f = "C_DigestKey";
+        let started = self.started();
+        let info = self.authorize(f, key, HandleKind::Key, Some(Op::Digest), None)?;
         let r = self.on_session(&sess, Some(OpKind::Digest), |m, mi, vh| {
             m.vendor.digest_key(vh, self.object_on(slot, mi, key)?)
         });
+        let key = info.map(|i| i.key_ref.clone());
+        self.audit_call(Kind::KeyUse, f, slot, None, key, started, &r);
         let mut st = sess.state.lock();
         match r {
             Ok(()) => st.ops.taint(OpKind::Digest),
@@ -323,15 +349,12 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let mech = Some(m.kind());
-        self.authorize(
-            "C_WrapKey",
-            wrapping,
-            HandleKind::Wrapping,
-            Some(Op::Wrap),
-            mech,
-        )?;
-        self.authorize("C_WrapKey", key, HandleKind::Key, None, None)?;
-        self.on_session(&sess, None, |mem, mi, vh| {
+        let f = "C_WrapKey";
+        let started = self.started();
+        let info = self.authorize(f, wrapping, HandleKind::Wrapping, Some(Op::Wrap), mech)?;
+        self.authorize(f, key, HandleKind::Key, None, None)?;
+        let size_query = out.is_size_query();
+        let r = self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor.wrap_key(
                 vh,
                 m,
@@ -339,7 +362,12 @@ impl Library {
                 self.object_on(slot, mi, key)?,
                 out.reborrow(),
             )
-        })
+        });
+        if !size_query && !matches!(r, Err(Error::Vendor(CKR_BUFFER_TOO_SMALL))) {
+            let wrapping = info.map(|i| i.key_ref.clone());
+            self.audit_call(Kind::KeyUse, f, slot, mech, wrapping, started, &r);
+        }
+        r
     }
 
     /// `C_UnwrapKey`: a token key is unwrapped on every member that is up,
@@ -357,15 +385,11 @@ impl Library {
         let slot = sess.slot;
         let mech = Some(m.kind());
         let f = "C_UnwrapKey";
-        self.authorize(
-            f,
-            unwrapping,
-            HandleKind::Unwrapping,
-            Some(Op::Unwrap),
-            mech,
-        )?;
+        let started = self.started();
+        let kind = HandleKind::Unwrapping;
+        let info = self.authorize(f, unwrapping, kind, Some(Op::Unwrap), mech)?;
         self.authorize_new(f, Op::Unwrap, &t, None, mech)?;
-        let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
+        let r = self.on_session(&sess, None, |mem, mi, vh| {
             let mut k = CK_INVALID_HANDLE;
             mem.vendor.unwrap_key(
                 vh,
@@ -376,7 +400,10 @@ impl Library {
                 &mut k,
             )?;
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
-        })?;
+        });
+        let key = info.map(|i| i.key_ref.clone());
+        self.audit_call(Kind::KeyUse, f, slot, mech, key, started, &r);
+        let (o, made_on) = r?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             // What a member that is down needs to unwrap the key later.
             let later = match (m.save(), t.save()) {
@@ -442,7 +469,8 @@ impl Library {
         let slot = sess.slot;
         let mech = Some(m.kind());
         let f = "C_DeriveKey";
-        self.authorize(f, base, HandleKind::Key, Some(Op::Derive), mech)?;
+        let started = self.started();
+        let info = self.authorize(f, base, HandleKind::Key, Some(Op::Derive), mech)?;
         if let Some(other) = m.handle_param() {
             self.authorize(f, other, HandleKind::Key, Some(Op::Derive), mech)?;
         }
@@ -469,10 +497,13 @@ impl Library {
             mem.vendor.derive_key(vh, m, on(base)?, t, &mut k)?;
             Ok(k)
         };
-        let (o, made_on) = self.on_session(&sess, None, |mem, mi, vh| {
+        let r = self.on_session(&sess, None, |mem, mi, vh| {
             let k = derive(mem, mi, vh, None)?;
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
-        })?;
+        });
+        let key = info.map(|i| i.key_ref.clone());
+        self.audit_call(Kind::KeyUse, f, slot, mech, key, started, &r);
+        let (o, made_on) = r?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             // Derivation parameters with pointers (ECDH's public data) are
             // not kept: a member that is down misses the key (logged).
@@ -553,59 +584,41 @@ impl Library {
         self.plain(h, |v, s| v.vendor.message_verify_final(s))
     }
     pub fn message_encrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        let sess = self.session(h)?;
-        self.authorize(
-            "C_MessageEncryptInit",
-            key,
-            HandleKind::Key,
-            Some(Op::Encrypt),
-            Some(m.kind()),
-        )?;
-        self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor
-                .message_encrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
-        })
+        let f = ("C_MessageEncryptInit", Op::Encrypt);
+        self.message_init(h, m, key, f, Vendor::message_encrypt_init)
     }
     pub fn message_decrypt_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        let sess = self.session(h)?;
-        self.authorize(
-            "C_MessageDecryptInit",
-            key,
-            HandleKind::Key,
-            Some(Op::Decrypt),
-            Some(m.kind()),
-        )?;
-        self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor
-                .message_decrypt_init(vh, m, self.object_on(sess.slot, mi, key)?)
-        })
+        let f = ("C_MessageDecryptInit", Op::Decrypt);
+        self.message_init(h, m, key, f, Vendor::message_decrypt_init)
     }
     pub fn message_sign_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
-        let sess = self.session(h)?;
-        self.authorize(
-            "C_MessageSignInit",
-            key,
-            HandleKind::Key,
-            Some(Op::Sign),
-            Some(m.kind()),
-        )?;
-        self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor
-                .message_sign_init(vh, m, self.object_on(sess.slot, mi, key)?)
-        })
+        let f = ("C_MessageSignInit", Op::Sign);
+        self.message_init(h, m, key, f, Vendor::message_sign_init)
     }
     pub fn message_verify_init(&self, h: Sh, m: Mechanism<'_>, key: Oh) -> Result<()> {
+        let f = ("C_MessageVerifyInit", Op::Verify);
+        self.message_init(h, m, key, f, Vendor::message_verify_init)
+    }
+
+    /// `C_Message*Init`: checked and recorded like a key's `*Init`; the
+    /// messages that follow are not recorded one by one.
+    fn message_init(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        key: Oh,
+        (function, op): (&'static str, Op),
+        init: fn(&Vendor, Sh, Mechanism<'_>, Oh) -> Result<()>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
-        self.authorize(
-            "C_MessageVerifyInit",
-            key,
-            HandleKind::Key,
-            Some(Op::Verify),
-            Some(m.kind()),
-        )?;
-        self.on_session(&sess, None, |mem, mi, vh| {
-            mem.vendor
-                .message_verify_init(vh, m, self.object_on(sess.slot, mi, key)?)
-        })
+        let started = self.started();
+        let mech = Some(m.kind());
+        let info = self.authorize(function, key, HandleKind::Key, Some(op), mech)?;
+        let r = self.on_session(&sess, None, |mem, mi, vh| {
+            init(&mem.vendor, vh, m, self.object_on(sess.slot, mi, key)?)
+        });
+        let key = info.map(|i| i.key_ref.clone());
+        self.audit_call(Kind::KeyUse, function, sess.slot, mech, key, started, &r);
+        r
     }
 }

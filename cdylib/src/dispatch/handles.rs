@@ -68,6 +68,8 @@ pub struct SessionState {
     pub recreate: Vec<(CK_OBJECT_HANDLE, crate::abi::mem::SavedTemplate)>,
     /// Calls made, for sampling latency.
     pub calls: u32,
+    /// The key operations in progress, by `OpKind`, for their audit records.
+    pub audit: [Option<super::audit::AuditedOp>; 7],
 }
 
 impl Session {
@@ -197,7 +199,7 @@ pub struct Identity {
 
 /// What the ACL and the audit log know of an object: its selector
 /// attributes, read once when its handle is issued, and its fingerprint.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ObjectInfo {
     pub attrs: Attrs,
     /// SHA-256 over the key's public material where the token shows it
@@ -205,6 +207,8 @@ pub struct ObjectInfo {
     /// check value: the same for a key on every member, and for the two
     /// halves of an RSA or EC key pair.
     pub fingerprint: [u8; 32],
+    /// The object as audit records name it.
+    pub key_ref: Arc<p11shim_audit::KeyRef>,
 }
 
 impl ObjectInfo {
@@ -236,9 +240,21 @@ impl ObjectInfo {
                 part(b"check-value", check_value.unwrap_or_default());
             }
         }
+        let fingerprint: [u8; 32] = h.finalize().into();
+        let key_ref = Arc::new(p11shim_audit::KeyRef {
+            label: attrs
+                .label
+                .as_deref()
+                .map(|l| String::from_utf8_lossy(l).into_owned()),
+            id: attrs.id.clone(),
+            fingerprint: Some(fingerprint),
+            class: attrs.class,
+            key_type: attrs.key_type,
+        });
         ObjectInfo {
             attrs,
-            fingerprint: h.finalize().into(),
+            fingerprint,
+            key_ref,
         }
     }
 }
@@ -444,6 +460,12 @@ impl Objects {
         });
         e.grant = Some((epoch, g.clone()));
         Some((g, e.info.clone()))
+    }
+
+    /// What is known of an object, for its audit record.
+    #[inline]
+    pub fn info(&self, h: CK_OBJECT_HANDLE) -> Option<Arc<ObjectInfo>> {
+        self.maps.read().by_handle.get(&h)?.info.clone()
     }
 
     pub fn remove(&self, h: CK_OBJECT_HANDLE) {

@@ -27,6 +27,7 @@ use crate::backend::Vendor;
 use crate::error::{Error, Result};
 use crate::policy::Op;
 use crate::router::Member;
+use p11shim_audit::Kind;
 
 type Sh = CK_SESSION_HANDLE;
 type Oh = CK_OBJECT_HANDLE;
@@ -209,15 +210,19 @@ impl Library {
         t: Template<'_>,
         mut out: Out<'_, Oh>,
     ) -> Result<()> {
+        let slot = self.session(h)?.slot;
+        let (f, mech) = ("C_GenerateKey", Some(m.kind()));
+        self.authorize_new(f, Op::Generate, &t, Some(CKO_SECRET_KEY), mech)?;
+        let started = self.started();
+        let r = self.generate_key_made(h, m, t);
+        let made = r.as_ref().ok().and_then(|o| self.key_ref(*o));
+        self.audit_call(Kind::KeyManagement, f, slot, mech, made, started, &r);
+        out.write(r?);
+        Ok(())
+    }
+
+    fn generate_key_made(&self, h: Sh, m: Mechanism<'_>, t: Template<'_>) -> Result<Oh> {
         let sess = self.session(h)?;
-        let mech = Some(m.kind());
-        self.authorize_new(
-            "C_GenerateKey",
-            Op::Generate,
-            &t,
-            Some(CKO_SECRET_KEY),
-            mech,
-        )?;
         let label = if self.multi_member_token(&sess, &[t]) {
             self.replication(&sess)?
         } else {
@@ -229,8 +234,7 @@ impl Library {
                 mem.vendor.generate_key(vh, m, t, &mut k)?;
                 Ok(self.app_object(sess.slot, mi, &mem.vendor, vh, Some(h), k))
             })?;
-            out.write(o);
-            return Ok(());
+            return Ok(o);
         };
         let gen_t = Self::generation_template(&t)?;
         let (o, mi, v) = self.on_session(&sess, None, |mem, mi, vh| {
@@ -251,8 +255,7 @@ impl Library {
             handle: o,
         };
         self.spread(&sess, mi, &key, None, &label, t.bool_attr(CKA_EXTRACTABLE))?;
-        out.write(o);
-        Ok(())
+        Ok(o)
     }
 
     pub fn generate_key_pair(
@@ -264,10 +267,28 @@ impl Library {
         mut pub_out: Out<'_, Oh>,
         mut priv_out: Out<'_, Oh>,
     ) -> Result<()> {
-        let sess = self.session(h)?;
+        let slot = self.session(h)?.slot;
         let (f, mech) = ("C_GenerateKeyPair", Some(m.kind()));
         self.authorize_new(f, Op::Generate, &pub_t, Some(CKO_PUBLIC_KEY), mech)?;
         self.authorize_new(f, Op::Generate, &priv_t, Some(CKO_PRIVATE_KEY), mech)?;
+        let started = self.started();
+        let r = self.generate_key_pair_made(h, m, pub_t, priv_t);
+        let made = r.as_ref().ok().and_then(|(_, sk)| self.key_ref(*sk));
+        self.audit_call(Kind::KeyManagement, f, slot, mech, made, started, &r);
+        let (pk, sk) = r?;
+        pub_out.write(pk);
+        priv_out.write(sk);
+        Ok(())
+    }
+
+    fn generate_key_pair_made(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        pub_t: Template<'_>,
+        priv_t: Template<'_>,
+    ) -> Result<(Oh, Oh)> {
+        let sess = self.session(h)?;
         let label = if self.multi_member_token(&sess, &[priv_t]) {
             self.replication(&sess)?
         } else {
@@ -312,9 +333,7 @@ impl Library {
                 priv_t.bool_attr(CKA_EXTRACTABLE),
             )?;
         }
-        pub_out.write(pk);
-        priv_out.write(sk);
-        Ok(())
+        Ok((pk, sk))
     }
 
     /// Puts a generated key (and its public key) on every other member that

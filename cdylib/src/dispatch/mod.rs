@@ -15,6 +15,7 @@
 //! member.
 
 mod acl;
+mod audit;
 mod crypto;
 mod handles;
 mod keygen;
@@ -40,6 +41,7 @@ use crate::logging;
 use crate::policy::Attrs;
 use crate::router::replay::{OpKind, OpRecord};
 use crate::router::{self, Member, recovery};
+use p11shim_audit::Kind;
 
 pub use handles::{Identity, ObjectEntry, ObjectInfo, Owner, Session, SessionState};
 pub use slots::info;
@@ -144,6 +146,9 @@ pub fn finalize() -> Result<()> {
     }
     stop_threads();
     if let Some(a) = &lib.credentials {
+        a.stop();
+    }
+    if let Some(a) = &lib.audit {
         a.stop();
     }
     handles::invalidate_cached_sessions();
@@ -283,6 +288,8 @@ pub struct Library {
     pub credentials: Option<Arc<crate::credentials::Agent>>,
     /// The role's key ACL.
     acl: acl::AclState,
+    /// The audit log.
+    audit: Option<audit::Audit>,
 }
 
 impl Library {
@@ -293,7 +300,25 @@ impl Library {
         own: CK_C_Initialize,
         no_threads: bool,
     ) -> Result<Library> {
-        // The broker exchange starts first and runs while vendors load.
+        // The audit log first: the credentials thread records its exchanges.
+        let audit = match &cfg.audit {
+            Some(_) if no_threads => {
+                tracing::error!(
+                    "the audit log is written by a thread, and the application forbids threads"
+                );
+                return Err(Error::Vendor(CKR_NEED_TO_CREATE_THREADS));
+            }
+            Some(a) => {
+                let role = match (&cfg.acl, &cfg.broker) {
+                    (_, Some(b)) => Some(b.role.as_str()),
+                    (Some(config::AclConfig::Config { role, .. }), None) => Some(role.as_str()),
+                    _ => None,
+                };
+                Some(audit::Audit::start(a, role)?)
+            }
+            None => None,
+        };
+        // The broker exchange starts next and runs while vendors load.
         let agent = match &cfg.broker {
             Some(_) if no_threads => {
                 tracing::error!(
@@ -301,7 +326,10 @@ impl Library {
                 );
                 return Err(Error::Vendor(CKR_NEED_TO_CREATE_THREADS));
             }
-            Some(b) => Some(crate::credentials::Agent::start(b.clone())?),
+            Some(b) => Some(crate::credentials::Agent::start(
+                b.clone(),
+                audit.as_ref().map(|a| a.auditor.clone()),
+            )?),
             None => None,
         };
         let mut vendors: Vec<LoadedVendor> = Vec::new();
@@ -386,6 +414,7 @@ impl Library {
                 objects: Default::default(),
                 recovery: Arc::new(recovery::Control::default()),
                 credentials: agent,
+                audit,
             }),
             Err(e) => {
                 for v in vendors.iter().filter(|v| v.owned) {
@@ -564,6 +593,17 @@ impl Library {
                         .fetch_add(u64::from(to != from), Ordering::Relaxed);
                     tracing::info!(slot = slot.cfg.id, from = %failed.name, to = %slot.members[to as usize].name,
                         reason = %rv.map_or_else(|| "member down".to_owned(), crate::error::rv_name), "session moved");
+                    if self.audit.is_some() {
+                        let to = format!("to={}", slot.members[to as usize].name);
+                        self.audit_member(
+                            Kind::Failover,
+                            "session_moved",
+                            sess.slot,
+                            from,
+                            rv,
+                            Some(to),
+                        );
+                    }
                     return true;
                 }
                 Err(e) => {
@@ -591,6 +631,9 @@ impl Library {
         if member.mark_down(slot.first_backoff()) {
             tracing::warn!(slot = slot.cfg.id, member = %member.name,
                 rv = %rv.map_or_else(|| "-".to_owned(), crate::error::rv_name), "member marked down");
+            if let Some(si) = self.slots.iter().position(|s| std::ptr::eq(s, slot)) {
+                self.audit_member(Kind::Failover, "member_down", si as u32, m, rv, None);
+            }
             self.recovery.nudge();
         }
     }
@@ -909,8 +952,10 @@ impl Library {
         match result {
             Ok(()) => {
                 member.mark_up();
-                tracing::info!(slot = slot.cfg.id, member = %member.name, down_ms = member.down_for().as_millis() as u64,
-                    "member recovered");
+                let down_ms = member.down_for().as_millis() as u64;
+                tracing::info!(slot = slot.cfg.id, member = %member.name, down_ms, "member recovered");
+                let detail = Some(format!("down_ms={down_ms}"));
+                self.audit_member(Kind::Recovery, "member_recovered", si, mi, None, detail);
             }
             Err(e) => {
                 tracing::debug!(slot = slot.cfg.id, member = %member.name, error = %e, "probe failed");
@@ -936,7 +981,7 @@ impl Library {
                     .map(|(i, m)| {
                         let st = &m.stats;
                         serde_json::json!({
-                            "name": m.name,
+                            "name": &*m.name,
                             "library": m.cfg.library.display().to_string(),
                             "token": m.cfg.selector.to_string(),
                             "state": router::state_name(m),
@@ -972,6 +1017,7 @@ impl Library {
             "recovery_thread": !self.no_threads,
             "credentials": self.credentials.as_ref().map(|a| a.status_json()),
             "acl": self.acl_status(),
+            "audit": self.audit.as_ref().map(|a| a.status_json()),
             "slots": slots,
         })
         .to_string()

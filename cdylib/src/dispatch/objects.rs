@@ -10,6 +10,7 @@ use super::{Library, Session};
 use crate::abi::mem::{Out, OutHandles, Template};
 use crate::error::{Error, Result};
 use crate::policy::Op;
+use p11shim_audit::Kind;
 use std::sync::Arc;
 
 use super::resync::{Change, Remake, find_identity};
@@ -166,15 +167,20 @@ impl Library {
         mut out: Out<'_, CK_OBJECT_HANDLE>,
     ) -> Result<()> {
         let sess = self.session(h)?;
-        self.authorize_new("C_CreateObject", Op::Create, &t, None, None)?;
-        let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
+        let f = "C_CreateObject";
+        let started = self.started();
+        self.authorize_new(f, Op::Create, &t, None, None)?;
+        let r = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
             m.vendor.create_object(vh, t, &mut o)?;
             Ok((
                 self.app_object(sess.slot, mi, &m.vendor, vh, Some(h), o),
                 mi,
             ))
-        })?;
+        });
+        let made = r.as_ref().ok().and_then(|(o, _)| self.key_ref(*o));
+        self.audit_call(Kind::KeyManagement, f, sess.slot, None, made, started, &r);
+        let (o, m) = r?;
         if sess.replay && t.bool_attr(CKA_TOKEN) != Some(true) {
             // A session object follows its session to another member.
             if let Some(saved) = t.save() {
@@ -216,13 +222,18 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        self.authorize_change("C_CopyObject", Op::Copy, src, &t)?;
-        let (o, m) = self.on_session(&sess, None, |m, mi, vh| {
+        let f = "C_CopyObject";
+        let started = self.started();
+        self.authorize_change(f, Op::Copy, src, &t)?;
+        let r = self.on_session(&sess, None, |m, mi, vh| {
             let mut o = CK_INVALID_HANDLE;
             m.vendor
                 .copy_object(vh, self.object_on(slot, mi, src)?, t, &mut o)?;
             Ok((self.app_object(slot, mi, &m.vendor, vh, Some(h), o), mi))
-        })?;
+        });
+        let made = r.as_ref().ok().and_then(|(o, _)| self.key_ref(*o));
+        self.audit_call(Kind::KeyManagement, f, slot, None, made, started, &r);
+        let (o, m) = r?;
         if self.multi(&sess)
             && self
                 .objects
@@ -261,12 +272,16 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let f = "C_DestroyObject";
-        self.authorize(f, o, HandleKind::Object, Some(Op::Destroy), None)?;
-        let done_on = self.on_session(&sess, None, |m, mi, vh| {
+        let started = self.started();
+        let info = self.authorize(f, o, HandleKind::Object, Some(Op::Destroy), None)?;
+        let r = self.on_session(&sess, None, |m, mi, vh| {
             m.vendor
                 .destroy_object(vh, self.object_on(slot, mi, o)?)
                 .map(|_| mi)
-        })?;
+        });
+        let key = info.map(|i| i.key_ref.clone());
+        self.audit_call(Kind::KeyManagement, f, slot, None, key, started, &r);
+        let done_on = r?;
         let identity = self.objects.get(o).and_then(|e| e.identity);
         let later: Change = Arc::new(move |_, m, _, cs| match &identity {
             Some(id) => match find_identity(m, cs, id)? {
@@ -326,7 +341,9 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
-        self.authorize_change("C_SetAttributeValue", Op::SetAttributes, o, &t)?;
+        let f = "C_SetAttributeValue";
+        let started = self.started();
+        self.authorize_change(f, Op::SetAttributes, o, &t)?;
         let changes_identity = t
             .attrs()
             .iter()
@@ -341,7 +358,8 @@ impl Library {
                 }
             }
         }
-        let done_on = self.on_session(&sess, None, |m, mi, vh| {
+        let key = self.key_ref(o);
+        let r = self.on_session(&sess, None, |m, mi, vh| {
             let v = self.object_on(slot, mi, o)?;
             m.vendor.set_attribute_value(vh, v, t)?;
             if changes_identity {
@@ -349,7 +367,9 @@ impl Library {
                 self.objects.set_identity(o, identity, info);
             }
             Ok(mi)
-        })?;
+        });
+        self.audit_call(Kind::KeyManagement, f, slot, None, key, started, &r);
+        let done_on = r?;
         let saved = t.save();
         let later: Change = Arc::new(move |_, m, _, cs| match (&before, &saved) {
             (Some(id), Some(saved)) => match find_identity(m, cs, id)? {

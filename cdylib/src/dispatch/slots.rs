@@ -1,5 +1,6 @@
 //! Slots, tokens, sessions and login (PKCS#11 sections 5.5 to 5.7).
 
+use p11shim_audit::Kind;
 use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
@@ -263,6 +264,7 @@ impl Library {
                 owned: Vec::new(),
                 recreate: Vec::new(),
                 calls: 0,
+                audit: Default::default(),
             };
             let single = s.members.len() == 1;
             let replay = !single && s.cfg.replay_limit > 0;
@@ -373,6 +375,46 @@ impl Library {
     /// multi-member slot every member up is logged in, and the credential
     /// is kept (wiped on logout) to log in members that come back.
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
+        self.audited_login(h, "C_Login", Kind::Login, user, || {
+            self.login_as(h, user, pin)
+        })
+    }
+
+    /// Runs a login-related call and records it: the user type and where
+    /// the PIN came from, never the PIN.
+    fn audited_login(
+        &self,
+        h: CK_SESSION_HANDLE,
+        function: &'static str,
+        kind: Kind,
+        user: CK_USER_TYPE,
+        call: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let slot = self.session(h)?.slot;
+        self.audit_admit(function)?;
+        let started = self.started();
+        let r = call();
+        if self.audit.is_some() {
+            let source = match &self.slots[slot as usize].cfg.pin {
+                _ if kind == Kind::Logout => "",
+                Some(crate::config::PinSource::Broker) => " pin_source=broker",
+                Some(crate::config::PinSource::File(_)) => " pin_source=file",
+                Some(crate::config::PinSource::Env(_)) => " pin_source=env",
+                None => " pin_source=application",
+            };
+            let user = match user {
+                CKU_SO => "so",
+                CKU_USER => "user",
+                CKU_CONTEXT_SPECIFIC => "context-specific",
+                _ => "other",
+            };
+            let detail = format!("user={user}{source}");
+            self.audit_call_detail(kind, function, slot, started, &r, detail);
+        }
+        r
+    }
+
+    fn login_as(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let mut source = match (&slot.cfg.pin, user) {
@@ -430,6 +472,18 @@ impl Library {
         pin: Pin<'_>,
         name: Bytes<'_>,
     ) -> Result<()> {
+        self.audited_login(h, "C_LoginUser", Kind::Login, user, || {
+            self.login_user_as(h, user, pin, name)
+        })
+    }
+
+    fn login_user_as(
+        &self,
+        h: CK_SESSION_HANDLE,
+        user: CK_USER_TYPE,
+        pin: Pin<'_>,
+        name: Bytes<'_>,
+    ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let source = match (&slot.cfg.pin, user) {
@@ -446,6 +500,16 @@ impl Library {
     }
 
     pub fn logout(&self, h: CK_SESSION_HANDLE) -> Result<()> {
+        let user = self.session(h)?.slot;
+        let user = self.slots[user as usize]
+            .login
+            .lock()
+            .user
+            .unwrap_or(CKU_USER);
+        self.audited_login(h, "C_Logout", Kind::Logout, user, || self.logout_all(h))
+    }
+
+    fn logout_all(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let r = self.on_session(&sess, None, |m, _, vh| m.vendor.logout(vh));
@@ -461,14 +525,24 @@ impl Library {
     }
 
     pub fn init_pin(&self, h: CK_SESSION_HANDLE, pin: Pin<'_>) -> Result<()> {
-        self.on_session(&*self.session(h)?, None, |m, _, vh| {
-            m.vendor.init_pin(vh, pin)
+        self.audited_login(h, "C_InitPIN", Kind::Login, CKU_SO, || {
+            self.on_session(&*self.session(h)?, None, |m, _, vh| {
+                m.vendor.init_pin(vh, pin)
+            })
         })
     }
 
     pub fn set_pin(&self, h: CK_SESSION_HANDLE, old: Pin<'_>, new: Pin<'_>) -> Result<()> {
-        self.on_session(&*self.session(h)?, None, |m, _, vh| {
-            m.vendor.set_pin(vh, old, new)
+        let user = self.session(h)?.slot;
+        let user = self.slots[user as usize]
+            .login
+            .lock()
+            .user
+            .unwrap_or(CKU_USER);
+        self.audited_login(h, "C_SetPIN", Kind::Login, user, || {
+            self.on_session(&*self.session(h)?, None, |m, _, vh| {
+                m.vendor.set_pin(vh, old, new)
+            })
         })
     }
 

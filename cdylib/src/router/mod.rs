@@ -44,7 +44,8 @@ struct Probe {
 /// One member partition of a virtual slot.
 #[derive(Debug)]
 pub struct Member {
-    pub name: String,
+    /// `<slot label>#<index>`, as logs, the status and audit records name it.
+    pub name: Arc<str>,
     pub vendor: Arc<Vendor>,
     pub cfg: MemberConfig,
     vendor_slot: AtomicU64,
@@ -94,7 +95,7 @@ impl Member {
     ) -> Member {
         let now = Instant::now();
         let m = Member {
-            name,
+            name: name.into(),
             vendor,
             cfg,
             vendor_slot: AtomicU64::new(vendor_slot.map_or(NO_SLOT, |s| s as u64)),
