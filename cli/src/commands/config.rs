@@ -75,7 +75,7 @@ fn mode(path: &Path) -> Option<u32> {
 fn secret_file(what: &str, path: &Path, out: &mut Vec<Warning>) {
     match std::fs::metadata(path) {
         Err(e) => out.push(Warning(format!(
-            "{what} {}: {} (the module will fail at login)",
+            "{what} {} {} (the module will fail at login)",
             path.display(),
             io_reason(&e)
         ))),
