@@ -4,6 +4,10 @@
 CARGO   ?= cargo
 PREFIX  ?= /usr/local
 DESTDIR ?=
+# What `make install` installs: the release build (default), or the debug
+# build the test suite has made (PROFILE=debug), from TARGET_DIR.
+PROFILE    ?= release
+TARGET_DIR ?= target
 
 .PHONY: all deps build build-release test demo bench install clean
 
@@ -17,13 +21,13 @@ build:
 
 # The module and the credential broker.
 build-release:
-	$(CARGO) build --release -p p11shim -p p11shim-broker
+	$(CARGO) build --release -p p11shim -p p11shim-broker -p p11shim-cli
 
 # The whole test suite: unit tests, the spec's error paths through the C ABI,
 # cryptoki scenarios against SoftHSM2 directly and through p11shim, and the
 # real clients. Every test runs in its own process (nextest).
 test: deps
-	$(CARGO) build -p p11shim -p p11shim-faultmod -p p11shim-broker -p p11shim-peers
+	$(CARGO) build -p p11shim -p p11shim-faultmod -p p11shim-broker -p p11shim-peers -p p11shim-cli
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 # Three SoftHSM2 tokens behind one HA slot (each member through its own copy
@@ -63,11 +67,30 @@ bench-broker: deps build-release
 	$(CARGO) build --release -p p11shim-broker
 	$(CARGO) run --release -p p11shim-bench -- --broker $(BENCH_ARGS)
 
-install: build-release
-	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)/etc/p11shim
-	install -m 0755 target/release/libp11shim.so $(DESTDIR)$(PREFIX)/lib/libp11shim.so
+# The module, its header, the p11shim CLI and the broker, example configs
+# (never over a real one), the broker's systemd unit and the p11-kit module
+# file, both naming the installed paths. DESTDIR for packaging.
+BUILD_FLAGS_release = --release
+BUILD_FLAGS_debug   =
+OUT = $(TARGET_DIR)/$(PROFILE)
+
+install:
+	$(CARGO) build $(BUILD_FLAGS_$(PROFILE)) -p p11shim -p p11shim-broker -p p11shim-cli
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/bin \
+	  $(DESTDIR)/etc/p11shim $(DESTDIR)$(PREFIX)/lib/systemd/system \
+	  $(DESTDIR)$(PREFIX)/share/p11-kit/modules
+	install -m 0755 $(OUT)/libp11shim.so $(DESTDIR)$(PREFIX)/lib/libp11shim.so
 	install -m 0644 include/p11shim.h $(DESTDIR)$(PREFIX)/include/p11shim.h
+	install -m 0755 $(OUT)/p11shim $(OUT)/p11shim-broker $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 conf/p11shim.toml $(DESTDIR)/etc/p11shim/p11shim.toml.example
+	install -m 0644 conf/broker.toml $(DESTDIR)/etc/p11shim/broker.toml.example
+	install -m 0644 conf/provision.toml $(DESTDIR)/etc/p11shim/provision.toml.example
+	sed 's|@PREFIX@|$(PREFIX)|g' conf/p11shim-broker.service \
+	  > $(DESTDIR)$(PREFIX)/lib/systemd/system/p11shim-broker.service
+	chmod 0644 $(DESTDIR)$(PREFIX)/lib/systemd/system/p11shim-broker.service
+	sed 's|^module:.*|module: $(PREFIX)/lib/libp11shim.so|' conf/p11shim.module \
+	  > $(DESTDIR)$(PREFIX)/share/p11-kit/modules/p11shim.module
+	chmod 0644 $(DESTDIR)$(PREFIX)/share/p11-kit/modules/p11shim.module
 
 clean:
 	$(CARGO) clean

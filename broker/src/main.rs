@@ -176,16 +176,6 @@ fn main() -> ExitCode {
 
 fn check(path: &std::path::Path) -> Result<usize, String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
-    let store = p11shim_broker::store::open(&cfg.store).map_err(|e| e.to_string())?;
-    store.ping().map_err(|e| e.to_string())?;
-    // Each cluster's CA, pinned JWKS and the broker's own token.
-    p11shim_broker::methods::k8s::clusters(&cfg).map_err(|e| e.to_string())?;
-    for (name, r) in &cfg.roles {
-        r.pin.read().map_err(|e| format!("roles.{name}.pin: {e}"))?;
-        if let Some(k) = &r.mtls_key {
-            k.read()
-                .map_err(|e| format!("roles.{name}.mtls_key: {e}"))?;
-        }
-    }
+    p11shim_broker::run::check(&cfg)?;
     Ok(cfg.roles.len())
 }

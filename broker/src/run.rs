@@ -234,3 +234,20 @@ pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> 
         }
     }
 }
+
+/// What `p11shim-broker check` (and `p11shim config check --broker`) proves
+/// beyond the syntax: the store answers, every cluster's CA, pinned JWKS
+/// and token load, and every role's secrets can be read (never printed).
+pub fn check(cfg: &Config) -> Result<(), String> {
+    let store = crate::store::open(&cfg.store).map_err(|e| e.to_string())?;
+    store.ping().map_err(|e| e.to_string())?;
+    crate::methods::k8s::clusters(cfg).map_err(|e| e.to_string())?;
+    for (name, r) in &cfg.roles {
+        r.pin.read().map_err(|e| format!("roles.{name}.pin: {e}"))?;
+        if let Some(k) = &r.mtls_key {
+            k.read()
+                .map_err(|e| format!("roles.{name}.mtls_key: {e}"))?;
+        }
+    }
+    Ok(())
+}

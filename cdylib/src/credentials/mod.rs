@@ -11,7 +11,7 @@
 //! application's own async runtime. Secrets are held in zeroizing memory
 //! and never logged.
 
-mod evidence;
+pub mod evidence;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use p11shim_proto::seal::{self, KeyPair};
 use p11shim_proto::{
-    ClientInfo, Credentials, ErrorKind, Method, Problem, Request, Response, Secret, b64_url,
+    ClientInfo, Credentials, ErrorKind, Method, Problem, Reauth, Request, Response, Secret, b64_url,
 };
 use parking_lot::{Condvar, Mutex};
 use zeroize::Zeroizing;
@@ -42,13 +42,45 @@ const REFUSED_PAUSE: Duration = Duration::from_secs(60);
 const MAX_ANSWER: usize = 256 * 1024;
 
 /// Credentials the broker granted.
-struct Grant {
-    pin: Zeroizing<Vec<u8>>,
-    audit_key: Option<Zeroizing<Vec<u8>>>,
-    subject: String,
-    policy: serde_json::Value,
-    ttl: Duration,
-    obtained: Instant,
+pub struct Grant {
+    /// The role's PIN (wiped when dropped; never in `Debug`).
+    pub pin: Zeroizing<Vec<u8>>,
+    /// The audit checkpoint key, when the role has one (never in `Debug`).
+    pub audit_key: Option<Zeroizing<Vec<u8>>>,
+    /// Who the broker verified.
+    pub subject: String,
+    /// The role's key ACL policy.
+    pub policy: serde_json::Value,
+    /// Re-authenticate before this has passed.
+    pub ttl: Duration,
+    /// When the request was sent.
+    pub obtained: Instant,
+    /// The expiry the broker stated (RFC 3339).
+    pub expires_at: String,
+    /// How the broker lets this machine come back.
+    pub reauth: Reauth,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("subject", &self.subject)
+            .field("ttl", &self.ttl)
+            .field("expires_at", &self.expires_at)
+            .field("reauth", &self.reauth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One exchange with the broker, exactly as the agent's thread makes it
+/// (same evidence, nonce source, sealing and checks), for a tool that wants
+/// one answer without a thread (`p11shim attest`, `p11shim provision`).
+pub fn exchange_once(cfg: &BrokerConfig) -> Result<Grant> {
+    let nonce = load_nonce(cfg.nonce_file.as_deref())?;
+    let timeout = Duration::from_millis(cfg.request_timeout_ms);
+    let http = broker_client(cfg, timeout).map_err(|f| Error::PinSource(f.message))?;
+    let imds = imds_client(timeout).map_err(|e| Error::PinSource(e.0))?;
+    exchange(cfg, &http, &imds, &nonce).map_err(|f| Error::PinSource(f.message))
 }
 
 impl Grant {
@@ -640,5 +672,7 @@ fn exchange(
         policy: resp.policy,
         ttl: Duration::from_secs(resp.ttl_seconds.max(1)),
         obtained: sent,
+        expires_at: resp.expires_at,
+        reauth: resp.reauth,
     })
 }

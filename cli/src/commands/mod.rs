@@ -1,0 +1,36 @@
+//! One module per subcommand. Each exposes `Args` (its clap arguments) and
+//! `run(&Args, &Style) -> Result<(), CliError>`.
+
+pub mod attest;
+pub mod config;
+pub mod provision;
+// Loads the module with dlopen and calls it: the crate's only unsafe code.
+#[allow(unsafe_code)]
+pub mod slots;
+
+/// Why a command failed (exit code 1). Messages name files, keys, slots and
+/// members; never a PIN or key material.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The module's configuration is invalid (file, line and key).
+    #[error("{0}")]
+    Config(#[from] p11shim::config::ConfigError),
+    /// The broker's configuration or its check failed.
+    #[error("broker configuration {file}: {message}")]
+    BrokerConfig { file: String, message: String },
+    /// Loading or calling the p11shim module.
+    #[error("{0}")]
+    Module(String),
+    /// Evidence or the broker exchange.
+    #[error("{0}")]
+    Attest(String),
+    /// The provisioning plan is invalid.
+    #[error("{0}")]
+    Plan(String),
+    /// A member token refused or failed.
+    #[error("{0}")]
+    Token(String),
+    /// The members do not hold the same objects.
+    #[error("{0}")]
+    Mismatch(String),
+}

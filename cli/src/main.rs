@@ -1,0 +1,75 @@
+//! `p11shim`: the operator's command line for the p11shim PKCS#11 module.
+//!
+//! Every subcommand lives in its own file under [`commands`] and reuses the
+//! module's own code (the cdylib is also an rlib) rather than a copy of it:
+//! the configuration loader, the broker client, the broker's check. Exit
+//! codes: 0 success, 1 failure, 2 usage (clap's).
+
+#![deny(unsafe_code)]
+
+mod commands;
+mod output;
+mod plan;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use commands::{attest, config, provision, slots};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "p11shim",
+    version,
+    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Each virtual slot and its members, read through the module's status
+    /// query (C_GetInterface("p11shim"), P11shim_GetStatus).
+    Slots(slots::Args),
+    /// Collect this machine's evidence as the module does and, without
+    /// --dry-run, exchange it with the broker (the PIN is never shown).
+    Attest(attest::Args),
+    /// Set up the members of HA slots from one plan: initialize tokens,
+    /// put the replication key and the same keys on every member, verify.
+    Provision(provision::Args),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate the module's configuration (and the broker's) exactly as
+    /// they load it, with warnings the module does not give.
+    Check(config::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let style = output::Style::detect();
+    let result = match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check(a),
+        } => config::run(&a, &style),
+        Command::Slots(a) => slots::run(&a, &style),
+        Command::Attest(a) => attest::run(&a, &style),
+        Command::Provision(a) => provision::run(&a, &style),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{} {e}", style.error("error:"));
+            ExitCode::FAILURE
+        }
+    }
+}
