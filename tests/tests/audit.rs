@@ -1,0 +1,352 @@
+//! The audit log of the module: what a session of a real application
+//! leaves in it (logins, key use, key management, denials, failovers,
+//! recoveries, broker exchanges), that it verifies with the checkpoint key,
+//! that no PIN, key value or signed data reaches it or the diagnostic log,
+//! and what fail-closed and fail-open do when the log cannot be written.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use p11shim_audit::{VerifyKey, verify};
+use p11shim_tests::{TestEnv, p11shim_lib, run_ok, softhsm_lib};
+use serde_json::Value;
+
+const TOKEN: &str = "audited";
+/// A PIN and data that must never appear in any log.
+const PIN: &str = "Pq7-never-logged-91";
+const SO: &str = "So8-never-logged-22";
+const DATA: &[u8] = b"confidential payload 5f3a9c to be signed";
+const KEY_VALUE: [u8; 32] = *b"AES-VALUE-that-must-not-leak-01!";
+
+/// CKR_P11SHIM_AUDIT_UNAVAILABLE (include/p11shim.h).
+const AUDIT_UNAVAILABLE: u64 = 0x8000_0000 | 0x5053_0006;
+
+fn ed25519_key(env: &TestEnv) -> (PathBuf, PathBuf) {
+    let key = env.path().join("audit-ed25519.pem");
+    let public = env.path().join("audit-ed25519.pub.pem");
+    run_ok(std::process::Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(&key));
+    run_ok(std::process::Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (key, public)
+}
+
+/// A token with an RSA signing key `tls-web` (id 01), a config with the
+/// `web` role's ACL and `audit` (appended to `[audit]`).
+fn setup(audit: &str) -> TestEnv {
+    let env = TestEnv::new();
+    env.init_token_with(TOKEN, SO, PIN);
+    let pem = env.rsa_pem();
+    let out = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", env.softhsm_conf())
+        .arg("--import")
+        .arg(&pem)
+        .args(["--token", TOKEN, "--label", "tls-web", "--id", "01", "--pin", PIN])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    env.write_config(&format!(
+        "[log]\nlevel = \"trace\"\nfile = \"{}\"\n\n[[slot]]\nid = 0\nlabel = \"p11shim\"\n\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{TOKEN}\"\n\n\
+         [acl]\nrole = \"web\"\n[acl.roles.web]\nkeys = [{{ label = \"tls-*\", ops = [\"sign\"] }}, {{ label = \"tmp-*\", ops = [\"generate\", \"create\", \"destroy\", \"encrypt\"] }}]\n\n\
+         [audit]\n{audit}\n",
+        env.path().join("p11shim.log").display(),
+        softhsm_lib().display(),
+    ));
+    env.apply();
+    env
+}
+
+fn module() -> (Pkcs11, Session) {
+    let p11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
+    p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("C_Initialize");
+    let slot = p11.get_slots_with_token().unwrap()[0];
+    let s = p11.open_rw_session(slot).unwrap();
+    (p11, s)
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn find<'a>(rs: &'a [Value], kind: &str, function: &str) -> Vec<&'a Value> {
+    rs.iter()
+        .filter(|r| r["kind"] == kind && r["function"] == function)
+        .collect()
+}
+
+#[track_caller]
+fn fails<T: std::fmt::Debug>(r: Result<T, CkError>, rv: RvError) {
+    match r {
+        Err(CkError::Pkcs11(got, _)) if got == rv => {}
+        other => panic!("expected {rv:?}, got {other:?}"),
+    }
+}
+
+fn rsa_key(s: &Session) -> ObjectHandle {
+    s.find_objects(&[
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::Label(b"tls-web".to_vec()),
+    ])
+    .unwrap()[0]
+}
+
+#[test]
+fn a_session_leaves_signed_records_that_name_role_key_and_result() {
+    let env = TestEnv::new();
+    let (key, public) = ed25519_key(&env);
+    let log = env.path().join("audit.jsonl");
+    drop(env);
+    let env = setup(&format!(
+        "file = \"{}\"\nfsync = \"always\"\nsigning_key = \"file:{}\"\ndata_hash = true\n",
+        log.display(),
+        key.display()
+    ));
+    let _keep = (key, public.clone());
+    let (p11, s) = module();
+    s.login(UserType::User, Some(&AuthPin::new(PIN.into()))).unwrap();
+    let k = rsa_key(&s);
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).expect("sign");
+    assert_eq!(sig.len(), 256);
+    fails(s.decrypt(&Mechanism::RsaPkcs, k, &sig), RvError::KeyFunctionNotPermitted);
+    fails(
+        s.generate_key(&Mechanism::AesKeyGen, &[Attribute::Label(b"other".to_vec()), Attribute::ValueLen(32.into())]),
+        RvError::TemplateInconsistent,
+    );
+    let tmp = s
+        .create_object(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Label(b"tmp-aes".to_vec()),
+            Attribute::Value(KEY_VALUE.to_vec()),
+            Attribute::Encrypt(true),
+            Attribute::Token(false),
+        ])
+        .expect("create");
+    let ct = s.encrypt(&Mechanism::AesEcb, tmp, &DATA[..32]).expect("encrypt");
+    assert_eq!(ct.len(), 32);
+    s.destroy_object(tmp).expect("destroy");
+    s.logout().unwrap();
+    drop(s);
+    p11.finalize().expect("C_Finalize");
+
+    let rs = records(&log);
+    // The chain starts, and ends with the stop checkpoint.
+    assert_eq!(rs.first().unwrap()["kind"], "start");
+    assert_eq!(rs.last().unwrap()["kind"], "stop");
+
+    let login = find(&rs, "login", "C_Login");
+    assert_eq!(login.len(), 1, "{rs:#?}");
+    assert_eq!(login[0]["result"], "CKR_OK");
+    assert_eq!(login[0]["role"], "web");
+    assert_eq!(login[0]["detail"], "user=user pin_source=application");
+
+    let sign = find(&rs, "key_use", "C_Sign");
+    assert_eq!(sign.len(), 1, "{rs:#?}");
+    let sign = sign[0];
+    assert_eq!(sign["result"], "CKR_OK");
+    assert_eq!(sign["mechanism"], "CKM_SHA256_RSA_PKCS");
+    assert_eq!(sign["key"]["label"], "tls-web");
+    assert_eq!(sign["key"]["id"], "01");
+    assert_eq!(sign["key"]["class"], "CKO_PRIVATE_KEY");
+    assert_eq!(sign["key"]["fp"].as_str().map(str::len), Some(32));
+    assert_eq!(sign["slot"], 0);
+    assert_eq!(sign["member"], "p11shim#0");
+    assert!(sign["latency_us"].is_u64());
+    // data_hash = true: the SHA-256 of the data, never the data.
+    let digest = {
+        use sha2::Digest;
+        hex(&sha2::Sha256::digest(DATA))
+    };
+    assert_eq!(sign["data_sha256"], digest.as_str());
+
+    let denied = find(&rs, "denial", "C_DecryptInit");
+    assert_eq!(denied.len(), 1, "{rs:#?}");
+    assert_eq!(denied[0]["result"], "CKR_KEY_FUNCTION_NOT_PERMITTED");
+    assert_eq!(denied[0]["key"]["label"], "tls-web");
+    assert_eq!(denied[0]["detail"], "no rule grants decrypt");
+    let denied = find(&rs, "denial", "C_GenerateKey");
+    assert_eq!(denied[0]["result"], "CKR_TEMPLATE_INCONSISTENT");
+
+    let created = find(&rs, "key_management", "C_CreateObject");
+    assert_eq!(created[0]["key"]["label"], "tmp-aes");
+    assert_eq!(find(&rs, "key_use", "C_Encrypt")[0]["mechanism"], "CKM_AES_ECB");
+    assert_eq!(find(&rs, "key_management", "C_DestroyObject")[0]["result"], "CKR_OK");
+    assert_eq!(find(&rs, "logout", "C_Logout")[0]["result"], "CKR_OK");
+
+    // The chain verifies with the public key, and not with another.
+    let pem = std::fs::read_to_string(&public).unwrap();
+    let report = verify(&[log.clone()], &VerifyKey::from_public_pem(&pem).unwrap()).unwrap();
+    assert!(report.broken.is_none(), "{report:?}");
+    let other = TestEnv::new();
+    let (_, other_pub) = ed25519_key(&other);
+    let pem = std::fs::read_to_string(&other_pub).unwrap();
+    let report = verify(&[log.clone()], &VerifyKey::from_public_pem(&pem).unwrap()).unwrap();
+    assert!(report.broken.is_some(), "a wrong key must not verify: {report:?}");
+
+    no_secrets(&env, &log);
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Neither the audit log nor the diagnostic log (at trace level) holds the
+/// PINs, the key value or the signed data, in any common encoding.
+fn no_secrets(env: &TestEnv, audit: &Path) {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let logs = [
+        std::fs::read(audit).unwrap(),
+        std::fs::read(env.path().join("p11shim.log")).unwrap(),
+    ];
+    assert!(logs[1].len() > 1000, "the trace log was written");
+    for secret in [PIN.as_bytes(), SO.as_bytes(), DATA, &KEY_VALUE[..]] {
+        for needle in [secret.to_vec(), hex(secret).into_bytes(), b64.encode(secret).into_bytes()] {
+            for log in &logs {
+                assert!(
+                    !log.windows(needle.len()).any(|w| w == needle.as_slice()),
+                    "a secret reached a log"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fail_closed_refuses_security_relevant_calls_while_the_sink_fails() {
+    // /dev/full: every write fails with ENOSPC.
+    let _env = setup("file = \"/dev/full\"\non_failure = \"fail-closed\"\nfsync = \"never\"\n");
+    let (p11, s) = module();
+    // The writer finds the sink failing with its first write (the start
+    // record); a bounded wait for that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match s.login(UserType::User, Some(&AuthPin::new(PIN.into()))) {
+            Err(CkError::Pkcs11(RvError::VendorDefined(rv), _)) => break rv,
+            Ok(()) => {
+                s.logout().unwrap();
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "C_Login never refused");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(refused as u64, AUDIT_UNAVAILABLE);
+    // Calls that are not security-relevant go on; nothing hangs.
+    assert!(!p11.get_slots_with_token().unwrap().is_empty());
+    let other = p11.open_ro_session(p11.get_slots_with_token().unwrap()[0]).unwrap();
+    let digest = other.digest(&Mechanism::Sha256, b"abc").unwrap();
+    assert_eq!(digest.len(), 32);
+    let objects = other.find_objects(&[]).unwrap();
+    assert!(objects.is_empty(), "public objects only, and the role sees none");
+    drop((s, other));
+    let t = Instant::now();
+    p11.finalize().expect("C_Finalize");
+    assert!(t.elapsed() < Duration::from_secs(30), "C_Finalize is bounded");
+}
+
+#[test]
+fn fail_closed_with_a_fifo_no_one_reads() {
+    let env = TestEnv::new();
+    let fifo = env.path().join("audit.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let _setup = setup(&format!("file = \"{}\"\nfsync = \"never\"\n", fifo.display()));
+    let (p11, s) = module();
+    let r = s.login(UserType::User, Some(&AuthPin::new(PIN.into())));
+    match r {
+        Err(CkError::Pkcs11(RvError::VendorDefined(rv), _)) => assert_eq!(rv as u64, AUDIT_UNAVAILABLE),
+        other => panic!("expected CKR_P11SHIM_AUDIT_UNAVAILABLE, got {other:?}"),
+    }
+    drop(s);
+    p11.finalize().expect("C_Finalize");
+    drop(env);
+}
+
+#[test]
+fn fail_open_goes_on_and_counts_the_loss() {
+    let env = setup("file = \"/dev/full\"\non_failure = \"fail-open\"\nfsync = \"never\"\nqueue = 16\n");
+    let (p11, s) = module();
+    s.login(UserType::User, Some(&AuthPin::new(PIN.into()))).expect("login goes on");
+    let k = rsa_key(&s);
+    for _ in 0..64 {
+        s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).expect("sign goes on");
+    }
+    let status: Value = serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap_or(Value::Null);
+    let _ = status;
+    drop(s);
+    p11.finalize().expect("C_Finalize");
+    // The loss is logged (once per episode) in the diagnostic log.
+    let log = std::fs::read_to_string(env.path().join("p11shim.log")).unwrap();
+    assert!(log.contains("records are being lost (fail-open)"), "{log}");
+}
+
+fn find_key(s: &Session, label: &str) -> ObjectHandle {
+    let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())]).unwrap();
+    assert!(!found.is_empty(), "{label}");
+    let _ = s.get_attributes(found[0], &[AttributeType::Label]);
+    found[0]
+}
+
+#[test]
+fn failover_and_recovery_are_recorded() {
+    let env = TestEnv::new();
+    let members = env.ha_members(2);
+    let log = env.path().join("audit.jsonl");
+    env.ha_config(
+        &members,
+        &format!(
+            "recovery_interval_ms = 20\nrecovery_max_interval_ms = 100\n\n[audit]\nfile = \"{}\"\nfsync = \"always\"\n",
+            log.display()
+        )
+        .replace("\n\n[audit]", "\n[audit]"),
+    );
+    // [audit] must come after the members: rewrite the config in order.
+    let cfg = std::fs::read_to_string(env.config_path()).unwrap();
+    let (head, audit) = cfg.split_once("[audit]").unwrap();
+    let (audit, members_part) = audit.split_once("\n[[slot.member]]").unwrap();
+    env.write_config(&format!("{head}\n[[slot.member]]{members_part}\n[audit]{audit}\n"));
+    env.apply();
+    let (p11, s) = module();
+    s.login(UserType::User, Some(&AuthPin::new(p11shim_tests::USER_PIN.into()))).unwrap();
+    let k = find_key(&s, "rsa");
+    s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).unwrap();
+    // The member serving the session fails: the session moves.
+    let status: Value = serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap();
+    let _ = status;
+    for m in &members {
+        m.set("C_Sign*=CKR_DEVICE_ERROR");
+    }
+    members[1].heal();
+    let r = s.sign(&Mechanism::Sha256RsaPkcs, k, DATA);
+    // Whichever member served, the second is healthy: the signature is made.
+    r.expect("sign after failover");
+    members[0].heal();
+    // Recovery: bounded wait for the probe to bring the member back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !records(&log).iter().any(|r| r["kind"] == "recovery") {
+        assert!(Instant::now() < deadline, "no recovery record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(s);
+    p11.finalize().unwrap();
+    let rs = records(&log);
+    let down: Vec<_> = rs.iter().filter(|r| r["kind"] == "failover").collect();
+    assert!(down.iter().any(|r| r["function"] == "member_down"), "{rs:#?}");
+    let rec = rs.iter().find(|r| r["kind"] == "recovery").unwrap();
+    assert_eq!(rec["function"], "member_recovered");
+    assert!(rec["member"].as_str().unwrap().starts_with("ha#"));
+    assert!(verify(&[log], &VerifyKey::None).unwrap().broken.is_none());
+}
