@@ -16,6 +16,7 @@
 //! * [`backend`]: a loaded vendor library and safe calls into it.
 //! * [`config`]: the TOML configuration, validated before anything loads.
 //! * [`logging`]: diagnostics (never secrets).
+//! * [`metrics`]: counters and histograms for Prometheus, in a file.
 //!
 //! `unsafe` code lives in `abi` and `backend` only.
 
@@ -28,6 +29,8 @@ pub mod dispatch;
 pub mod error;
 #[deny(unsafe_code)]
 pub mod logging;
+#[deny(unsafe_code)]
+pub mod metrics;
 #[deny(unsafe_code)]
 pub mod router;
 

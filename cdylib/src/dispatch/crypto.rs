@@ -17,6 +17,7 @@ use crate::abi::mem::{
 };
 use crate::backend::Vendor;
 use crate::error::{Error, Result};
+use crate::metrics::Op;
 use crate::router::replay::{OpKind, Outcome, final_outcome};
 use crate::router::{Member, bounded};
 
@@ -36,6 +37,7 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let slot = sess.slot;
+        let start = self.op_clock();
         self.on_session(&sess, None, |mem, mi, vh| {
             let k = if key == CK_INVALID_HANDLE {
                 key
@@ -43,7 +45,8 @@ impl Library {
                 self.object_on(slot, mi, key)?
             };
             bounded::init(mem, vh, m, k, init)
-        })?;
+        })
+        .inspect_err(|_| self.op_done(slot, kind.into(), false, start))?;
         if sess.replay {
             sess.state.lock().ops.start(kind, m.save(), key);
         }
@@ -60,9 +63,13 @@ impl Library {
         mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        let start = self.op_clock();
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
-        if sess.replay && final_outcome(&r, size_query) == Outcome::Ended {
-            sess.state.lock().ops.end(kind);
+        if final_outcome(&r, size_query) == Outcome::Ended {
+            self.op_done(sess.slot, kind.into(), r.is_ok(), start);
+            if sess.replay {
+                sess.state.lock().ops.end(kind);
+            }
         }
         r
     }
@@ -78,7 +85,13 @@ impl Library {
         mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        let start = self.op_clock();
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
+        if r.as_ref()
+            .is_err_and(|e| !matches!(e, Error::Vendor(CKR_BUFFER_TOO_SMALL)))
+        {
+            self.op_done(sess.slot, kind.into(), false, start);
+        }
         if !sess.replay {
             return r;
         }
@@ -300,6 +313,20 @@ impl Library {
         m: Mechanism<'_>,
         wrapping: Oh,
         key: Oh,
+        out: OutBytes<'_>,
+    ) -> Result<()> {
+        let q = out.is_size_query();
+        self.as_op(h, Op::Wrap, q, || {
+            self.wrap_key_op(h, m, wrapping, key, out)
+        })
+    }
+
+    fn wrap_key_op(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        wrapping: Oh,
+        key: Oh,
         mut out: OutBytes<'_>,
     ) -> Result<()> {
         let sess = self.session(h)?;
@@ -318,6 +345,20 @@ impl Library {
     /// `C_UnwrapKey`: a token key is unwrapped on every member that is up,
     /// from the same wrapped bytes under the same unwrapping key.
     pub fn unwrap_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        unwrapping: Oh,
+        wrapped: Bytes<'_>,
+        t: Template<'_>,
+        out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, Op::Unwrap, false, || {
+            self.unwrap_key_op(h, m, unwrapping, wrapped, t, out)
+        })
+    }
+
+    fn unwrap_key_op(
         &self,
         h: Sh,
         m: Mechanism<'_>,
@@ -394,6 +435,19 @@ impl Library {
     /// `C_DeriveKey`: a token key is derived on every member that is up,
     /// from the same base key and parameters.
     pub fn derive_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        base: Oh,
+        t: Template<'_>,
+        out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, Op::Derive, false, || {
+            self.derive_key_op(h, m, base, t, out)
+        })
+    }
+
+    fn derive_key_op(
         &self,
         h: Sh,
         m: Mechanism<'_>,

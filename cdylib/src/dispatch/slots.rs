@@ -373,6 +373,12 @@ impl Library {
     /// multi-member slot every member up is logged in, and the credential
     /// is kept (wiped on logout) to log in members that come back.
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Login, false, || {
+            self.login_op(h, user, pin)
+        })
+    }
+
+    fn login_op(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
         let sess = self.session(h)?;
         let slot = &self.slots[sess.slot as usize];
         let mut source = match (&slot.cfg.pin, user) {
@@ -424,6 +430,18 @@ impl Library {
     }
 
     pub fn login_user(
+        &self,
+        h: CK_SESSION_HANDLE,
+        user: CK_USER_TYPE,
+        pin: Pin<'_>,
+        name: Bytes<'_>,
+    ) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Login, false, || {
+            self.login_user_op(h, user, pin, name)
+        })
+    }
+
+    fn login_user_op(
         &self,
         h: CK_SESSION_HANDLE,
         user: CK_USER_TYPE,
