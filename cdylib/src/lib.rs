@@ -22,6 +22,7 @@
 //! * [`backend`]: a loaded vendor library and safe calls into it.
 //! * [`config`]: the TOML configuration, validated before anything loads.
 //! * [`logging`]: diagnostics (never secrets).
+//! * [`metrics`]: counters and histograms for Prometheus, in a file.
 //!
 //! `unsafe` code lives in `abi` and `backend` only.
 
@@ -34,6 +35,7 @@ pub mod dispatch;
 pub mod error;
 #[deny(unsafe_code)]
 pub mod logging;
+pub mod metrics;
 #[deny(unsafe_code)]
 pub mod policy;
 #[deny(unsafe_code)]

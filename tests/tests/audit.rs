@@ -30,8 +30,18 @@ const AUDIT_UNAVAILABLE: u64 = 0x8000_0000 | 0x5053_0006;
 fn ed25519_key(env: &TestEnv) -> (PathBuf, PathBuf) {
     let key = env.path().join("audit-ed25519.pem");
     let public = env.path().join("audit-ed25519.pub.pem");
-    run_ok(std::process::Command::new("openssl").args(["genpkey", "-algorithm", "ed25519", "-out"]).arg(&key));
-    run_ok(std::process::Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(&key).arg("-out").arg(&public));
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "ed25519", "-out"])
+            .arg(&key),
+    );
+    run_ok(
+        std::process::Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&public),
+    );
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     (key, public)
@@ -47,10 +57,16 @@ fn setup(audit: &str) -> TestEnv {
         .env("SOFTHSM2_CONF", env.softhsm_conf())
         .arg("--import")
         .arg(&pem)
-        .args(["--token", TOKEN, "--label", "tls-web", "--id", "01", "--pin", PIN])
+        .args([
+            "--token", TOKEN, "--label", "tls-web", "--id", "01", "--pin", PIN,
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.write_config(&format!(
         "[log]\nlevel = \"trace\"\nfile = \"{}\"\n\n[[slot]]\nid = 0\nlabel = \"p11shim\"\n\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{TOKEN}\"\n\n\
          [acl]\nrole = \"web\"\n[acl.roles.web]\nkeys = [{{ label = \"tls-*\", ops = [\"sign\"] }}, {{ label = \"tmp-*\", ops = [\"generate\", \"create\", \"destroy\", \"encrypt\"] }}]\n\n\
@@ -114,13 +130,23 @@ fn a_session_leaves_signed_records_that_name_role_key_and_result() {
     ));
     let _keep = (key, public.clone());
     let (p11, s) = module();
-    s.login(UserType::User, Some(&AuthPin::new(PIN.into()))).unwrap();
+    s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
+        .unwrap();
     let k = rsa_key(&s);
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).expect("sign");
     assert_eq!(sig.len(), 256);
-    fails(s.decrypt(&Mechanism::RsaPkcs, k, &sig), RvError::KeyFunctionNotPermitted);
     fails(
-        s.generate_key(&Mechanism::AesKeyGen, &[Attribute::Label(b"other".to_vec()), Attribute::ValueLen(32.into())]),
+        s.decrypt(&Mechanism::RsaPkcs, k, &sig),
+        RvError::KeyFunctionNotPermitted,
+    );
+    fails(
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Label(b"other".to_vec()),
+                Attribute::ValueLen(32.into()),
+            ],
+        ),
         RvError::TemplateInconsistent,
     );
     let tmp = s
@@ -133,7 +159,9 @@ fn a_session_leaves_signed_records_that_name_role_key_and_result() {
             Attribute::Token(false),
         ])
         .expect("create");
-    let ct = s.encrypt(&Mechanism::AesEcb, tmp, &DATA[..32]).expect("encrypt");
+    let ct = s
+        .encrypt(&Mechanism::AesEcb, tmp, &DATA[..32])
+        .expect("encrypt");
     assert_eq!(ct.len(), 32);
     s.destroy_object(tmp).expect("destroy");
     s.logout().unwrap();
@@ -180,8 +208,14 @@ fn a_session_leaves_signed_records_that_name_role_key_and_result() {
 
     let created = find(&rs, "key_management", "C_CreateObject");
     assert_eq!(created[0]["key"]["label"], "tmp-aes");
-    assert_eq!(find(&rs, "key_use", "C_Encrypt")[0]["mechanism"], "CKM_AES_ECB");
-    assert_eq!(find(&rs, "key_management", "C_DestroyObject")[0]["result"], "CKR_OK");
+    assert_eq!(
+        find(&rs, "key_use", "C_Encrypt")[0]["mechanism"],
+        "CKM_AES_ECB"
+    );
+    assert_eq!(
+        find(&rs, "key_management", "C_DestroyObject")[0]["result"],
+        "CKR_OK"
+    );
     assert_eq!(find(&rs, "logout", "C_Logout")[0]["result"], "CKR_OK");
 
     // The chain verifies with the public key, and not with another.
@@ -192,7 +226,10 @@ fn a_session_leaves_signed_records_that_name_role_key_and_result() {
     let (_, other_pub) = ed25519_key(&other);
     let pem = std::fs::read_to_string(&other_pub).unwrap();
     let report = verify(&[log.clone()], &VerifyKey::from_public_pem(&pem).unwrap()).unwrap();
-    assert!(report.broken.is_some(), "a wrong key must not verify: {report:?}");
+    assert!(
+        report.broken.is_some(),
+        "a wrong key must not verify: {report:?}"
+    );
 
     no_secrets(&env, &log);
 }
@@ -212,7 +249,11 @@ fn no_secrets(env: &TestEnv, audit: &Path) {
     ];
     assert!(logs[1].len() > 1000, "the trace log was written");
     for secret in [PIN.as_bytes(), SO.as_bytes(), DATA, &KEY_VALUE[..]] {
-        for needle in [secret.to_vec(), hex(secret).into_bytes(), b64.encode(secret).into_bytes()] {
+        for needle in [
+            secret.to_vec(),
+            hex(secret).into_bytes(),
+            b64.encode(secret).into_bytes(),
+        ] {
             for log in &logs {
                 assert!(
                     !log.windows(needle.len()).any(|w| w == needle.as_slice()),
@@ -245,15 +286,23 @@ fn fail_closed_refuses_security_relevant_calls_while_the_sink_fails() {
     assert_eq!(refused as u64, AUDIT_UNAVAILABLE);
     // Calls that are not security-relevant go on; nothing hangs.
     assert!(!p11.get_slots_with_token().unwrap().is_empty());
-    let other = p11.open_ro_session(p11.get_slots_with_token().unwrap()[0]).unwrap();
+    let other = p11
+        .open_ro_session(p11.get_slots_with_token().unwrap()[0])
+        .unwrap();
     let digest = other.digest(&Mechanism::Sha256, b"abc").unwrap();
     assert_eq!(digest.len(), 32);
     let objects = other.find_objects(&[]).unwrap();
-    assert!(objects.is_empty(), "public objects only, and the role sees none");
+    assert!(
+        objects.is_empty(),
+        "public objects only, and the role sees none"
+    );
     drop((s, other));
     let t = Instant::now();
     p11.finalize().expect("C_Finalize");
-    assert!(t.elapsed() < Duration::from_secs(30), "C_Finalize is bounded");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "C_Finalize is bounded"
+    );
 }
 
 #[test]
@@ -263,11 +312,16 @@ fn fail_closed_with_a_fifo_no_one_reads() {
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let _setup = setup(&format!("file = \"{}\"\nfsync = \"never\"\n", fifo.display()));
+    let _setup = setup(&format!(
+        "file = \"{}\"\nfsync = \"never\"\n",
+        fifo.display()
+    ));
     let (p11, s) = module();
     let r = s.login(UserType::User, Some(&AuthPin::new(PIN.into())));
     match r {
-        Err(CkError::Pkcs11(RvError::VendorDefined(rv), _)) => assert_eq!(rv as u64, AUDIT_UNAVAILABLE),
+        Err(CkError::Pkcs11(RvError::VendorDefined(rv), _)) => {
+            assert_eq!(rv as u64, AUDIT_UNAVAILABLE)
+        }
         other => panic!("expected CKR_P11SHIM_AUDIT_UNAVAILABLE, got {other:?}"),
     }
     drop(s);
@@ -277,14 +331,18 @@ fn fail_closed_with_a_fifo_no_one_reads() {
 
 #[test]
 fn fail_open_goes_on_and_counts_the_loss() {
-    let env = setup("file = \"/dev/full\"\non_failure = \"fail-open\"\nfsync = \"never\"\nqueue = 16\n");
+    let env =
+        setup("file = \"/dev/full\"\non_failure = \"fail-open\"\nfsync = \"never\"\nqueue = 16\n");
     let (p11, s) = module();
-    s.login(UserType::User, Some(&AuthPin::new(PIN.into()))).expect("login goes on");
+    s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
+        .expect("login goes on");
     let k = rsa_key(&s);
     for _ in 0..64 {
-        s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).expect("sign goes on");
+        s.sign(&Mechanism::Sha256RsaPkcs, k, DATA)
+            .expect("sign goes on");
     }
-    let status: Value = serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap_or(Value::Null);
+    let status: Value =
+        serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap_or(Value::Null);
     let _ = status;
     drop(s);
     p11.finalize().expect("C_Finalize");
@@ -294,7 +352,9 @@ fn fail_open_goes_on_and_counts_the_loss() {
 }
 
 fn find_key(s: &Session, label: &str) -> ObjectHandle {
-    let found = s.find_objects(&[Attribute::Label(label.as_bytes().to_vec())]).unwrap();
+    let found = s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap();
     assert!(!found.is_empty(), "{label}");
     let _ = s.get_attributes(found[0], &[AttributeType::Label]);
     found[0]
@@ -317,10 +377,16 @@ fn failover_and_recovery_are_recorded() {
     let cfg = std::fs::read_to_string(env.config_path()).unwrap();
     let (head, audit) = cfg.split_once("[audit]").unwrap();
     let (audit, members_part) = audit.split_once("\n[[slot.member]]").unwrap();
-    env.write_config(&format!("{head}\n[[slot.member]]{members_part}\n[audit]{audit}\n"));
+    env.write_config(&format!(
+        "{head}\n[[slot.member]]{members_part}\n[audit]{audit}\n"
+    ));
     env.apply();
     let (p11, s) = module();
-    s.login(UserType::User, Some(&AuthPin::new(p11shim_tests::USER_PIN.into()))).unwrap();
+    s.login(
+        UserType::User,
+        Some(&AuthPin::new(p11shim_tests::USER_PIN.into())),
+    )
+    .unwrap();
     let k = find_key(&s, "rsa");
     s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).unwrap();
     // The member serving the session fails: the session moves.
@@ -344,7 +410,10 @@ fn failover_and_recovery_are_recorded() {
     p11.finalize().unwrap();
     let rs = records(&log);
     let down: Vec<_> = rs.iter().filter(|r| r["kind"] == "failover").collect();
-    assert!(down.iter().any(|r| r["function"] == "member_down"), "{rs:#?}");
+    assert!(
+        down.iter().any(|r| r["function"] == "member_down"),
+        "{rs:#?}"
+    );
     let rec = rs.iter().find(|r| r["kind"] == "recovery").unwrap();
     assert_eq!(rec["function"], "member_recovered");
     assert!(rec["member"].as_str().unwrap().starts_with("ha#"));

@@ -41,6 +41,15 @@ struct RawConfig {
     broker: Option<Spanned<RawBroker>>,
     acl: Option<Spanned<acl::RawAcl>>,
     audit: Option<Spanned<audit::RawAudit>>,
+    metrics: Option<Spanned<RawMetrics>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    file: Spanned<String>,
+    interval_ms: Option<Spanned<u64>>,
+    labels: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +120,50 @@ pub struct Config {
     pub acl: Option<AclConfig>,
     /// The audit log; `None`: none.
     pub audit: Option<AuditConfig>,
+    /// The Prometheus textfile, when `[metrics]` is configured.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: counters and histograms in the Prometheus text format,
+/// written to a file for node_exporter's textfile collector (a library in
+/// someone else's process opens no port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Absolute path of the file, ending in `.prom`; `{pid}` in its name
+    /// stands for the process id (see [`MetricsConfig::per_process`]).
+    pub file: PathBuf,
+    /// Time between two writes.
+    pub interval_ms: u64,
+    /// Labels added to every series, sorted by name.
+    pub labels: Vec<(String, String)>,
+}
+
+/// The placeholder for the process id in `[metrics] file`.
+pub const PID_PLACEHOLDER: &str = "{pid}";
+/// Shortest and longest `[metrics] interval_ms`.
+pub const METRICS_INTERVAL_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
+/// Label names p11shim sets itself, which `[metrics] labels` may not use.
+pub const RESERVED_LABELS: [&str; 10] = [
+    "slot", "member", "state", "op", "result", "le", "version", "pid", "token", "library",
+];
+
+impl MetricsConfig {
+    /// Whether every process writes its own file (`{pid}` in the name);
+    /// its series then carry a `pid` label too.
+    pub fn per_process(&self) -> bool {
+        self.file
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(PID_PLACEHOLDER))
+    }
+
+    /// The file of process `pid`.
+    pub fn file_for(&self, pid: u32) -> PathBuf {
+        PathBuf::from(
+            self.file
+                .to_string_lossy()
+                .replace(PID_PLACEHOLDER, &pid.to_string()),
+        )
+    }
 }
 
 /// `[broker]`: credentials by attestation from `p11shim-broker`.
@@ -665,6 +718,10 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         None => None,
         Some(a) => Some(audit::validate(ctx, a, broker.is_some())?),
     };
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => Some(validate_metrics(ctx, m)?),
+    };
 
     Ok(Config {
         source: ctx.file.to_path_buf(),
@@ -673,6 +730,98 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
         broker,
         acl,
         audit,
+        metrics,
+    })
+}
+
+fn validate_metrics(ctx: &Ctx<'_>, m: &Spanned<RawMetrics>) -> Result<MetricsConfig, ConfigError> {
+    let m = m.get_ref();
+    let f = &m.file;
+    let path = PathBuf::from(f.get_ref());
+    let bad = |msg: &str| Err(ctx.err(Some(&f.span()), "metrics.file", msg));
+    if !path.is_absolute() {
+        return bad("must be an absolute path");
+    }
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return bad("must name a file (UTF-8), not a directory");
+    };
+    if f.get_ref().ends_with('/') {
+        return bad("must name a file, not a directory");
+    }
+    if !name.ends_with(".prom") {
+        return bad("must end in `.prom`: node_exporter's textfile collector reads no other file");
+    }
+    let dir = path
+        .parent()
+        .map(|d| d.to_string_lossy())
+        .unwrap_or_default();
+    if dir.contains('{') || dir.contains('}') {
+        return bad("`{pid}` may appear in the file name only, not in its directory");
+    }
+    if name.replace(PID_PLACEHOLDER, "").contains(['{', '}']) {
+        return bad("the only placeholder is `{pid}`");
+    }
+    let interval_ms = match &m.interval_ms {
+        None => 15_000,
+        Some(i) if METRICS_INTERVAL_MS.contains(i.get_ref()) => *i.get_ref(),
+        Some(i) => {
+            return Err(ctx.err(
+                Some(&i.span()),
+                "metrics.interval_ms",
+                format!(
+                    "between {} and {} (milliseconds)",
+                    METRICS_INTERVAL_MS.start(),
+                    METRICS_INTERVAL_MS.end()
+                ),
+            ));
+        }
+    };
+    let mut labels = Vec::new();
+    if let Some(l) = &m.labels {
+        for (name, value) in l.get_ref() {
+            let key = format!("metrics.labels.{name}");
+            let valid = name
+                .chars()
+                .enumerate()
+                .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+            if name.is_empty() || !valid {
+                return Err(ctx.err(
+                    Some(&l.span()),
+                    key,
+                    format!("{name:?} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"),
+                ));
+            }
+            if name.starts_with("__") {
+                return Err(ctx.err(
+                    Some(&l.span()),
+                    key,
+                    "label names starting with `__` are reserved by Prometheus",
+                ));
+            }
+            if RESERVED_LABELS.contains(&name.as_str()) {
+                return Err(ctx.err(
+                    Some(&l.span()),
+                    key,
+                    format!("p11shim sets the label `{name}` itself"),
+                ));
+            }
+            if value.is_empty() {
+                return Err(ctx.err(
+                    Some(&l.span()),
+                    key,
+                    "an empty value is the same as no label to Prometheus",
+                ));
+            }
+            labels.push((name.clone(), value.clone()));
+        }
+        if labels.len() > 16 {
+            return Err(ctx.err(Some(&l.span()), "metrics.labels", "at most 16 labels"));
+        }
+    }
+    Ok(MetricsConfig {
+        file: path,
+        interval_ms,
+        labels,
     })
 }
 
@@ -974,6 +1123,91 @@ standby = true
             panic!("{:?}", c.acl)
         };
         assert_eq!((role.as_str(), policy.rules.len()), ("payments", 3));
+    }
+
+    #[test]
+    fn metrics_section() {
+        let base = "[[slot]]\nid = 0\nlabel = \"a\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t\"\n";
+        let c = parse(Path::new("p.toml"), base).unwrap();
+        assert_eq!(c.metrics, None);
+        let c = parse(
+            Path::new("p.toml"),
+            &format!(
+                "{base}[metrics]\nfile = \"/var/lib/node_exporter/textfile/p11shim-{{pid}}.prom\"\nlabels = {{ service = \"payments\", zone = \"a\\\"b\" }}\n"
+            ),
+        )
+        .unwrap();
+        let m = c.metrics.unwrap();
+        assert_eq!(m.interval_ms, 15_000);
+        assert!(m.per_process());
+        assert_eq!(
+            m.file_for(42),
+            PathBuf::from("/var/lib/node_exporter/textfile/p11shim-42.prom")
+        );
+        assert_eq!(
+            m.labels,
+            vec![
+                ("service".to_owned(), "payments".to_owned()),
+                ("zone".to_owned(), "a\"b".to_owned())
+            ]
+        );
+
+        // Each mistake names its line and key, and says what is expected.
+        let bad = |section: &str| err(&format!("{base}[metrics]\n{section}"));
+        let e = bad("file = \"/m.prom\"\ninterval_ms = 999\n");
+        assert_eq!(
+            e.to_string(),
+            "/etc/p.toml:9: key `metrics.interval_ms`: between 1000 and 3600000 (milliseconds)"
+        );
+        let e = bad("file = \"/m.prom\"\nlabels = { \"9x\" = \"v\" }\n");
+        assert_eq!(
+            e.to_string(),
+            "/etc/p.toml:9: key `metrics.labels.9x`: \"9x\" is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        );
+        let e = bad("file = \"/m.prom\"\nlabels = { \"a-b\" = \"v\" }\n");
+        assert_eq!(e.key.as_deref(), Some("metrics.labels.a-b"));
+        let e = bad("file = \"/m.prom\"\nlabels = { __x = \"v\" }\n");
+        assert!(e.message.contains("reserved by Prometheus"), "{e}");
+        let e = bad("file = \"/m.prom\"\nlabels = { slot = \"v\" }\n");
+        assert_eq!(e.message, "p11shim sets the label `slot` itself");
+        let e = bad("file = \"/m.prom\"\nlabels = { x = \"\" }\n");
+        assert_eq!(e.key.as_deref(), Some("metrics.labels.x"));
+        let e = bad("file = \"metrics/p11shim.prom\"\n");
+        assert_eq!(
+            e.to_string(),
+            "/etc/p.toml:8: key `metrics.file`: must be an absolute path"
+        );
+        let e = bad("file = \"/m.txt\"\n");
+        assert!(e.message.contains("`.prom`"), "{e}");
+        let e = bad("file = \"/d/{pid}/m.prom\"\n");
+        assert!(e.message.contains("file name only"), "{e}");
+        let e = bad("file = \"/m-{uid}.prom\"\n");
+        assert_eq!(e.message, "the only placeholder is `{pid}`");
+        let e = bad("file = \"/m.prom\"\nintervall_ms = 1000\n");
+        assert_eq!((e.line, e.key.as_deref()), (Some(9), Some("intervall_ms")));
+        let e = bad("interval_ms = 1000\n");
+        assert!(e.message.contains("missing field `file`"), "{e}");
+    }
+
+    #[test]
+    fn the_annotated_metrics_section_is_valid() {
+        // The example's [metrics] section is commented out (it writes into
+        // node_exporter's directory); uncommented, it must be valid.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/p11shim.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find("# [metrics]").expect("a [metrics] example");
+        let section: String = text[start..]
+            .lines()
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(&path, &format!("{text}\n{section}")).unwrap();
+        let m = c.metrics.expect("the uncommented section");
+        assert_eq!(m.interval_ms, 15_000);
+        assert!(m.per_process());
+        assert_eq!(m.labels, vec![("service".into(), "payments".into())]);
     }
 
     #[test]

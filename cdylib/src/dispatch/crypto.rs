@@ -53,6 +53,7 @@ impl Library {
         let sess = self.session(h)?;
         let slot = sess.slot;
         let started = self.started();
+        let start = self.op_clock();
         let (function, op) = init_of(kind);
         let info = if key == CK_INVALID_HANDLE {
             None // C_DigestInit
@@ -69,6 +70,9 @@ impl Library {
         });
         if key != CK_INVALID_HANDLE {
             self.audit_init(&sess, kind, function, m.kind(), info, started, &r);
+        }
+        if r.is_err() {
+            self.op_done(slot, kind.into(), false, start);
         }
         r?;
         if sess.replay {
@@ -92,12 +96,14 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let started = self.started();
+        let start = self.op_clock();
         let mut served = None;
         let r = self.on_session(&sess, Some(kind), |m, mi, vh| {
             served = Some(mi);
             call(m, vh)
         });
         if final_outcome(&r, size_query) == Outcome::Ended {
+            self.op_done(sess.slot, kind.into(), r.is_ok(), start);
             if sess.replay {
                 sess.state.lock().ops.end(kind);
             }
@@ -117,7 +123,13 @@ impl Library {
         mut call: impl FnMut(&Member, Sh) -> Result<()>,
     ) -> Result<()> {
         let sess = self.session(h)?;
+        let start = self.op_clock();
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
+        if r.as_ref()
+            .is_err_and(|e| !matches!(e, Error::Vendor(CKR_BUFFER_TOO_SMALL)))
+        {
+            self.op_done(sess.slot, kind.into(), false, start);
+        }
         if !sess.replay {
             return r;
         }
@@ -344,6 +356,20 @@ impl Library {
         m: Mechanism<'_>,
         wrapping: Oh,
         key: Oh,
+        out: OutBytes<'_>,
+    ) -> Result<()> {
+        let q = out.is_size_query();
+        self.as_op(h, crate::metrics::Op::Wrap, q, || {
+            self.wrap_key_op(h, m, wrapping, key, out)
+        })
+    }
+
+    fn wrap_key_op(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        wrapping: Oh,
+        key: Oh,
         mut out: OutBytes<'_>,
     ) -> Result<()> {
         let sess = self.session(h)?;
@@ -373,6 +399,20 @@ impl Library {
     /// `C_UnwrapKey`: a token key is unwrapped on every member that is up,
     /// from the same wrapped bytes under the same unwrapping key.
     pub fn unwrap_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        unwrapping: Oh,
+        wrapped: Bytes<'_>,
+        t: Template<'_>,
+        out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Unwrap, false, || {
+            self.unwrap_key_op(h, m, unwrapping, wrapped, t, out)
+        })
+    }
+
+    fn unwrap_key_op(
         &self,
         h: Sh,
         m: Mechanism<'_>,
@@ -458,6 +498,19 @@ impl Library {
     /// `C_DeriveKey`: a token key is derived on every member that is up,
     /// from the same base key and parameters.
     pub fn derive_key(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        base: Oh,
+        t: Template<'_>,
+        out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Derive, false, || {
+            self.derive_key_op(h, m, base, t, out)
+        })
+    }
+
+    fn derive_key_op(
         &self,
         h: Sh,
         m: Mechanism<'_>,

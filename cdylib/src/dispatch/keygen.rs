@@ -208,6 +208,18 @@ impl Library {
         h: Sh,
         m: Mechanism<'_>,
         t: Template<'_>,
+        out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Generate, false, || {
+            self.generate_key_op(h, m, t, out)
+        })
+    }
+
+    fn generate_key_op(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        t: Template<'_>,
         mut out: Out<'_, Oh>,
     ) -> Result<()> {
         let slot = self.session(h)?.slot;
@@ -259,6 +271,20 @@ impl Library {
     }
 
     pub fn generate_key_pair(
+        &self,
+        h: Sh,
+        m: Mechanism<'_>,
+        pub_t: Template<'_>,
+        priv_t: Template<'_>,
+        pub_out: Out<'_, Oh>,
+        priv_out: Out<'_, Oh>,
+    ) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Generate, false, || {
+            self.generate_key_pair_op(h, m, pub_t, priv_t, pub_out, priv_out)
+        })
+    }
+
+    fn generate_key_pair_op(
         &self,
         h: Sh,
         m: Mechanism<'_>,

@@ -38,8 +38,9 @@ use crate::backend::Vendor;
 use crate::config::{self, Config, MemberConfig, SlotConfig, TokenSelector};
 use crate::error::{Error, Result};
 use crate::logging;
+use crate::metrics::{self, Op};
 use crate::policy::Attrs;
-use crate::router::replay::{OpKind, OpRecord};
+use crate::router::replay::{OpKind, OpRecord, Outcome, final_outcome};
 use crate::router::{self, Member, recovery};
 use p11shim_audit::Kind;
 
@@ -101,6 +102,7 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         Some(lib) => {
             library::take();
             std::mem::forget(RECOVERY.lock().take());
+            metrics::stop_thread();
             tracing::info!("C_Initialize in a forked child: state of the parent discarded");
             lib.vendors.iter().map(|v| v.vendor.clone()).collect()
         }
@@ -124,6 +126,11 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
             }
         }
     }
+    if lib.metrics.is_some() && !no_threads {
+        if let Err(e) = metrics::start_thread(Arc::downgrade(&lib)) {
+            tracing::warn!(error = %e, "cannot start the metrics thread; no metrics file is written");
+        }
+    }
     tracing::info!(config = %path.display(), slots = lib.slots.len(), "p11shim initialized");
     library::install(lib);
     ATFORK.call_once(|| {
@@ -142,9 +149,15 @@ pub fn finalize() -> Result<()> {
         // The parent's state in a forked child: dropped without touching the
         // vendors, which belong to the parent.
         std::mem::forget(RECOVERY.lock().take());
+        metrics::stop_thread();
         return Err(Error::NotInitialized);
     }
     stop_threads();
+    // node_exporter has no staleness for textfiles: a file left behind
+    // would be served with its last values forever.
+    if let Some(m) = &lib.metrics {
+        m.remove();
+    }
     if let Some(a) = &lib.credentials {
         a.stop();
     }
@@ -185,6 +198,7 @@ pub fn stop_threads() {
     if let Some(mut t) = thread {
         t.stop();
     }
+    metrics::stop_thread();
 }
 
 /// A vendor library in use, and whether p11shim initialized it.
@@ -215,11 +229,18 @@ pub struct Slot {
     journal: resync::Journal,
     /// The broker's credentials, for a slot with `pin = "broker"`.
     pub agent: Option<Arc<crate::credentials::Agent>>,
+    /// Operations counted for `[metrics]`.
+    pub ops: metrics::SlotOps,
 }
 
 impl Slot {
     pub fn logged_in(&self) -> bool {
         self.login.lock().user.is_some()
+    }
+
+    /// Token changes member `m` missed while down.
+    pub fn missed_changes(&self, m: u32) -> usize {
+        self.journal.pending(m)
     }
 
     fn first_backoff(&self) -> Duration {
@@ -290,6 +311,8 @@ pub struct Library {
     acl: acl::AclState,
     /// The audit log.
     audit: Option<audit::Audit>,
+    /// The metrics file, when `[metrics]` is configured.
+    pub metrics: Option<metrics::Exporter>,
 }
 
 impl Library {
@@ -379,7 +402,8 @@ impl Library {
                         .call_timeout_ms
                         .filter(|_| !no_threads)
                         .map(Duration::from_millis);
-                    let m = Member::new(name, vendor, mc.clone(), vendor_slot, deadline);
+                    let mut m = Member::new(name, vendor, mc.clone(), vendor_slot, deadline);
+                    m.time_calls(cfg.metrics.is_some());
                     if vendor_slot.is_none() {
                         m.mark_down(Duration::from_millis(sc.recovery_interval_ms));
                     }
@@ -395,12 +419,18 @@ impl Library {
                     agent: agent
                         .clone()
                         .filter(|_| sc.pin == Some(crate::config::PinSource::Broker)),
+                    ops: Default::default(),
                 });
             }
             Ok(slots)
         })();
+        let exporter = cfg
+            .metrics
+            .as_ref()
+            .map(|m| metrics::Exporter::new(m, no_threads));
         match result {
             Ok(slots) => Ok(Library {
+                metrics: exporter,
                 fork_gen,
                 acl: acl::AclState::new(
                     cfg.acl.clone(),
@@ -904,8 +934,65 @@ impl Library {
     #[inline]
     fn probe_inline(&self) {
         if self.no_threads {
-            let _ = recovery::Probe::probe_due(self, Instant::now());
+            let now = Instant::now();
+            let _ = recovery::Probe::probe_due(self, now);
+            self.metrics_inline(now);
         }
+    }
+
+    /// Writes the metrics file from the application's call when it is due
+    /// and no thread may write it.
+    #[inline]
+    fn metrics_inline(&self, now: Instant) {
+        if let Some(m) = &self.metrics {
+            if m.due(now) {
+                m.write_inline(now, |m| metrics::text::render(self, m));
+            }
+        }
+    }
+
+    /// The start of a call that may end an operation, when metrics are on.
+    #[inline(always)]
+    fn op_clock(&self) -> Option<Instant> {
+        self.metrics.as_ref().map(|_| Instant::now())
+    }
+
+    /// Counts an operation of `op` that ended on slot `slot`, with the
+    /// duration of the call that ended it (metrics on).
+    /// Without metrics this is one test of `start`, inlined in the caller.
+    #[inline(always)]
+    fn op_done(&self, slot: u32, op: Op, ok: bool, start: Option<Instant>) {
+        if let Some(start) = start {
+            self.op_record(slot, op, ok, start);
+        }
+    }
+
+    fn op_record(&self, slot: u32, op: Op, ok: bool, start: Instant) {
+        let now = Instant::now();
+        self.slots[slot as usize].ops.record(op, ok, now - start);
+        self.metrics_inline(now);
+    }
+
+    /// Runs a call that is a whole operation of `op` on session `h`, and
+    /// counts it unless it was a size query or `CKR_BUFFER_TOO_SMALL`.
+    #[inline]
+    fn as_op<T>(
+        &self,
+        h: CK_SESSION_HANDLE,
+        op: Op,
+        size_query: bool,
+        call: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let Some(start) = self.op_clock() else {
+            return call();
+        };
+        let r = call();
+        if final_outcome(&r, size_query) == Outcome::Ended {
+            if let Some(sess) = self.sessions.get(h) {
+                self.op_done(sess.slot, op, r.is_ok(), Some(start));
+            }
+        }
+        r
     }
 
     /// Probes a down member: finds its token again, opens its session,

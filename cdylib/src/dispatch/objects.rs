@@ -393,7 +393,15 @@ impl Library {
         Ok(())
     }
 
+    /// `C_FindObjectsInit` is counted as the `find` operation: the search
+    /// itself happens there in most tokens.
     pub fn find_objects_init(&self, h: CK_SESSION_HANDLE, t: Template<'_>) -> Result<()> {
+        self.as_op(h, crate::metrics::Op::Find, false, || {
+            self.find_objects_init_op(h, t)
+        })
+    }
+
+    fn find_objects_init_op(&self, h: CK_SESSION_HANDLE, t: Template<'_>) -> Result<()> {
         let sess = self.session(h)?;
         self.on_session(&sess, None, |m, _, vh| m.vendor.find_objects_init(vh, t))?;
         if sess.replay {

@@ -376,7 +376,9 @@ impl Library {
     /// is kept (wiped on logout) to log in members that come back.
     pub fn login(&self, h: CK_SESSION_HANDLE, user: CK_USER_TYPE, pin: Pin<'_>) -> Result<()> {
         self.audited_login(h, "C_Login", Kind::Login, user, || {
-            self.login_as(h, user, pin)
+            self.as_op(h, crate::metrics::Op::Login, false, || {
+                self.login_as(h, user, pin)
+            })
         })
     }
 
@@ -473,7 +475,9 @@ impl Library {
         name: Bytes<'_>,
     ) -> Result<()> {
         self.audited_login(h, "C_LoginUser", Kind::Login, user, || {
-            self.login_user_as(h, user, pin, name)
+            self.as_op(h, crate::metrics::Op::Login, false, || {
+                self.login_user_as(h, user, pin, name)
+            })
         })
     }
 

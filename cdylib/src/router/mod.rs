@@ -70,6 +70,8 @@ pub struct Member {
     /// Vendor sessions left behind when sessions moved off the member while
     /// it was down.
     orphans: Mutex<Vec<CK_SESSION_HANDLE>>,
+    /// Every call is timed into `stats.calls` (`[metrics]` is configured).
+    timed: bool,
 }
 
 /// Counters of a member, for the status query and the logs.
@@ -83,6 +85,8 @@ pub struct MemberStats {
     pub recoveries: AtomicU64,
     /// Moving average of sampled call latency, in microseconds.
     pub latency_us: AtomicU64,
+    /// Duration of every call, when the member is timed (`[metrics]`).
+    pub calls: crate::metrics::Histogram,
 }
 
 impl Member {
@@ -114,11 +118,17 @@ impl Member {
             inflight: AtomicU32::new(0),
             recovering: AtomicBool::new(false),
             orphans: Mutex::new(Vec::new()),
+            timed: false,
         };
         if vendor_slot.is_none() {
             m.health.store(Health::Down as u8, Ordering::Relaxed);
         }
         m
+    }
+
+    /// Times every call of the member into `stats.calls`.
+    pub fn time_calls(&mut self, on: bool) {
+        self.timed = on;
     }
 
     /// The member's slot in its vendor library, when its token was found.
@@ -303,10 +313,11 @@ impl Member {
 
     /// Runs a vendor call on the member, counting its failures and, when
     /// `sample` (one call in 64 of a session), timing it. Nothing shared is
-    /// written on the common path.
+    /// written on the common path, unless `[metrics]` asks for every call's
+    /// duration (one relaxed addition to a histogram bucket).
     #[inline(always)]
     pub fn track<T>(&self, sample: bool, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-        if !sample {
+        if !sample && !self.timed {
             let r = f();
             if r.is_err() {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -315,11 +326,17 @@ impl Member {
         }
         let start = Instant::now();
         let r = f();
-        let us = start.elapsed().as_micros() as u64;
-        let old = self.stats.latency_us.load(Ordering::Relaxed);
-        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
-        self.stats.latency_us.store(new, Ordering::Relaxed);
-        self.stats.sampled.fetch_add(1, Ordering::Relaxed);
+        let took = start.elapsed();
+        if self.timed {
+            self.stats.calls.observe(took);
+        }
+        if sample {
+            let us = took.as_micros() as u64;
+            let old = self.stats.latency_us.load(Ordering::Relaxed);
+            let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+            self.stats.latency_us.store(new, Ordering::Relaxed);
+            self.stats.sampled.fetch_add(1, Ordering::Relaxed);
+        }
         if r.is_err() {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -414,6 +431,7 @@ mod tests {
             inflight: AtomicU32::new(0),
             recovering: AtomicBool::new(false),
             orphans: Mutex::new(Vec::new()),
+            timed: false,
         }
     }
 
