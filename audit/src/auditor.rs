@@ -686,3 +686,37 @@ impl Writer {
         self.shared.notify();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auditor_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Auditor>();
+        check::<Arc<Auditor>>();
+    }
+
+    #[test]
+    fn configuration_errors_are_refused() {
+        assert!(matches!(
+            Auditor::start(Config::default(), None),
+            Err(Error::Config(_))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = Some(crate::FileSink::new(dir.path().join("a.log")));
+        let cfg = Config {
+            file: file.clone(),
+            checkpoint_records: 0,
+            ..Config::default()
+        };
+        assert!(matches!(Auditor::start(cfg, None), Err(Error::Config(_))));
+        let cfg = Config {
+            file: Some(crate::FileSink::new(dir.path().join("no/such/dir/a.log"))),
+            ..Config::default()
+        };
+        let e = Auditor::start(cfg, None).unwrap_err();
+        assert!(e.to_string().contains("no/such/dir/a.log"), "{e}");
+    }
+}
