@@ -269,8 +269,12 @@ fn keys(s: &Session, prefix: &str) -> Keys {
     }
 }
 
+/// Denials seen by the matrix, each of which must have its audit record.
+static DENIALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 #[track_caller]
 fn denied<T: std::fmt::Debug>(r: Result<T, CkError>, rv: RvError) {
+    DENIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match r {
         Err(CkError::Pkcs11(got, _)) if got == rv => {}
         other => panic!("expected {rv:?}, got {other:?}"),
@@ -307,7 +311,11 @@ fn every_operation_allowed_and_denied() {
     );
     env.single_slot_config("p11shim", TOKEN, "", "");
     let cfg = std::fs::read_to_string(env.config_path()).unwrap();
-    env.write_config(&format!("{cfg}\n{MATRIX}"));
+    let audit = env.path().join("audit.jsonl");
+    env.write_config(&format!(
+        "{cfg}\n{MATRIX}\n[audit]\nfile = \"{}\"\nfsync = \"always\"\n",
+        audit.display()
+    ));
     env.apply();
     let p11 = Pkcs11::new(p11shim_lib()).expect("load p11shim");
     p11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -525,6 +533,38 @@ fn every_operation_allowed_and_denied() {
     s.destroy_object(target).expect("destroy a full-* key");
     drop(s);
     p11.finalize().expect("C_Finalize");
+
+    // Every denial has its audit record, with the code the caller got.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let denials: Vec<_> = records.iter().filter(|r| r["kind"] == "denial").collect();
+    assert_eq!(
+        denials.len(),
+        DENIALS.load(std::sync::atomic::Ordering::Relaxed),
+        "{denials:#?}"
+    );
+    for d in &denials {
+        let result = d["result"].as_str().unwrap();
+        assert!(
+            [
+                "CKR_KEY_FUNCTION_NOT_PERMITTED",
+                "CKR_MECHANISM_INVALID",
+                "CKR_TEMPLATE_INCONSISTENT"
+            ]
+            .contains(&result),
+            "{d}"
+        );
+        assert_eq!(d["role"], "matrix");
+        assert!(d["detail"].as_str().is_some_and(|s| !s.is_empty()), "{d}");
+    }
+    assert!(
+        denials
+            .iter()
+            .any(|d| d["function"] == "C_SignInit" && d["key"]["label"] == "none-rsa")
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -50,7 +50,13 @@ fn ed25519_key(env: &TestEnv) -> (PathBuf, PathBuf) {
 /// A token with an RSA signing key `tls-web` (id 01), a config with the
 /// `web` role's ACL and `audit` (appended to `[audit]`).
 fn setup(audit: &str) -> TestEnv {
+    setup_with(|_| audit.to_string())
+}
+
+/// [`setup`] with an `[audit]` section that may name files of the test.
+fn setup_with(audit: impl FnOnce(&TestEnv) -> String) -> TestEnv {
     let env = TestEnv::new();
+    let audit = audit(&env);
     env.init_token_with(TOKEN, SO, PIN);
     let pem = env.rsa_pem();
     let out = std::process::Command::new("softhsm2-util")
@@ -119,16 +125,17 @@ fn rsa_key(s: &Session) -> ObjectHandle {
 
 #[test]
 fn a_session_leaves_signed_records_that_name_role_key_and_result() {
-    let env = TestEnv::new();
-    let (key, public) = ed25519_key(&env);
+    let mut public = PathBuf::new();
+    let env = setup_with(|env| {
+        let (key, public_key) = ed25519_key(env);
+        public = public_key;
+        format!(
+            "file = \"{}\"\nfsync = \"always\"\nsigning_key = \"file:{}\"\ndata_hash = true\n",
+            env.path().join("audit.jsonl").display(),
+            key.display()
+        )
+    });
     let log = env.path().join("audit.jsonl");
-    drop(env);
-    let env = setup(&format!(
-        "file = \"{}\"\nfsync = \"always\"\nsigning_key = \"file:{}\"\ndata_hash = true\n",
-        log.display(),
-        key.display()
-    ));
-    let _keep = (key, public.clone());
     let (p11, s) = module();
     s.login(UserType::User, Some(&AuthPin::new(PIN.into())))
         .unwrap();
@@ -220,12 +227,20 @@ fn a_session_leaves_signed_records_that_name_role_key_and_result() {
 
     // The chain verifies with the public key, and not with another.
     let pem = std::fs::read_to_string(&public).unwrap();
-    let report = verify(&[log.clone()], &VerifyKey::from_public_pem(&pem).unwrap()).unwrap();
+    let report = verify(
+        std::slice::from_ref(&log),
+        &VerifyKey::from_public_pem(&pem).unwrap(),
+    )
+    .unwrap();
     assert!(report.broken.is_none(), "{report:?}");
     let other = TestEnv::new();
     let (_, other_pub) = ed25519_key(&other);
     let pem = std::fs::read_to_string(&other_pub).unwrap();
-    let report = verify(&[log.clone()], &VerifyKey::from_public_pem(&pem).unwrap()).unwrap();
+    let report = verify(
+        std::slice::from_ref(&log),
+        &VerifyKey::from_public_pem(&pem).unwrap(),
+    )
+    .unwrap();
     assert!(
         report.broken.is_some(),
         "a wrong key must not verify: {report:?}"
@@ -291,11 +306,14 @@ fn fail_closed_refuses_security_relevant_calls_while_the_sink_fails() {
         .unwrap();
     let digest = other.digest(&Mechanism::Sha256, b"abc").unwrap();
     assert_eq!(digest.len(), 32);
-    let objects = other.find_objects(&[]).unwrap();
-    assert!(
-        objects.is_empty(),
-        "public objects only, and the role sees none"
-    );
+    // The public key of tls-web: the role's, and not private.
+    for o in other.find_objects(&[]).unwrap() {
+        let l = other.get_attributes(o, &[AttributeType::Label]).unwrap();
+        assert!(
+            matches!(l.as_slice(), [Attribute::Label(v)] if v == b"tls-web"),
+            "{l:?}"
+        );
+    }
     drop((s, other));
     let t = Instant::now();
     p11.finalize().expect("C_Finalize");
@@ -341,9 +359,11 @@ fn fail_open_goes_on_and_counts_the_loss() {
         s.sign(&Mechanism::Sha256RsaPkcs, k, DATA)
             .expect("sign goes on");
     }
-    let status: Value =
-        serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap_or(Value::Null);
-    let _ = status;
+    // The status query counts what was lost.
+    let status: Value = serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap();
+    let audit = &status["audit"];
+    assert_eq!(audit["healthy"], false, "{audit}");
+    assert!(audit["lost"].as_u64().unwrap() > 0, "{audit}");
     drop(s);
     p11.finalize().expect("C_Finalize");
     // The loss is logged (once per episode) in the diagnostic log.
@@ -353,10 +373,12 @@ fn fail_open_goes_on_and_counts_the_loss() {
 
 fn find_key(s: &Session, label: &str) -> ObjectHandle {
     let found = s
-        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
         .unwrap();
     assert!(!found.is_empty(), "{label}");
-    let _ = s.get_attributes(found[0], &[AttributeType::Label]);
     found[0]
 }
 
@@ -389,16 +411,11 @@ fn failover_and_recovery_are_recorded() {
     .unwrap();
     let k = find_key(&s, "rsa");
     s.sign(&Mechanism::Sha256RsaPkcs, k, DATA).unwrap();
-    // The member serving the session fails: the session moves.
-    let status: Value = serde_json::from_str(&p11shim_tests::status_json(&p11shim_lib())).unwrap();
-    let _ = status;
-    for m in &members {
-        m.set("C_Sign*=CKR_DEVICE_ERROR");
-    }
-    members[1].heal();
-    let r = s.sign(&Mechanism::Sha256RsaPkcs, k, DATA);
-    // Whichever member served, the second is healthy: the signature is made.
-    r.expect("sign after failover");
+    // The member serving the first session (the first member) fails: the
+    // session moves to the other.
+    members[0].set("fail all CKR_DEVICE_ERROR\n");
+    s.sign(&Mechanism::Sha256RsaPkcs, k, DATA)
+        .expect("sign after failover");
     members[0].heal();
     // Recovery: bounded wait for the probe to bring the member back.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -418,4 +435,71 @@ fn failover_and_recovery_are_recorded() {
     assert_eq!(rec["function"], "member_recovered");
     assert!(rec["member"].as_str().unwrap().starts_with("ha#"));
     assert!(verify(&[log], &VerifyKey::None).unwrap().broken.is_none());
+}
+
+#[test]
+fn broker_exchanges_are_recorded_and_checkpoints_use_the_brokers_key() {
+    use p11shim_tests::peers::broker::{
+        TestBroker, broker_toml, fingerprint_role, module_broker, write_secret,
+    };
+    let env = TestEnv::new();
+    env.init_token_with(TOKEN, SO, PIN);
+    let pin_file = write_secret(env.path(), "role.pin", PIN);
+    let hmac_key = "audit-hmac-key-5b1e0c9d8a7f6e5d4c3b2a19";
+    let key_file = write_secret(env.path(), "audit.key", hmac_key);
+    let broker = TestBroker::start(&broker_toml(
+        env.path(),
+        &fingerprint_role(
+            "signer",
+            &pin_file,
+            &format!("audit_key = \"file:{}\"", key_file.display()),
+        ),
+    ));
+    let log = env.path().join("audit.jsonl");
+    env.write_config(&format!(
+        "[[slot]]\nid = 0\nlabel = \"p11shim\"\npin = \"broker\"\n\n[[slot.member]]\nlibrary = \"{}\"\ntoken = \"{TOKEN}\"\n\n{}\n[audit]\nfile = \"{}\"\nfsync = \"always\"\nsigning_key = \"broker\"\n",
+        softhsm_lib().display(),
+        module_broker(&broker.url(), "signer", "static-fingerprint", ""),
+        log.display(),
+    ));
+    env.apply();
+    let (p11, s) = module();
+    // No PIN: the broker's goes to the token.
+    s.login(UserType::User, None)
+        .expect("login with the broker's PIN");
+    s.logout().unwrap();
+    drop(s);
+    p11.finalize().unwrap();
+
+    let rs = records(&log);
+    let c = rs
+        .iter()
+        .find(|r| r["kind"] == "credentials")
+        .expect("a credentials record");
+    assert_eq!(c["result"], "CKR_OK");
+    assert_eq!(c["role"], "signer");
+    assert!(
+        c["subject"].as_str().unwrap().starts_with("fingerprint:"),
+        "{c}"
+    );
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("method=static-fingerprint")
+    );
+    let login = find(&rs, "login", "C_Login");
+    assert_eq!(login[0]["detail"], "user=user pin_source=broker");
+    assert_eq!(login[0]["subject"], c["subject"]);
+    // Checkpoints are signed with the broker's HMAC key: the log verifies
+    // with it and not with another.
+    let key = |k: &str| VerifyKey::Hmac(p11shim_audit::Zeroizing::new(k.as_bytes().to_vec()));
+    let report = verify(std::slice::from_ref(&log), &key(hmac_key)).unwrap();
+    assert!(report.broken.is_none(), "{report:?}");
+    assert!(report.checkpoints > 0);
+    let report = verify(std::slice::from_ref(&log), &key("another key")).unwrap();
+    assert!(report.broken.is_some());
+    // Neither the PIN nor the HMAC key reached a log.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(PIN) && !text.contains(hmac_key));
 }

@@ -161,7 +161,11 @@ impl Library {
         op: Option<Op>,
         mechanism: Option<CK_MECHANISM_TYPE>,
     ) -> Result<Option<Arc<ObjectInfo>>> {
-        self.audit_admit(function)?;
+        // Reading an object's attributes is not security-relevant; using
+        // or changing a key is.
+        if op.is_some() {
+            self.audit_admit(function)?;
+        }
         let Some(c) = self.acl_now() else {
             return Ok(match &self.audit {
                 Some(_) => self.objects.info(o),

@@ -122,8 +122,12 @@ impl Audit {
         })
     }
 
-    /// Stops the writer: drains the queue, writes the final checkpoint.
-    pub fn stop(&self) {
+    /// Stops the writer: drains the queue, writes the final checkpoint
+    /// (signed with the broker's key when one arrived since the last record).
+    pub fn stop(&self, agent: Option<&Agent>) {
+        if let Some(agent) = agent {
+            self.refresh_who(agent);
+        }
         self.auditor.stop(Duration::from_secs(2));
     }
 }
@@ -141,6 +145,19 @@ fn read_signing_key(path: &std::path::Path) -> Result<Signer> {
     let pem =
         zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
     Signer::from_pkcs8_pem(&pem).map_err(|e| bad(e.to_string()))
+}
+
+/// The `*Init` function of an operation.
+pub fn init_function(kind: OpKind) -> &'static str {
+    match kind {
+        OpKind::Encrypt => "C_EncryptInit",
+        OpKind::Decrypt => "C_DecryptInit",
+        OpKind::Digest => "C_DigestInit",
+        OpKind::Sign => "C_SignInit",
+        OpKind::Verify => "C_VerifyInit",
+        OpKind::SignRecover => "C_SignRecoverInit",
+        OpKind::VerifyRecover => "C_VerifyRecoverInit",
+    }
 }
 
 /// The record of a finished key operation.
@@ -213,7 +230,6 @@ impl Library {
         &self,
         sess: &Session,
         kind: OpKind,
-        function: &'static str,
         mechanism: CK_MECHANISM_TYPE,
         key: Option<Arc<ObjectInfo>>,
         started: Started,
@@ -231,7 +247,7 @@ impl Library {
                 mechanism: Some(mechanism as u64),
                 key,
                 latency_us: started.micros(),
-                ..Record::new(Kind::KeyUse, function, rv_of(r))
+                ..Record::new(Kind::KeyUse, init_function(kind), rv_of(r))
             }),
         }
     }
@@ -241,9 +257,8 @@ impl Library {
         &self,
         sess: &Session,
         kind: OpKind,
-        single: bool,
+        single: Option<&[u8]>,
         member: Option<u32>,
-        data: &[u8],
         started: Started,
         r: &Result<()>,
     ) {
@@ -252,9 +267,9 @@ impl Library {
             return; // digests: no key
         };
         let slot = &self.slots[sess.slot as usize];
-        let data_sha256 = (a.data_hash && single && !data.is_empty()).then(|| {
+        let data_sha256 = single.filter(|d| a.data_hash && !d.is_empty()).map(|d| {
             use sha2::{Digest, Sha256};
-            Sha256::digest(data).into()
+            Sha256::digest(d).into()
         });
         self.audit(|| Record {
             time: started.time(),
@@ -264,15 +279,14 @@ impl Library {
             key: op.key,
             latency_us: started.micros(),
             data_sha256,
-            ..Record::new(Kind::KeyUse, op_function(kind, single), rv_of(r))
+            ..Record::new(Kind::KeyUse, op_function(kind, single.is_some()), rv_of(r))
         });
     }
 
     /// A call that makes, changes or uses keys in one step.
     pub(super) fn audit_call<T>(
         &self,
-        kind: Kind,
-        function: &'static str,
+        (kind, function): (Kind, &'static str),
         slot: u32,
         mechanism: Option<CK_MECHANISM_TYPE>,
         key: Option<Arc<KeyRef>>,

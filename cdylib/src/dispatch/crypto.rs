@@ -28,15 +28,14 @@ type Oh = CK_OBJECT_HANDLE;
 
 /// The `*Init` function of an operation and what the ACL calls it.
 fn init_of(kind: OpKind) -> (&'static str, Op) {
-    match kind {
-        OpKind::Encrypt => ("C_EncryptInit", Op::Encrypt),
-        OpKind::Decrypt => ("C_DecryptInit", Op::Decrypt),
-        OpKind::Digest => ("C_DigestInit", Op::Digest),
-        OpKind::Sign => ("C_SignInit", Op::Sign),
-        OpKind::Verify => ("C_VerifyInit", Op::Verify),
-        OpKind::SignRecover => ("C_SignRecoverInit", Op::Sign),
-        OpKind::VerifyRecover => ("C_VerifyRecoverInit", Op::Verify),
-    }
+    let op = match kind {
+        OpKind::Encrypt => Op::Encrypt,
+        OpKind::Decrypt => Op::Decrypt,
+        OpKind::Digest => Op::Digest,
+        OpKind::Sign | OpKind::SignRecover => Op::Sign,
+        OpKind::Verify | OpKind::VerifyRecover => Op::Verify,
+    };
+    (super::audit::init_function(kind), op)
 }
 
 impl Library {
@@ -69,7 +68,7 @@ impl Library {
             bounded::init(mem, vh, m, k, init)
         });
         if key != CK_INVALID_HANDLE {
-            self.audit_init(&sess, kind, function, m.kind(), info, started, &r);
+            self.audit_init(&sess, kind, m.kind(), info, started, &r);
         }
         if r.is_err() {
             self.op_done(slot, kind.into(), false, start);
@@ -107,7 +106,8 @@ impl Library {
             if sess.replay {
                 sess.state.lock().ops.end(kind);
             }
-            self.audit_end(&sess, kind, single, served, data, started, &r);
+            let single = single.then_some(data);
+            self.audit_end(&sess, kind, single, served, started, &r);
         }
         r
     }
@@ -304,7 +304,7 @@ impl Library {
             m.vendor.digest_key(vh, self.object_on(slot, mi, key)?)
         });
         let key = info.map(|i| i.key_ref.clone());
-        self.audit_call(Kind::KeyUse, f, slot, None, key, started, &r);
+        self.audit_call((Kind::KeyUse, f), slot, None, key, started, &r);
         let mut st = sess.state.lock();
         match r {
             Ok(()) => st.ops.taint(OpKind::Digest),
@@ -391,7 +391,7 @@ impl Library {
         });
         if !size_query && !matches!(r, Err(Error::Vendor(CKR_BUFFER_TOO_SMALL))) {
             let wrapping = info.map(|i| i.key_ref.clone());
-            self.audit_call(Kind::KeyUse, f, slot, mech, wrapping, started, &r);
+            self.audit_call((Kind::KeyUse, f), slot, mech, wrapping, started, &r);
         }
         r
     }
@@ -442,7 +442,7 @@ impl Library {
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         });
         let key = info.map(|i| i.key_ref.clone());
-        self.audit_call(Kind::KeyUse, f, slot, mech, key, started, &r);
+        self.audit_call((Kind::KeyUse, f), slot, mech, key, started, &r);
         let (o, made_on) = r?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             // What a member that is down needs to unwrap the key later.
@@ -555,7 +555,7 @@ impl Library {
             Ok((self.app_object(slot, mi, &mem.vendor, vh, Some(h), k), mi))
         });
         let key = info.map(|i| i.key_ref.clone());
-        self.audit_call(Kind::KeyUse, f, slot, mech, key, started, &r);
+        self.audit_call((Kind::KeyUse, f), slot, mech, key, started, &r);
         let (o, made_on) = r?;
         if self.slots[slot as usize].members.len() > 1 && t.bool_attr(CKA_TOKEN) == Some(true) {
             // Derivation parameters with pointers (ECDH's public data) are
@@ -671,7 +671,7 @@ impl Library {
             init(&mem.vendor, vh, m, self.object_on(sess.slot, mi, key)?)
         });
         let key = info.map(|i| i.key_ref.clone());
-        self.audit_call(Kind::KeyUse, function, sess.slot, mech, key, started, &r);
+        self.audit_call((Kind::KeyUse, function), sess.slot, mech, key, started, &r);
         r
     }
 }

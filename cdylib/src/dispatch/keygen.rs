@@ -228,7 +228,7 @@ impl Library {
         let started = self.started();
         let r = self.generate_key_made(h, m, t);
         let made = r.as_ref().ok().and_then(|o| self.key_ref(*o));
-        self.audit_call(Kind::KeyManagement, f, slot, mech, made, started, &r);
+        self.audit_call((Kind::KeyManagement, f), slot, mech, made, started, &r);
         out.write(r?);
         Ok(())
     }
@@ -300,7 +300,7 @@ impl Library {
         let started = self.started();
         let r = self.generate_key_pair_made(h, m, pub_t, priv_t);
         let made = r.as_ref().ok().and_then(|(_, sk)| self.key_ref(*sk));
-        self.audit_call(Kind::KeyManagement, f, slot, mech, made, started, &r);
+        self.audit_call((Kind::KeyManagement, f), slot, mech, made, started, &r);
         let (pk, sk) = r?;
         pub_out.write(pk);
         priv_out.write(sk);

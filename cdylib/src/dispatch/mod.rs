@@ -162,7 +162,7 @@ pub fn finalize() -> Result<()> {
         a.stop();
     }
     if let Some(a) = &lib.audit {
-        a.stop();
+        a.stop(lib.credentials.as_deref());
     }
     handles::invalidate_cached_sessions();
     for v in lib.vendors.iter().filter(|v| v.owned) {

@@ -179,7 +179,7 @@ impl Library {
             ))
         });
         let made = r.as_ref().ok().and_then(|(o, _)| self.key_ref(*o));
-        self.audit_call(Kind::KeyManagement, f, sess.slot, None, made, started, &r);
+        self.audit_call((Kind::KeyManagement, f), sess.slot, None, made, started, &r);
         let (o, m) = r?;
         if sess.replay && t.bool_attr(CKA_TOKEN) != Some(true) {
             // A session object follows its session to another member.
@@ -232,7 +232,7 @@ impl Library {
             Ok((self.app_object(slot, mi, &m.vendor, vh, Some(h), o), mi))
         });
         let made = r.as_ref().ok().and_then(|(o, _)| self.key_ref(*o));
-        self.audit_call(Kind::KeyManagement, f, slot, None, made, started, &r);
+        self.audit_call((Kind::KeyManagement, f), slot, None, made, started, &r);
         let (o, m) = r?;
         if self.multi(&sess)
             && self
@@ -280,7 +280,7 @@ impl Library {
                 .map(|_| mi)
         });
         let key = info.map(|i| i.key_ref.clone());
-        self.audit_call(Kind::KeyManagement, f, slot, None, key, started, &r);
+        self.audit_call((Kind::KeyManagement, f), slot, None, key, started, &r);
         let done_on = r?;
         let identity = self.objects.get(o).and_then(|e| e.identity);
         let later: Change = Arc::new(move |_, m, _, cs| match &identity {
@@ -368,7 +368,7 @@ impl Library {
             }
             Ok(mi)
         });
-        self.audit_call(Kind::KeyManagement, f, slot, None, key, started, &r);
+        self.audit_call((Kind::KeyManagement, f), slot, None, key, started, &r);
         let done_on = r?;
         let saved = t.save();
         let later: Change = Arc::new(move |_, m, _, cs| match (&before, &saved) {
