@@ -80,7 +80,13 @@ typedef struct P11SHIM_FUNCTION_LIST {
    *                          "inflight":0,"missed_changes":0,
    *                          "logged_in":true,"latency_us":41,
    *                          "sampled_calls":120,"errors":0,"failovers":0,
-   *                          "recoveries":0,"down_ms":null}, ...]}]}
+   *                          "recoveries":0,"down_ms":null}, ...]}],
+   *    "credentials":{...},          with [broker]; else null
+   *    "acl":{"source":"config","role":"web","rules":2,"epoch":1},
+   *                                  with [acl]; else null
+   *    "audit":{"chain":"9f...","healthy":true,"written":1200,"lost":0,
+   *             "queued":0,"sink_errors":0,"checkpoints":2}}
+   *                                  with [audit]; else null
    *
    * A member's state is "active", "standby", "down", "recovering" (a
    * probe is logging it in and giving it what it missed) or "absent" (its
