@@ -335,6 +335,7 @@ impl Broker {
             pin: Secret(pin),
             mtls,
             audit_key,
+            approval_token: None,
         };
         let expires = now + role.ttl;
         let expires_at = rfc3339(expires);

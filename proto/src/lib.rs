@@ -8,6 +8,7 @@
 //! (RFC 9180, X25519 / HKDF-SHA256 / ChaCha20-Poly1305) to that ephemeral
 //! key, so TLS terminators and access logs never see a PIN.
 
+pub mod approval;
 pub mod fingerprint;
 pub mod names;
 pub mod policy;

@@ -26,6 +26,67 @@ use crate::names;
 pub struct PolicyDoc {
     #[serde(default)]
     pub keys: Vec<RuleDoc>,
+    /// Keys whose use needs m-of-n approval (docs/quorum.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quorum: Vec<QuorumDoc>,
+}
+
+/// A quorum rule as written: the keys and operations it covers, and who
+/// approves.
+///
+/// ```toml
+/// quorum = [{ label = "ca-root*", ops = ["sign"], m = 2, approvers = ["alice", "bob", "carol"], wait_ms = 60000 }]
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuorumDoc {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
+    /// Operations that need approval: sign, decrypt, unwrap, derive, wrap,
+    /// destroy.
+    pub ops: Vec<String>,
+    /// Approvals needed.
+    pub m: u32,
+    /// Who may approve (names of the broker's `[approvers.<name>]`).
+    pub approvers: Vec<String>,
+    /// How long the application's call waits for approval (0: it returns
+    /// `CKR_FUNCTION_REJECTED` at once, and succeeds when called again once
+    /// approved). At most one hour.
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// How long a request stays open (seconds, 60 to 86400; default 3600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_s: Option<u64>,
+}
+
+/// Operations a quorum rule may cover: those whose call p11shim can hold
+/// until approval comes.
+pub const QUORUM_OPS: [Op; 6] = [
+    Op::Sign,
+    Op::Decrypt,
+    Op::Unwrap,
+    Op::Derive,
+    Op::Wrap,
+    Op::Destroy,
+];
+
+/// A validated quorum rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quorum {
+    /// Its selectors and the operations it covers (`mechanisms` unused).
+    pub rule: Rule,
+    pub m: u32,
+    pub approvers: Vec<String>,
+    pub wait_ms: u64,
+    pub ttl_s: u64,
 }
 
 /// One rule as written.
@@ -167,15 +228,72 @@ pub struct Rule {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub rules: Vec<Rule>,
+    pub quorum: Vec<Quorum>,
+}
+
+impl Policy {
+    /// The quorum rule covering `op` on an object, if any (the first).
+    pub fn quorum_for(&self, a: &Attrs, op: Op) -> Option<&Quorum> {
+        self.quorum
+            .iter()
+            .find(|q| q.rule.ops.contains(op) && q.rule.mismatch(a).is_none())
+    }
+}
+
+/// The attributes a rule can select on, as read from the token (or as a
+/// template asks for them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attrs {
+    pub class: Option<u64>,
+    pub key_type: Option<u64>,
+    pub id: Option<Vec<u8>>,
+    pub label: Option<Vec<u8>>,
+    pub unique_id: Option<Vec<u8>>,
+}
+
+impl Rule {
+    /// `None` when the rule selects the object, else the first selector
+    /// that does not match.
+    pub fn mismatch(&self, a: &Attrs) -> Option<&'static str> {
+        if let Some(g) = &self.label {
+            if !a.label.as_deref().is_some_and(|l| g.matches(l)) {
+                return Some("label");
+            }
+        }
+        if self.id.is_some() && self.id != a.id {
+            return Some("id");
+        }
+        if self.class.is_some() && self.class != a.class {
+            return Some("class");
+        }
+        if self.key_type.is_some() && self.key_type != a.key_type {
+            return Some("key_type");
+        }
+        if self.unique_id.is_some() && self.unique_id != a.unique_id {
+            return Some("unique_id");
+        }
+        None
+    }
 }
 
 /// A policy that does not validate: names the rule and the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("keys[{rule}].{field}: {message}")]
+#[error("{}: {message}", self.path())]
 pub struct PolicyError {
     pub rule: usize,
     pub field: &'static str,
     pub message: String,
+}
+
+impl PolicyError {
+    /// `keys[1].ops`, `quorum[0].m`.
+    pub fn path(&self) -> String {
+        match self.field.strip_prefix("quorum") {
+            Some("") => format!("quorum[{}]", self.rule),
+            Some(rest) => format!("quorum[{}]{rest}", self.rule),
+            None => format!("keys[{}].{}", self.rule, self.field),
+        }
+    }
 }
 
 impl PolicyDoc {
@@ -195,7 +313,13 @@ impl PolicyDoc {
             .enumerate()
             .map(|(i, r)| r.validate(i))
             .collect::<Result<_, _>>()?;
-        Ok(Policy { rules })
+        let quorum = self
+            .quorum
+            .iter()
+            .enumerate()
+            .map(|(i, q)| q.validate(i))
+            .collect::<Result<_, _>>()?;
+        Ok(Policy { rules, quorum })
     }
 }
 
@@ -271,6 +395,108 @@ impl RuleDoc {
             ops,
             mechanisms,
         })
+    }
+}
+
+impl QuorumDoc {
+    fn validate(&self, index: usize) -> Result<Quorum, PolicyError> {
+        let err = |field, message: String| PolicyError {
+            rule: index,
+            field,
+            message,
+        };
+        // The selectors and ops validate as a key rule's do; errors are
+        // renamed to this list.
+        let as_rule = RuleDoc {
+            label: self.label.clone(),
+            id: self.id.clone(),
+            class: self.class.clone(),
+            key_type: self.key_type.clone(),
+            unique_id: self.unique_id.clone(),
+            ops: self.ops.clone(),
+            mechanisms: None,
+        };
+        let rule = as_rule.validate(index).map_err(|e| PolicyError {
+            field: quorum_field(e.field),
+            ..e
+        })?;
+        if rule.ops.0 == 0 {
+            return Err(err(
+                "quorum.ops",
+                "list the operations that need approval".into(),
+            ));
+        }
+        if let Some(op) = rule.ops.iter().find(|o| !QUORUM_OPS.contains(o)) {
+            return Err(err(
+                "quorum.ops",
+                format!(
+                    "{} cannot be held for approval (one of: sign, decrypt, unwrap, derive, wrap, destroy)",
+                    op.name()
+                ),
+            ));
+        }
+        if rule.label.is_none()
+            && rule.id.is_none()
+            && rule.unique_id.is_none()
+            && rule.class.is_none()
+            && rule.key_type.is_none()
+        {
+            return Err(err(
+                "quorum",
+                "select the keys (label, id, unique_id, class or key_type)".into(),
+            ));
+        }
+        let mut seen = Vec::new();
+        for a in &self.approvers {
+            let ok = !a.is_empty()
+                && a.len() <= 64
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+            if !ok {
+                return Err(err(
+                    "quorum.approvers",
+                    format!("{a:?}: approver names use [A-Za-z0-9._@-], at most 64"),
+                ));
+            }
+            if seen.contains(&a) {
+                return Err(err("quorum.approvers", format!("{a:?} is listed twice")));
+            }
+            seen.push(a);
+        }
+        if self.m == 0 || self.m as usize > self.approvers.len() {
+            return Err(err(
+                "quorum.m",
+                format!(
+                    "between 1 and the number of approvers ({})",
+                    self.approvers.len()
+                ),
+            ));
+        }
+        if self.wait_ms > 3_600_000 {
+            return Err(err("quorum.wait_ms", "at most 3600000 (one hour)".into()));
+        }
+        let ttl_s = self.ttl_s.unwrap_or(3600);
+        if !(60..=86_400).contains(&ttl_s) {
+            return Err(err("quorum.ttl_s", "between 60 and 86400".into()));
+        }
+        Ok(Quorum {
+            rule,
+            m: self.m,
+            approvers: self.approvers.clone(),
+            wait_ms: self.wait_ms,
+            ttl_s,
+        })
+    }
+}
+
+fn quorum_field(f: &'static str) -> &'static str {
+    match f {
+        "label" => "quorum.label",
+        "id" => "quorum.id",
+        "class" => "quorum.class",
+        "key_type" => "quorum.key_type",
+        "ops" => "quorum.ops",
+        other => other,
     }
 }
 
@@ -400,6 +626,61 @@ mod tests {
         );
         assert!(bad(r#"keys = [{ mechanisms = [] }]"#).contains("allows nothing"));
         assert!(toml::from_str::<PolicyDoc>(r#"keys = [{ lable = "x" }]"#).is_err());
+    }
+
+    #[test]
+    fn quorum_rules() {
+        let doc: PolicyDoc = toml::from_str(
+            r#"keys = [{ label = "ca-*", ops = ["sign"] }]
+            quorum = [{ label = "ca-root*", ops = ["sign", "destroy"], m = 2, approvers = ["alice", "bob", "carol"], wait_ms = 60000 }]"#,
+        )
+        .unwrap();
+        let p = doc.validate().unwrap();
+        let q = &p.quorum[0];
+        assert_eq!((q.m, q.wait_ms, q.ttl_s), (2, 60000, 3600));
+        let root = Attrs {
+            label: Some(b"ca-root-2026".to_vec()),
+            ..Attrs::default()
+        };
+        assert!(p.quorum_for(&root, Op::Sign).is_some());
+        assert!(p.quorum_for(&root, Op::Verify).is_none());
+        let other = Attrs {
+            label: Some(b"ca-issuing".to_vec()),
+            ..Attrs::default()
+        };
+        assert!(p.quorum_for(&other, Op::Sign).is_none());
+        let bad = |q: &str| -> String {
+            let doc: PolicyDoc = toml::from_str(&format!("quorum = [{q}]")).unwrap();
+            doc.validate().unwrap_err().to_string()
+        };
+        assert_eq!(
+            bad(r#"{ label = "k", ops = ["sign"], m = 3, approvers = ["a", "b"] }"#),
+            "quorum[0].m: between 1 and the number of approvers (2)"
+        );
+        assert!(
+            bad(r#"{ label = "k", ops = ["verify"], m = 1, approvers = ["a"] }"#)
+                .starts_with("quorum[0].ops: verify cannot")
+        );
+        assert!(
+            bad(r#"{ label = "k", ops = ["sign"], m = 1, approvers = ["a", "a"] }"#)
+                .contains("listed twice")
+        );
+        assert!(
+            bad(r#"{ ops = ["sign"], m = 1, approvers = ["a"] }"#)
+                .starts_with("quorum[0]: select the keys")
+        );
+        assert!(
+            bad(r#"{ label = "k", ops = ["sing"], m = 1, approvers = ["a"] }"#)
+                .starts_with("quorum[0].ops: unknown")
+        );
+        assert!(
+            bad(r#"{ label = "k", ops = ["sign"], m = 1, approvers = ["a b"] }"#)
+                .starts_with("quorum[0].approvers")
+        );
+        assert!(
+            bad(r#"{ label = "k", ops = ["sign"], m = 1, approvers = ["a"], ttl_s = 5 }"#)
+                .starts_with("quorum[0].ttl_s")
+        );
     }
 
     #[test]

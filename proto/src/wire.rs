@@ -203,6 +203,11 @@ pub struct Credentials {
     /// when the role has one: the operator verifies the log with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_key: Option<Secret>,
+    /// The bearer token of the module's approval requests
+    /// (`crate::approval`), when the role's policy has quorum rules; valid
+    /// until the grant expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_token: Option<Secret>,
 }
 
 /// A client certificate and key for HSMs that use mutual TLS.
@@ -225,6 +230,13 @@ pub enum ErrorKind {
     RateLimited,
     BadRequest,
     Unavailable,
+    /// No such approval request.
+    NotFound,
+    /// The approval request is not in a state that allows this (pending
+    /// when consumed, decided when approved again, already consumed).
+    Conflict,
+    /// The approval request expired.
+    Expired,
 }
 
 impl ErrorKind {
@@ -235,6 +247,9 @@ impl ErrorKind {
             ErrorKind::RateLimited => 429,
             ErrorKind::BadRequest => 400,
             ErrorKind::Unavailable => 503,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Expired => 410,
         }
     }
 
@@ -245,6 +260,9 @@ impl ErrorKind {
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Expired => "expired",
         }
     }
 
@@ -306,6 +324,7 @@ mod tests {
             pin: Secret::new("123456"),
             mtls: None,
             audit_key: Some(Secret::new("k3y-material")),
+            approval_token: None,
         };
         let d = format!("{c:?}");
         assert!(!d.contains("123456") && !d.contains("k3y"), "{d}");

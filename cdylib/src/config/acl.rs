@@ -117,6 +117,13 @@ pub(super) fn validate(
                 e.message,
             )
         })?;
+        if !p.quorum.is_empty() {
+            return Err(ctx.err(
+                Some(&d.span()),
+                format!("acl.roles.{name}.quorum"),
+                "quorum approvals live at the broker: use source = \"broker\" and put the rule in the broker's role policy",
+            ));
+        }
         if name == role.get_ref() {
             policy = Some(p);
         }

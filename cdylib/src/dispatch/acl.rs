@@ -18,7 +18,7 @@ use crate::abi::mem::Template;
 use crate::config::AclConfig;
 use crate::credentials::Agent;
 use crate::error::{Error, Result};
-use crate::policy::{Acl, Denial, Grant, Op, Policy, PolicyDoc, template_attrs};
+use crate::policy::{Acl, Denial, Grant, Op, Policy, PolicyDoc, overridden, template_attrs};
 
 /// A compiled policy and the epoch that tells cached grants apart.
 #[derive(Debug)]
@@ -232,7 +232,7 @@ impl Library {
         };
         let info = self.authorize(function, o, HandleKind::Object, Some(op), None)?;
         let current = info.map(|i| i.attrs.clone()).unwrap_or_default();
-        let after = current.overridden_by(&template_attrs(&template_items(t), None, None));
+        let after = overridden(&current, &template_attrs(&template_items(t), None, None));
         c.acl
             .may_create(op, &after, None)
             .map_err(|d| self.denied(function, &c.acl, d, CKR_TEMPLATE_INCONSISTENT, None))

@@ -15,49 +15,36 @@ use std::sync::Arc;
 
 use pkcs11_sys::*;
 
-pub use p11shim_proto::policy::{Op, OpSet, Policy, PolicyDoc, Rule};
+pub use p11shim_proto::policy::{Attrs, Op, OpSet, Policy, PolicyDoc, Quorum, Rule};
 
-/// The attributes a rule can select on, as read from the token (or as a
-/// template asks for them).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Attrs {
-    pub class: Option<u64>,
-    pub key_type: Option<u64>,
-    pub id: Option<Vec<u8>>,
-    pub label: Option<Vec<u8>>,
-    pub unique_id: Option<Vec<u8>>,
+/// `a` with the selector attributes a template sets replaced: the object a
+/// copy or an attribute change would leave.
+pub fn overridden(a: &Attrs, t: &Attrs) -> Attrs {
+    Attrs {
+        class: t.class.or(a.class),
+        key_type: t.key_type.or(a.key_type),
+        id: t.id.clone().or_else(|| a.id.clone()),
+        label: t.label.clone().or_else(|| a.label.clone()),
+        unique_id: a.unique_id.clone(),
+    }
 }
 
-impl Attrs {
-    /// `self` with the selector attributes a template sets replaced: the
-    /// object a copy or an attribute change would leave.
-    pub fn overridden_by(&self, t: &Attrs) -> Attrs {
-        Attrs {
-            class: t.class.or(self.class),
-            key_type: t.key_type.or(self.key_type),
-            id: t.id.clone().or_else(|| self.id.clone()),
-            label: t.label.clone().or_else(|| self.label.clone()),
-            unique_id: self.unique_id.clone(),
+fn from_template(items: &[(CK_ATTRIBUTE_TYPE, &[u8])]) -> Attrs {
+    let ulong = |v: &[u8]| -> Option<u64> {
+        let b: [u8; std::mem::size_of::<CK_ULONG>()] = v.try_into().ok()?;
+        Some(CK_ULONG::from_ne_bytes(b) as u64)
+    };
+    let mut a = Attrs::default();
+    for (t, v) in items {
+        match *t {
+            CKA_CLASS => a.class = ulong(v),
+            CKA_KEY_TYPE => a.key_type = ulong(v),
+            CKA_ID => a.id = Some(v.to_vec()),
+            CKA_LABEL => a.label = Some(v.to_vec()),
+            _ => {}
         }
     }
-
-    fn from_template(items: &[(CK_ATTRIBUTE_TYPE, &[u8])]) -> Attrs {
-        let ulong = |v: &[u8]| -> Option<u64> {
-            let b: [u8; std::mem::size_of::<CK_ULONG>()] = v.try_into().ok()?;
-            Some(CK_ULONG::from_ne_bytes(b) as u64)
-        };
-        let mut a = Attrs::default();
-        for (t, v) in items {
-            match *t {
-                CKA_CLASS => a.class = ulong(v),
-                CKA_KEY_TYPE => a.key_type = ulong(v),
-                CKA_ID => a.id = Some(v.to_vec()),
-                CKA_LABEL => a.label = Some(v.to_vec()),
-                _ => {}
-            }
-        }
-        a
-    }
+    a
 }
 
 /// What a role may do with one object: every selecting rule folded.
@@ -187,7 +174,7 @@ impl Acl {
         let mut g = Grant::default();
         let mut any_unrestricted = OpSet::default();
         let mut lists: Vec<(Op, Vec<u64>)> = Vec::new();
-        for r in self.policy.rules.iter().filter(|r| selects(r, a).is_none()) {
+        for r in self.policy.rules.iter().filter(|r| r.mismatch(a).is_none()) {
             g.visible = true;
             for op in r.ops.iter() {
                 g.ops.insert(op);
@@ -237,7 +224,7 @@ impl Acl {
             .iter()
             .map(|r| RuleVerdict {
                 index: r.index,
-                mismatch: selects(r, a),
+                mismatch: r.mismatch(a),
                 grants_op: r.ops.contains(op),
                 mechanism_ok: match (&r.mechanisms, mechanism) {
                     (None, _) => true,
@@ -249,28 +236,6 @@ impl Acl {
     }
 }
 
-/// `None` when the rule selects the object, else the selector that fails.
-fn selects(r: &Rule, a: &Attrs) -> Option<&'static str> {
-    if let Some(g) = &r.label {
-        if !a.label.as_deref().is_some_and(|l| g.matches(l)) {
-            return Some("label");
-        }
-    }
-    if r.id.is_some() && r.id != a.id {
-        return Some("id");
-    }
-    if r.class.is_some() && r.class != a.class {
-        return Some("class");
-    }
-    if r.key_type.is_some() && r.key_type != a.key_type {
-        return Some("key_type");
-    }
-    if r.unique_id.is_some() && r.unique_id != a.unique_id {
-        return Some("unique_id");
-    }
-    None
-}
-
 /// The attributes an object made from a template would have: the
 /// template's, with the class and key type a generation mechanism implies
 /// where the template leaves them out.
@@ -279,7 +244,7 @@ pub fn template_attrs(
     implied_class: Option<CK_OBJECT_CLASS>,
     mechanism: Option<CK_MECHANISM_TYPE>,
 ) -> Attrs {
-    let mut a = Attrs::from_template(items);
+    let mut a = from_template(items);
     if a.class.is_none() {
         a.class = implied_class.map(|c| c as u64);
     }
@@ -456,7 +421,7 @@ mod tests {
             ..Attrs::default()
         };
         assert_eq!(
-            a.may_create(Op::SetAttributes, &cur.overridden_by(&to), None),
+            a.may_create(Op::SetAttributes, &overridden(&cur, &to), None),
             Err(Denial::Template(Op::SetAttributes))
         );
         let to = Attrs {
@@ -464,7 +429,7 @@ mod tests {
             ..Attrs::default()
         };
         assert_eq!(
-            a.may_create(Op::SetAttributes, &cur.overridden_by(&to), None),
+            a.may_create(Op::SetAttributes, &overridden(&cur, &to), None),
             Ok(())
         );
     }
