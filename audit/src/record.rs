@@ -33,6 +33,9 @@ pub enum Kind {
     Failover,
     /// An HA member came back.
     Recovery,
+    /// Quorum approval of a key use: a request filed, an approval
+    /// consumed (with its approvers), or refused.
+    Approval,
     /// A checkpoint: the chain so far, signed when a signer exists.
     Checkpoint,
     /// The last record of a chain: a checkpoint written by `stop`.
@@ -54,6 +57,7 @@ impl Kind {
             Kind::Denial => "denial",
             Kind::Failover => "failover",
             Kind::Recovery => "recovery",
+            Kind::Approval => "approval",
             Kind::Checkpoint => "checkpoint",
             Kind::Stop => "stop",
             Kind::Lost => "lost",
@@ -72,6 +76,7 @@ impl Kind {
             "denial" => Kind::Denial,
             "failover" => Kind::Failover,
             "recovery" => Kind::Recovery,
+            "approval" => Kind::Approval,
             "checkpoint" => Kind::Checkpoint,
             "stop" => Kind::Stop,
             "lost" => Kind::Lost,

@@ -11,7 +11,10 @@
 //! application's own async runtime. Secrets are held in zeroizing memory
 //! and never logged.
 
+mod approvals;
 pub mod evidence;
+
+pub use approvals::ApprovalError;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +50,9 @@ pub struct Grant {
     pub pin: Zeroizing<Vec<u8>>,
     /// The audit checkpoint key, when the role has one (never in `Debug`).
     pub audit_key: Option<Zeroizing<Vec<u8>>>,
+    /// The bearer token of approval requests, when the role has quorum
+    /// rules (never in `Debug`).
+    pub approval_token: Option<Zeroizing<String>>,
     /// Who the broker verified.
     pub subject: String,
     /// The role's key ACL policy.
@@ -121,6 +127,8 @@ struct Shared {
     published: AtomicU64,
     /// Every exchange is recorded in the audit log.
     audit: Option<Arc<p11shim_audit::Auditor>>,
+    /// The broker client, once the thread made it (approval requests use it).
+    http: std::sync::OnceLock<reqwest::blocking::Client>,
 }
 
 /// The credential agent of an initialized module.
@@ -153,6 +161,7 @@ impl Agent {
             changed: Condvar::new(),
             published: AtomicU64::new(0),
             audit,
+            http: std::sync::OnceLock::new(),
         });
         let s = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -412,7 +421,10 @@ fn run(shared: &Shared, nonce: &Zeroizing<String>) {
             .map_err(|e| Failure::local(e.0))
     });
     let (http, imds) = match clients {
-        Ok(c) => c,
+        Ok(c) => {
+            let _ = shared.http.set(c.0.clone());
+            c
+        }
         Err(f) => {
             let mut st = shared.state.lock();
             tracing::error!(role = %cfg.role, error = %f.message, "cannot set up the broker client");
@@ -668,6 +680,10 @@ fn exchange(
             .audit_key
             .as_ref()
             .map(|k| Zeroizing::new(k.expose().as_bytes().to_vec())),
+        approval_token: creds
+            .approval_token
+            .as_ref()
+            .map(|k| Zeroizing::new(k.expose().to_string())),
         subject: resp.subject,
         policy: resp.policy,
         ttl: Duration::from_secs(resp.ttl_seconds.max(1)),
