@@ -327,7 +327,7 @@ impl Config {
             if let Some(p) = &r.policy {
                 p.validate().map_err(|e| {
                     err(
-                        at(&format!("policy.keys[{}].{}", e.rule, e.field)),
+                        at(&format!("policy.{}", e.path())),
                         e.message,
                     )
                 })?;

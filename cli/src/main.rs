@@ -2,8 +2,10 @@
 //!
 //! Every subcommand lives in its own file under [`commands`] and reuses the
 //! module's own code (the cdylib is also an rlib) rather than a copy of it:
-//! the configuration loader, the broker client, the broker's check. Exit
-//! codes: 0 success, 1 failure, 2 usage (clap's).
+//! the configuration loader, the broker client, the broker's check, the key
+//! ACL's decisions, the audit verifier. Exit codes: 0 success, 1 failure,
+//! 2 usage (clap's); `acl explain`: 0 allowed, 1 denied, 2 usage, 3 no
+//! decision could be made.
 
 #![deny(unsafe_code)]
 
@@ -15,13 +17,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{attest, config, provision, slots};
+use commands::{CliError, acl, attest, audit, config, provision, slots};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "p11shim",
     version,
-    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members",
+    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members, explain key ACL decisions, verify the audit log",
     propagate_version = true
 )]
 struct Cli {
@@ -45,6 +47,33 @@ enum Command {
     /// Set up the members of HA slots from one plan: initialize tokens,
     /// put the replication key and the same keys on every member, verify.
     Provision(provision::Args),
+    /// The per-role key ACL.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// The tamper-evident audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AclCommand {
+    /// Whether ROLE may do OP with KEY, and every rule's verdict, with the
+    /// module's own decision. Exit 0 allowed, 1 denied, 2 usage, 3 no
+    /// decision (configuration or token unreadable, key not found).
+    Explain(acl::Args),
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify hash chains and checkpoint signatures; report the first
+    /// broken link. Exit 0 intact, 1 broken (with --strict: any warning).
+    Verify(audit::VerifyArgs),
+    /// The last records, one line each; -f follows appends and rotation.
+    Tail(audit::TailArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,12 +93,46 @@ fn main() -> ExitCode {
         Command::Slots(a) => slots::run(&a, &style),
         Command::Attest(a) => attest::run(&a, &style),
         Command::Provision(a) => provision::run(&a, &style),
+        Command::Acl {
+            command: AclCommand::Explain(a),
+        } => {
+            return match acl::run(&a, &style) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => fail(&style, &e, ExitCode::from(3)),
+            };
+        }
+        Command::Audit {
+            command: AuditCommand::Verify(a),
+        } => audit::verify(&a, &style).and_then(|ok| {
+            if ok {
+                Ok(())
+            } else {
+                // The report says why.
+                Err(CliError::Silent)
+            }
+        }),
+        Command::Audit {
+            command: AuditCommand::Tail(a),
+        } => audit::tail(&a, &style),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(e) => fail(&style, &e, ExitCode::FAILURE),
+    }
+}
+
+/// Prints the error (usage errors exit 2, as clap's own).
+fn fail(style: &output::Style, e: &CliError, code: ExitCode) -> ExitCode {
+    match e {
+        CliError::Silent => code,
+        CliError::Usage(_) => {
             eprintln!("{} {e}", style.error("error:"));
-            ExitCode::FAILURE
+            ExitCode::from(2)
+        }
+        _ => {
+            eprintln!("{} {e}", style.error("error:"));
+            code
         }
     }
 }

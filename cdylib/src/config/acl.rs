@@ -36,7 +36,15 @@ pub enum AclConfig {
     /// arrive every object is hidden.
     Broker,
     /// A role and its policy from this file.
-    Config { role: String, policy: Policy },
+    Config {
+        /// The role in force.
+        role: String,
+        /// Its policy.
+        policy: Policy,
+        /// Every role of `[acl.roles]`, validated (the one in force
+        /// included), for tools that explain another role's decisions.
+        roles: BTreeMap<String, Policy>,
+    },
 }
 
 pub(super) fn validate(
@@ -108,12 +116,12 @@ pub(super) fn validate(
         ));
     }
     // Every role's policy is checked, not only the one in force.
-    let mut policy = None;
+    let mut roles = BTreeMap::new();
     for (name, d) in &raw.roles {
         let p = d.get_ref().validate().map_err(|e| {
             ctx.err(
                 Some(&d.span()),
-                format!("acl.roles.{name}.keys[{}].{}", e.rule, e.field),
+                format!("acl.roles.{name}.{}", e.path()),
                 e.message,
             )
         })?;
@@ -124,13 +132,12 @@ pub(super) fn validate(
                 "quorum approvals live at the broker: use source = \"broker\" and put the rule in the broker's role policy",
             ));
         }
-        if name == role.get_ref() {
-            policy = Some(p);
-        }
+        roles.insert(name.clone(), p);
     }
     Ok(AclConfig::Config {
         role: role.get_ref().clone(),
-        policy: policy.unwrap_or_default(),
+        policy: roles.get(role.get_ref()).cloned().unwrap_or_default(),
+        roles,
     })
 }
 
@@ -161,11 +168,19 @@ token = "a"
             "[acl]\nrole = \"web\"\n[acl.roles.web]\nkeys = [{ label = \"tls-*\", ops = [\"sign\"] }]\n[acl.roles.db]\nkeys = []\n",
         )
         .unwrap();
-        let Some(AclConfig::Config { role, policy }) = a else {
+        let Some(AclConfig::Config {
+            role,
+            policy,
+            roles,
+        }) = a
+        else {
             panic!("{a:?}")
         };
         assert_eq!(role, "web");
         assert_eq!(policy.rules.len(), 1);
+        assert_eq!(roles.keys().collect::<Vec<_>>(), ["db", "web"]);
+        assert_eq!(roles["web"], policy);
+        assert!(roles["db"].rules.is_empty());
         assert_eq!(acl("").unwrap(), None);
     }
 

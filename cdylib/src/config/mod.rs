@@ -1119,7 +1119,7 @@ standby = true
         let c = load(&path).unwrap();
         assert_eq!(c.slots[0].label, "payments");
         assert_eq!(c.slots[0].pin, Some(PinSource::Env("P11SHIM_PIN".into())));
-        let Some(AclConfig::Config { role, policy }) = &c.acl else {
+        let Some(AclConfig::Config { role, policy, .. }) = &c.acl else {
             panic!("{:?}", c.acl)
         };
         assert_eq!((role.as_str(), policy.rules.len()), ("payments", 3));

@@ -40,7 +40,7 @@ pub struct AclState {
 impl AclState {
     pub fn new(mode: Option<AclConfig>, broker_role: Option<&str>) -> AclState {
         let acl = match &mode {
-            Some(AclConfig::Config { role, policy }) => Acl::new(role, policy.clone()),
+            Some(AclConfig::Config { role, policy, .. }) => Acl::new(role, policy.clone()),
             // Until the broker's first grant, nothing is visible.
             _ => Acl::new(broker_role.unwrap_or("-"), Policy::default()),
         };

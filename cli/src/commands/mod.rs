@@ -1,7 +1,9 @@
 //! One module per subcommand. Each exposes `Args` (its clap arguments) and
 //! `run(&Args, &Style) -> Result<(), CliError>`.
 
+pub mod acl;
 pub mod attest;
+pub mod audit;
 pub mod config;
 pub mod provision;
 // Loads the module with dlopen and calls it: the crate's only unsafe code.
@@ -33,4 +35,13 @@ pub enum CliError {
     /// The members do not hold the same objects.
     #[error("{0}")]
     Mismatch(String),
+    /// Arguments that parse but do not fit (exit 2, as clap's own).
+    #[error("{0}")]
+    Usage(String),
+    /// Reading or verifying an audit log.
+    #[error("{0}")]
+    Audit(String),
+    /// The command's own output already said why (exit 1).
+    #[error("failed")]
+    Silent,
 }
