@@ -325,12 +325,8 @@ impl Config {
                 return Err(err(at("methods"), "list at least one method"));
             }
             if let Some(p) = &r.policy {
-                p.validate().map_err(|e| {
-                    err(
-                        at(&format!("policy.{}", e.path())),
-                        e.message,
-                    )
-                })?;
+                p.validate()
+                    .map_err(|e| err(at(&format!("policy.{}", e.path())), e.message))?;
             }
             if r.ttl < Duration::from_secs(5) || r.ttl > Duration::from_secs(7 * 86400) {
                 return Err(err(at("ttl"), "between 5s and 7d"));

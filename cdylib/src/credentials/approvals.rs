@@ -26,7 +26,8 @@ pub enum ApprovalError {
 impl Agent {
     /// `POST /v1/approvals` (idempotent at the broker).
     pub fn approval_request(&self, req: &NewApproval) -> Result<Approval, ApprovalError> {
-        let body = serde_json::to_vec(req).map_err(|e| ApprovalError::Unavailable(e.to_string()))?;
+        let body =
+            serde_json::to_vec(req).map_err(|e| ApprovalError::Unavailable(e.to_string()))?;
         self.approval_call(APPROVALS_PATH.to_string(), Some(body))
     }
 
@@ -41,7 +42,11 @@ impl Agent {
         self.approval_call(format!("{APPROVALS_PATH}/{id}/consume"), Some(body))
     }
 
-    fn approval_call(&self, path: String, body: Option<Vec<u8>>) -> Result<Approval, ApprovalError> {
+    fn approval_call(
+        &self,
+        path: String,
+        body: Option<Vec<u8>>,
+    ) -> Result<Approval, ApprovalError> {
         let http = self.shared.http.get().ok_or_else(|| {
             ApprovalError::Unavailable("the broker client is not set up yet".into())
         })?;
@@ -78,7 +83,9 @@ impl Agent {
         if !status.is_success() {
             return Err(match serde_json::from_slice::<Problem>(&bytes) {
                 Ok(p) => ApprovalError::Refused(p.title),
-                Err(_) => ApprovalError::Unavailable(format!("HTTP {status} without a problem document")),
+                Err(_) => {
+                    ApprovalError::Unavailable(format!("HTTP {status} without a problem document"))
+                }
             });
         }
         serde_json::from_slice(&bytes)

@@ -27,6 +27,14 @@ pub struct Compiled {
     epoch: u64,
 }
 
+impl Compiled {
+    /// Whether some key is under a quorum rule.
+    #[inline]
+    pub fn has_quorum(&self) -> bool {
+        !self.acl.policy().quorum.is_empty()
+    }
+}
+
 /// The policy in force.
 #[derive(Debug)]
 pub struct AclState {

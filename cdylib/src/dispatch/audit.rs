@@ -161,7 +161,7 @@ pub fn init_function(kind: OpKind) -> &'static str {
 }
 
 /// The record of a finished key operation.
-fn op_function(kind: OpKind, single: bool) -> &'static str {
+pub(super) fn op_function(kind: OpKind, single: bool) -> &'static str {
     match (kind, single) {
         (OpKind::Encrypt, true) => "C_Encrypt",
         (OpKind::Encrypt, false) => "C_EncryptFinal",

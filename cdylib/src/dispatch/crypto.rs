@@ -59,6 +59,21 @@ impl Library {
         } else {
             self.authorize(function, key, HandleKind::Key, Some(op), Some(m.kind()))?
         };
+        // A key under a quorum rule: the vendor's *Init waits for approval
+        // when the mechanism can be kept until then.
+        let mut quorum = false;
+        if matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt)
+            && self.quorum_possible()
+        {
+            if let (Some(rule), Some(ki)) = (self.quorum_rule(info.as_deref(), op), &info) {
+                let vendor = (key, init);
+                if self.quorum_init(&sess, (kind, op), &rule, ki.clone(), &m, vendor)? {
+                    self.audit_init(&sess, kind, m.kind(), info, started, &Ok(()));
+                    return Ok(());
+                }
+                quorum = true;
+            }
+        }
         let r = self.on_session(&sess, None, |mem, mi, vh| {
             let k = if key == CK_INVALID_HANDLE {
                 key
@@ -72,6 +87,9 @@ impl Library {
         }
         if r.is_err() {
             self.op_done(slot, kind.into(), false, start);
+            if quorum {
+                self.quorum_forget(&sess, kind);
+            }
         }
         r?;
         if sess.replay {
@@ -96,12 +114,25 @@ impl Library {
         let sess = self.session(h)?;
         let started = self.started();
         let start = self.op_clock();
+        let quorum = self.quorum_possible()
+            && matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt);
+        if quorum {
+            let function = super::audit::op_function(kind, single);
+            let input = single.then_some(data);
+            if let Err(e) = self.quorum_gate(&sess, kind, input, size_query, function) {
+                self.op_done(sess.slot, kind.into(), false, start);
+                return Err(e);
+            }
+        }
         let mut served = None;
         let r = self.on_session(&sess, Some(kind), |m, mi, vh| {
             served = Some(mi);
             call(m, vh)
         });
         if final_outcome(&r, size_query) == Outcome::Ended {
+            if quorum {
+                self.quorum_forget(&sess, kind);
+            }
             self.op_done(sess.slot, kind.into(), r.is_ok(), start);
             if sess.replay {
                 sess.state.lock().ops.end(kind);
@@ -124,11 +155,24 @@ impl Library {
     ) -> Result<()> {
         let sess = self.session(h)?;
         let start = self.op_clock();
+        // A quorum op streams to the vendor; its input is hashed for the
+        // approval of the result.
+        let quorum = self.quorum_possible()
+            && matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt);
+        if quorum {
+            self.quorum_start(&sess, kind)?;
+        }
         let r = self.on_session(&sess, Some(kind), |m, _, vh| call(m, vh));
         if r.as_ref()
             .is_err_and(|e| !matches!(e, Error::Vendor(CKR_BUFFER_TOO_SMALL)))
         {
             self.op_done(sess.slot, kind.into(), false, start);
+            if quorum {
+                self.quorum_forget(&sess, kind);
+            }
+        }
+        if quorum && r.is_ok() && !size_query {
+            self.quorum_fed(&sess, kind, input.as_slice());
         }
         if !sess.replay {
             return r;
@@ -379,6 +423,9 @@ impl Library {
         let started = self.started();
         let info = self.authorize(f, wrapping, HandleKind::Wrapping, Some(Op::Wrap), mech)?;
         self.authorize(f, key, HandleKind::Key, None, None)?;
+        if !out.is_size_query() {
+            self.quorum_call(f, info.as_ref(), Op::Wrap, mech, None)?;
+        }
         let size_query = out.is_size_query();
         let r = self.on_session(&sess, None, |mem, mi, vh| {
             mem.vendor.wrap_key(
@@ -429,6 +476,8 @@ impl Library {
         let kind = HandleKind::Unwrapping;
         let info = self.authorize(f, unwrapping, kind, Some(Op::Unwrap), mech)?;
         self.authorize_new(f, Op::Unwrap, &t, None, mech)?;
+        let data = Some(wrapped.as_slice());
+        self.quorum_call(f, info.as_ref(), Op::Unwrap, mech, data)?;
         let r = self.on_session(&sess, None, |mem, mi, vh| {
             let mut k = CK_INVALID_HANDLE;
             mem.vendor.unwrap_key(
@@ -528,6 +577,7 @@ impl Library {
             self.authorize(f, other, HandleKind::Key, Some(Op::Derive), mech)?;
         }
         self.authorize_new(f, Op::Derive, &t, None, mech)?;
+        self.quorum_call(f, info.as_ref(), Op::Derive, mech, None)?;
         // `cs` is p11shim's own session on the member when replicating.
         let derive = |mem: &crate::router::Member, mi: u32, vh: Sh, cs: Option<Sh>| -> Result<Oh> {
             let on = |h| match cs {

@@ -70,6 +70,8 @@ pub struct SessionState {
     pub calls: u32,
     /// The key operations in progress, by `OpKind`, for their audit records.
     pub audit: [Option<super::audit::AuditedOp>; 7],
+    /// A key operation under a quorum rule, waiting for or holding approval.
+    pub quorum: Option<Box<super::quorum::QuorumOp>>,
 }
 
 impl Session {

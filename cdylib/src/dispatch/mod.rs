@@ -20,6 +20,7 @@ mod crypto;
 mod handles;
 mod keygen;
 mod objects;
+mod quorum;
 mod resync;
 mod slots;
 

@@ -274,6 +274,7 @@ impl Library {
         let f = "C_DestroyObject";
         let started = self.started();
         let info = self.authorize(f, o, HandleKind::Object, Some(Op::Destroy), None)?;
+        self.quorum_call(f, info.as_ref(), Op::Destroy, None, None)?;
         let r = self.on_session(&sess, None, |m, mi, vh| {
             m.vendor
                 .destroy_object(vh, self.object_on(slot, mi, o)?)

@@ -265,6 +265,7 @@ impl Library {
                 recreate: Vec::new(),
                 calls: 0,
                 audit: Default::default(),
+                quorum: None,
             };
             let single = s.members.len() == 1;
             let replay = !single && s.cfg.replay_limit > 0;

@@ -169,6 +169,10 @@ impl Acl {
         &self.policy.rules
     }
 
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// The grant for an object with these attributes.
     pub fn grant(&self, a: &Attrs) -> Grant {
         let mut g = Grant::default();
