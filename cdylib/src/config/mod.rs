@@ -1245,3 +1245,94 @@ standby = true
         }
     }
 }
+
+#[cfg(test)]
+mod reference {
+    //! `docs/config.md` is checked against the code: for every section, the
+    //! keys the parser accepts (as its "unknown field" error lists them)
+    //! must be exactly the keys the reference documents.
+
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// A minimal valid file, and where each section's probe goes.
+    const BASE: &str = "[[slot]]\nid = 0\nlabel = \"s\"\n[[slot.member]]\nlibrary = \"/usr/lib/x.so\"\ntoken = \"t\"\n";
+
+    fn accepted(section: &str) -> BTreeSet<String> {
+        let text = match section {
+            "" => format!("zz_probe = 1\n{BASE}"),
+            "log" => format!("[log]\nzz_probe = 1\n{BASE}"),
+            "slot" => "[[slot]]\nid = 0\nlabel = \"s\"\nzz_probe = 1\n".to_string(),
+            "slot.member" => format!("{BASE}zz_probe = 1\n"),
+            "broker" => format!("{BASE}[broker]\nzz_probe = 1\n"),
+            "acl" => format!("{BASE}[acl]\nzz_probe = 1\n"),
+            "audit" => format!("{BASE}[audit]\nzz_probe = 1\n"),
+            "metrics" => format!("{BASE}[metrics]\nzz_probe = 1\n"),
+            other => panic!("no probe for [{other}]"),
+        };
+        let e = super::parse(Path::new("probe.toml"), &text).unwrap_err();
+        let msg = e.message;
+        let list = msg
+            .split_once("expected one of ")
+            .or_else(|| msg.split_once("expected "))
+            .map(|(_, l)| l)
+            .unwrap_or_else(|| panic!("[{section}]: {msg}"));
+        list.split(", ")
+            .flat_map(|k| k.split(" or "))
+            .map(|k| k.trim().trim_matches('`').to_string())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    /// `### [section]` headings and their `| `key` |` rows.
+    fn documented() -> BTreeMap<String, BTreeSet<String>> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/config.md");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut section = None;
+        for line in text.lines() {
+            if let Some(h) = line.strip_prefix("### ") {
+                let h = h.trim().trim_matches('`');
+                let h = h
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .trim_matches('[')
+                    .trim_matches(']');
+                section = Some(if h == "top level" {
+                    String::new()
+                } else {
+                    h.to_string()
+                });
+                continue;
+            }
+            if let (Some(s), Some(row)) = (&section, line.strip_prefix("| `")) {
+                if let Some((key, _)) = row.split_once('`') {
+                    out.entry(s.clone()).or_default().insert(key.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_reference_documents_every_key_and_no_other() {
+        let doc = documented();
+        for section in [
+            "",
+            "log",
+            "slot",
+            "slot.member",
+            "broker",
+            "acl",
+            "audit",
+            "metrics",
+        ] {
+            let code = accepted(section);
+            let documented = doc.get(section).cloned().unwrap_or_default();
+            assert_eq!(
+                code, documented,
+                "docs/config.md, section [{section}]: the parser accepts {code:?}"
+            );
+        }
+    }
+}
