@@ -67,6 +67,16 @@ bench-broker: deps build-release
 	$(CARGO) build --release -p p11shim-broker
 	$(CARGO) run --release -p p11shim-bench -- --broker $(BENCH_ARGS)
 
+# The key ACL and the audit record on the sign path: instructions per HMAC
+# signature (the caller's thread, and the audit writer per record), RSA and
+# ECDSA signatures timed against SoftHSM2 directly and through p11shim
+# without them, and the sustained audit rate; the audit log must verify and
+# hold one record per signature (about 2 minutes; BENCH_ARGS as above). See
+# docs/performance.md, "Key ACL and audit".
+.PHONY: bench-acl
+bench-acl: deps build-release
+	$(CARGO) run --release -p p11shim-bench -- --acl $(BENCH_ARGS)
+
 # The module, its header, the p11shim CLI and the broker, example configs
 # (never over a real one), the broker's systemd unit and the p11-kit module
 # file, both naming the installed paths. DESTDIR for packaging.

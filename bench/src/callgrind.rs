@@ -130,7 +130,7 @@ fn check_p11kit_sees_only_softhsm(env: &BenchEnv) {
 }
 
 /// The total instruction count of a callgrind output file.
-fn totals(path: &Path) -> u64 {
+pub(crate) fn totals(path: &Path) -> u64 {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| die(format_args!("cannot read {}: {e}", path.display())));
     text.lines()
@@ -182,7 +182,7 @@ fn count(env: &BenchEnv, target: Target, case: Case, n: u64, out_dir: &Path) -> 
 /// Self cost of every function in a callgrind file, from `callgrind_annotate`
 /// (costs of inlined code are summed under the function they were inlined
 /// into). `None` when callgrind_annotate is not available.
-fn self_costs(file: &Path) -> Option<HashMap<String, u64>> {
+pub(crate) fn self_costs(file: &Path) -> Option<HashMap<String, u64>> {
     let out = Command::new("callgrind_annotate")
         .args(["--threshold=100", "--auto=no", "--inclusive=no"])
         .arg(file)

@@ -1,5 +1,6 @@
 //! The benchmark's environment: a temporary SoftHSM2 token store with the
-//! token "bench" and its objects, a p11shim configuration over it, a
+//! token "bench" and its objects, a p11shim configuration over it (and, for
+//! `--acl`, a second one with a role's key ACL and the audit log), a
 //! private p11-kit configuration that loads only SoftHSM2, and the command
 //! line of a worker for each target.
 
@@ -9,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use tempfile::TempDir;
 
 use crate::p11::die;
-use crate::worker::{SO_PIN, TOKEN_LABEL, USER_PIN};
+use crate::worker::{EC_LABEL, HMAC_LABEL, RSA_LABEL, SO_PIN, TOKEN_LABEL, USER_PIN};
 
 /// What a worker talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +21,9 @@ pub enum Target {
     Shim,
     /// SoftHSM2 through p11-kit's proxy module.
     P11Kit,
+    /// SoftHSM2 through p11shim with a role's key ACL and the audit log
+    /// ([`BenchEnv::add_audited`]).
+    ShimAudited,
 }
 
 impl Target {
@@ -28,6 +32,7 @@ impl Target {
             Target::Direct => "direct",
             Target::Shim => "shim",
             Target::P11Kit => "p11kit",
+            Target::ShimAudited => "shim-audited",
         }
     }
 
@@ -36,6 +41,7 @@ impl Target {
             Target::Direct => "SoftHSM2",
             Target::Shim => "p11shim",
             Target::P11Kit => "p11-kit",
+            Target::ShimAudited => "p11shim+ACL+audit",
         }
     }
 }
@@ -226,6 +232,93 @@ impl BenchEnv {
         self.path().join("home")
     }
 
+    fn audited_conf(&self) -> PathBuf {
+        self.path().join("p11shim-audited.toml")
+    }
+
+    /// The audit log the audited target writes (every worker appends its
+    /// own chain).
+    pub fn audit_file(&self) -> PathBuf {
+        self.path().join("audit.jsonl")
+    }
+
+    /// The Ed25519 private key that signs the audit checkpoints.
+    fn audit_key(&self) -> PathBuf {
+        self.path().join("audit-ed25519.pem")
+    }
+
+    /// Its public key, which the verifier takes.
+    pub fn audit_public_key(&self) -> PathBuf {
+        self.path().join("audit-ed25519.pub.pem")
+    }
+
+    /// Adds the audited target: an Ed25519 checkpoint key made by OpenSSL
+    /// (mode 0600, as the module demands) and a p11shim configuration with
+    /// a role whose rules grant exactly what the signing cases use, and the
+    /// audit log (`fsync = "interval"`, default checkpoints, fail-closed).
+    pub fn add_audited(&self) {
+        let key = self.audit_key();
+        run_checked(
+            {
+                let mut c = Command::new("openssl");
+                c.args(["genpkey", "-algorithm", "ed25519", "-out"])
+                    .arg(&key);
+                c
+            },
+            "openssl genpkey -algorithm ed25519",
+        );
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap_or_else(|e| die(format_args!("cannot chmod {}: {e}", key.display())));
+        run_checked(
+            {
+                let mut c = Command::new("openssl");
+                c.args(["pkey", "-pubout", "-in"])
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(self.audit_public_key());
+                c
+            },
+            "openssl pkey -pubout",
+        );
+        write(
+            &self.audited_conf(),
+            &format!(
+                r#"[log]
+level = "warn"
+
+[[slot]]
+id = 0
+label = "{TOKEN_LABEL}"
+
+[[slot.member]]
+library = "{lib}"
+token = "{TOKEN_LABEL}"
+
+# The keys of the signing cases, for their operation and mechanism only.
+[acl]
+source = "config"
+role = "bench"
+
+[acl.roles.bench]
+keys = [
+  {{ label = "{RSA_LABEL}", class = "private-key", ops = ["sign"], mechanisms = ["SHA256_RSA_PKCS"] }},
+  {{ label = "{EC_LABEL}", class = "private-key", ops = ["sign"], mechanisms = ["ECDSA"] }},
+  {{ label = "{HMAC_LABEL}", class = "secret-key", ops = ["sign"], mechanisms = ["SHA256_HMAC"] }},
+]
+
+[audit]
+file = "{audit}"
+fsync = "interval"
+on_failure = "fail-closed"
+signing_key = "file:{key}"
+"#,
+                lib = softhsm_lib().display(),
+                audit = self.audit_file().display(),
+                key = key.display(),
+            ),
+        );
+    }
+
     /// The environment of a worker for `target`.
     pub fn apply(&self, cmd: &mut Command, target: Target) {
         cmd.env("SOFTHSM2_CONF", self.softhsm_conf());
@@ -233,6 +326,10 @@ impl BenchEnv {
             Target::Direct => {}
             Target::Shim => {
                 cmd.env("P11SHIM_CONFIG", self.shim_conf())
+                    .env_remove("P11SHIM_LOG");
+            }
+            Target::ShimAudited => {
+                cmd.env("P11SHIM_CONFIG", self.audited_conf())
                     .env_remove("P11SHIM_LOG");
             }
             Target::P11Kit => {
@@ -247,7 +344,7 @@ impl BenchEnv {
     pub fn lib(target: Target) -> PathBuf {
         match target {
             Target::Direct => softhsm_lib(),
-            Target::Shim => shim_lib(),
+            Target::Shim | Target::ShimAudited => shim_lib(),
             Target::P11Kit => p11kit_lib(),
         }
     }

@@ -5,6 +5,7 @@
 //! p11shim-bench --callgrind [--markdown]   instructions per operation, also vs p11-kit
 //! p11shim-bench --ha [--quick] [--markdown] HA slots: failover, scaling, cost
 //! p11shim-bench --broker [--quick] [--markdown] the broker: requests/s, C_Initialize to first signature
+//! p11shim-bench --acl [--quick] [--markdown] the key ACL and the audit record on the sign path
 //! ```
 //!
 //! The parent process creates a temporary SoftHSM2 token with the keys and
@@ -14,6 +15,7 @@
 //! its own. Workers call the modules' function lists directly, with no
 //! wrapper in between. See docs/performance.md.
 
+mod acl;
 mod broker;
 mod broker_worker;
 mod callgrind;
@@ -82,6 +84,19 @@ The credential broker (the release p11shim-broker binary), about 1 minute:
   --runs N           application starts per target (default 100; 0: none)
   --keep             keep the temporary directory (broker logs are there)
 
+The key ACL and the audit record on the sign path (a third target: p11shim
+with an [acl] role and an [audit] log signed with a fresh Ed25519 key; the
+log must verify and hold one key_use record per signature), about 2 minutes:
+  --acl              instructions per HMAC-SHA256 signature under callgrind
+                     (caller thread, and the audit writer thread per record),
+                     RSA-2048 and ECDSA P-256 signatures timed on 1 and 2
+                     threads, and the sustained audit rate on 1, 2, 4 threads
+                     (--quick: about 40 s)
+  --acl-parts a,b,c  only some of them: callgrind, timing, sustained
+  --iters N, --out DIR   as for --callgrind (default N: 2000)
+  --secs S, --rounds R, --threads 1,2   timing, as above
+  --sustain S        seconds per sustained run (default 3)
+
 Environment: P11SHIM_LIB, SOFTHSM2_LIB, P11KIT_PROXY_LIB name the modules,
 P11FAULTMOD_LIB the fault-injecting module, P11SHIM_BROKER_BIN the broker
 (default: next to this program).
@@ -139,6 +154,7 @@ fn cases(s: &str) -> Vec<Case> {
 
 fn parse_worker(args: &[String]) -> WorkerArgs {
     let (mut target, mut lib, mut setup, mut list) = (None, None, false, false);
+    let (mut probe, mut audit_status) = (false, false);
     let (mut case, mut threads, mut count, mut measure, mut warmup) =
         (None, 1usize, None, None, Duration::ZERO);
     let mut i = 0;
@@ -149,6 +165,8 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
             "--lib" => lib = Some(PathBuf::from(value(args, &mut i, a))),
             "--setup" => setup = true,
             "--list-slots" => list = true,
+            "--acl-probe" => probe = true,
+            "--audit-status" => audit_status = true,
             "--case" => case = Some(cases(value(args, &mut i, a))[0]),
             "--threads" => threads = number(value(args, &mut i, a), a),
             "--count" => count = Some(number(value(args, &mut i, a), a)),
@@ -164,6 +182,8 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
         Job::Setup
     } else if list {
         Job::ListSlots
+    } else if probe {
+        Job::AclProbe
     } else {
         let case = case.unwrap_or_else(|| die("worker: --case is required"));
         let plan = match (count, measure) {
@@ -178,6 +198,7 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
             case,
             threads,
             plan,
+            audit_status,
         }
     };
     WorkerArgs { target, lib, job }
@@ -189,7 +210,8 @@ fn parent(args: &[String]) {
     let (mut keep, mut hang_reps) = (false, None);
     let (mut broker_mode, mut stores, mut runs, mut threads_given) = (false, None, None, false);
     let (mut measure, mut rounds, mut threads, mut chosen) = (None, None, vec![1usize, 2], None);
-    let (mut iters, mut out_dir) = (2000u64, None);
+    let (mut iters, mut out_dir) = (None, None);
+    let (mut acl_mode, mut acl_parts, mut sustain) = (false, None, None);
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -199,6 +221,21 @@ fn parent(args: &[String]) {
             "--callgrind" => cg = true,
             "--ha" => ha_mode = true,
             "--broker" => broker_mode = true,
+            "--acl" => acl_mode = true,
+            "--acl-parts" => {
+                acl_parts = Some(
+                    value(args, &mut i, a)
+                        .split(',')
+                        .map(|p| {
+                            acl::Part::parse(p.trim()).unwrap_or_else(|| {
+                                die(format_args!("unknown --acl part {p:?}\n\n{USAGE}"))
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                acl_mode = true;
+            }
+            "--sustain" => sustain = Some(secs(value(args, &mut i, a), a)),
             "--stores" => {
                 stores = Some(
                     value(args, &mut i, a)
@@ -241,7 +278,7 @@ fn parent(args: &[String]) {
                 threads_given = true;
             }
             "--cases" => chosen = Some(cases(value(args, &mut i, a))),
-            "--iters" => iters = number::<u64>(value(args, &mut i, a), a).max(1),
+            "--iters" => iters = Some(number::<u64>(value(args, &mut i, a), a).max(1)),
             "--out" => out_dir = Some(PathBuf::from(value(args, &mut i, a))),
             "-h" | "--help" => {
                 print!("{USAGE}");
@@ -253,6 +290,42 @@ fn parent(args: &[String]) {
     }
 
     print_machine(markdown);
+    if acl_mode {
+        let mut opts =
+            acl::AclOpts::new(quick, out_dir.clone().unwrap_or_else(default_callgrind_dir));
+        if let Some(p) = acl_parts {
+            opts.parts = p;
+        }
+        if let Some(n) = iters {
+            opts.iters = n;
+        }
+        if let Some(s) = measure {
+            opts.measure = s;
+        }
+        if let Some(r) = rounds {
+            opts.rounds = r;
+        }
+        if threads_given {
+            opts.threads = threads;
+        }
+        if let Some(s) = sustain {
+            opts.sustain = s;
+        }
+        eprintln!(
+            "Creating the token and its keys (RSA-2048, EC P-256, AES-256, HMAC, data objects)..."
+        );
+        let env = BenchEnv::create();
+        let load_before = loadavg();
+        let start = std::time::Instant::now();
+        acl::run_all(&env, &opts, markdown);
+        println!();
+        println!(
+            "Load average (1 min) before and after the run: {load_before} / {}; {:.0} s in all",
+            loadavg(),
+            start.elapsed().as_secs_f64()
+        );
+        return;
+    }
     if broker_mode {
         let mut opts = broker::BrokerOpts::new(quick);
         if let Some(s) = stores {
@@ -323,7 +396,7 @@ fn parent(args: &[String]) {
     if cg {
         let out_dir = out_dir.unwrap_or_else(default_callgrind_dir);
         let opts = CallgrindOpts {
-            iters,
+            iters: iters.unwrap_or(2000),
             out_dir,
             cases: chosen.unwrap_or_else(|| callgrind::DEFAULT_CASES.to_vec()),
         };
@@ -334,7 +407,7 @@ fn parent(args: &[String]) {
     }
 
     let opts = TimingOpts {
-        cases: chosen.unwrap_or_else(|| Case::ALL.to_vec()),
+        cases: chosen.unwrap_or_else(|| Case::DEFAULT.to_vec()),
         threads,
         measure: measure.unwrap_or(if quick {
             Duration::from_millis(250)

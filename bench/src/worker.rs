@@ -24,6 +24,7 @@ pub const USER_PIN: &str = "1234";
 pub const RSA_LABEL: &str = "bench-rsa";
 pub const EC_LABEL: &str = "bench-ec";
 pub const AES_LABEL: &str = "bench-aes";
+pub const HMAC_LABEL: &str = "bench-hmac";
 pub const DATA_OBJECTS: usize = 8;
 /// The data object searched for by label.
 pub const FIND_LABEL: &str = "bench-data-3";
@@ -41,10 +42,24 @@ pub enum Case {
     Find,
     Session,
     GetAttr,
+    HmacSign,
 }
 
 impl Case {
-    pub const ALL: [Case; 7] = [
+    pub const ALL: [Case; 8] = [
+        Case::Digest,
+        Case::RsaSign,
+        Case::EcdsaSign,
+        Case::AesGcm,
+        Case::Find,
+        Case::Session,
+        Case::GetAttr,
+        Case::HmacSign,
+    ];
+
+    /// The cases of the plain timed comparison (`p11shim-bench` without a
+    /// mode); `hmac-sign` belongs to `--acl`.
+    pub const DEFAULT: [Case; 7] = [
         Case::Digest,
         Case::RsaSign,
         Case::EcdsaSign,
@@ -63,6 +78,7 @@ impl Case {
             Case::Find => "find",
             Case::Session => "session",
             Case::GetAttr => "get-attr",
+            Case::HmacSign => "hmac-sign",
         }
     }
 
@@ -75,6 +91,7 @@ impl Case {
             Case::Find => "FindObjects by label (Init+Find+Final)",
             Case::Session => "OpenSession+CloseSession",
             Case::GetAttr => "GetAttributeValue (CKA_LABEL)",
+            Case::HmacSign => "HMAC-SHA256 sign, 64 B",
         }
     }
 
@@ -97,10 +114,15 @@ pub enum Plan {
 pub enum Job {
     Setup,
     ListSlots,
+    /// Checks that p11shim's `[acl]` is in force (`--acl` runs it on the
+    /// audited target before measuring).
+    AclProbe,
     Run {
         case: Case,
         threads: usize,
         plan: Plan,
+        /// Report p11shim's audit counters (its status query) at the end.
+        audit_status: bool,
     },
 }
 
@@ -111,13 +133,53 @@ pub struct WorkerArgs {
     pub job: Job,
 }
 
-/// The objects the cases use, as this module's handles.
+/// The objects the cases use, as this module's handles; only those of the
+/// case being run are looked up (a role's ACL may hide the others), the
+/// rest stay `CK_INVALID_HANDLE`.
 #[derive(Debug, Clone, Copy)]
 struct Keys {
     rsa: CK_OBJECT_HANDLE,
     ec: CK_OBJECT_HANDLE,
     aes: CK_OBJECT_HANDLE,
     rsa_pub: CK_OBJECT_HANDLE,
+    hmac: CK_OBJECT_HANDLE,
+}
+
+impl Keys {
+    fn for_case(m: &Module, s: CK_SESSION_HANDLE, case: Case) -> Keys {
+        let mut k = Keys {
+            rsa: CK_INVALID_HANDLE,
+            ec: CK_INVALID_HANDLE,
+            aes: CK_INVALID_HANDLE,
+            rsa_pub: CK_INVALID_HANDLE,
+            hmac: CK_INVALID_HANDLE,
+        };
+        match case {
+            Case::RsaSign => k.rsa = m.find_one(s, CKO_PRIVATE_KEY, RSA_LABEL),
+            Case::EcdsaSign => k.ec = m.find_one(s, CKO_PRIVATE_KEY, EC_LABEL),
+            Case::AesGcm => k.aes = m.find_one(s, CKO_SECRET_KEY, AES_LABEL),
+            Case::GetAttr => k.rsa_pub = m.find_one(s, CKO_PUBLIC_KEY, RSA_LABEL),
+            Case::HmacSign => k.hmac = m.find_one(s, CKO_SECRET_KEY, HMAC_LABEL),
+            Case::Digest | Case::Find | Case::Session => {}
+        }
+        k
+    }
+}
+
+/// p11shim's `CKR_P11SHIM_AUDIT_UNAVAILABLE` (include/p11shim.h): a
+/// fail-closed audit log could not take the record, the call was refused.
+pub const CKR_P11SHIM_AUDIT_UNAVAILABLE: CK_RV = CKR_VENDOR_DEFINED | 0x5053_0006;
+
+/// p11shim's audit counters, from its status query.
+#[derive(Debug, Clone, Copy)]
+struct AuditStatus {
+    written: u64,
+    lost: u64,
+    queued: u64,
+    healthy: bool,
+    checkpoints: u64,
+    /// CPU time of the writer thread so far, in nanoseconds.
+    writer_cpu_ns: Option<u64>,
 }
 
 pub fn run(args: WorkerArgs) {
@@ -141,22 +203,24 @@ pub fn run(args: WorkerArgs) {
             create_objects(&m, slot);
             println!("RESULT setup=ok");
         }
+        Job::AclProbe => {
+            let slot = m.find_slot(TOKEN_LABEL);
+            acl_probe(&m, slot);
+            println!("RESULT acl=enforced");
+        }
         Job::Run {
             case,
             threads,
             plan,
+            audit_status,
         } => {
             let slot = m.find_slot(TOKEN_LABEL);
             let base = m.open_session(slot, CKF_SERIAL_SESSION);
             m.login_user(base, USER_PIN);
-            let keys = Keys {
-                rsa: m.find_one(base, CKO_PRIVATE_KEY, RSA_LABEL),
-                ec: m.find_one(base, CKO_PRIVATE_KEY, EC_LABEL),
-                aes: m.find_one(base, CKO_SECRET_KEY, AES_LABEL),
-                rsa_pub: m.find_one(base, CKO_PUBLIC_KEY, RSA_LABEL),
-            };
+            let keys = Keys::for_case(&m, base, case);
             let results = run_threads(&m, slot, keys, case, threads, plan);
-            report(&results, plan);
+            let audit = audit_status.then(|| drained_audit_status(&args.lib));
+            report(&results, plan, audit);
             m.logout(base);
             m.close_session(base);
         }
@@ -167,7 +231,13 @@ pub fn run(args: WorkerArgs) {
 /// What one thread measured.
 #[derive(Debug)]
 pub(crate) struct ThreadResult {
+    /// Operations measured.
     pub(crate) ops: u64,
+    /// Operations made, warm-up included.
+    pub(crate) all: u64,
+    /// Operations p11shim refused because its fail-closed audit log could
+    /// not take their record (`CKR_P11SHIM_AUDIT_UNAVAILABLE`).
+    pub(crate) refused: u64,
     pub(crate) elapsed: Duration,
     pub(crate) hist: Histogram,
 }
@@ -188,7 +258,7 @@ fn run_threads(
                 sc.spawn(move || {
                     let mut ctx = Ctx::new(*m, slot, keys);
                     barrier.wait();
-                    let r = match case {
+                    let mut r = match case {
                         Case::Digest => drive(plan, || ctx.digest()),
                         Case::RsaSign => drive(plan, || ctx.rsa_sign()),
                         Case::EcdsaSign => drive(plan, || ctx.ecdsa_sign()),
@@ -196,7 +266,9 @@ fn run_threads(
                         Case::Find => drive(plan, || ctx.find()),
                         Case::Session => drive(plan, || ctx.open_close()),
                         Case::GetAttr => drive(plan, || ctx.get_label()),
+                        Case::HmacSign => drive(plan, || ctx.hmac_sign()),
                     };
+                    r.refused = ctx.refused;
                     ctx.close();
                     r
                 })
@@ -222,6 +294,8 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
             }
             ThreadResult {
                 ops: n,
+                all: n,
+                refused: 0,
                 elapsed: Duration::ZERO,
                 hist: Histogram::new(),
             }
@@ -230,8 +304,10 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
             let start = Instant::now();
             let (warm_end, end) = (start + warmup, start + warmup + measure);
             let mut now = start;
+            let mut warm = 0u64;
             while now < warm_end {
                 op();
+                warm += 1;
                 now = Instant::now();
             }
             let first = now;
@@ -246,6 +322,8 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
             }
             ThreadResult {
                 ops,
+                all: warm + ops,
+                refused: 0,
                 elapsed: now - first,
                 hist,
             }
@@ -253,24 +331,103 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
     }
 }
 
-/// `RESULT ops=<n> rate=<ops/s> hist=<histogram>`; the rate is the sum of
-/// the threads' rates.
-fn report(results: &[ThreadResult], plan: Plan) {
+/// `RESULT ops=<n> all=<n> refused=<n> [rate=<ops/s> hist=<histogram>]
+/// [audit_written=... audit_lost=... ...]`; the rate is the sum of the
+/// threads' rates.
+fn report(results: &[ThreadResult], plan: Plan, audit: Option<AuditStatus>) {
     let ops: u64 = results.iter().map(|r| r.ops).sum();
-    match plan {
-        Plan::Count(_) => println!("RESULT ops={ops}"),
-        Plan::Timed { .. } => {
-            let rate: f64 = results
-                .iter()
-                .map(|r| r.ops as f64 / r.elapsed.as_secs_f64().max(1e-9))
-                .sum();
-            let mut hist = Histogram::new();
-            for r in results {
-                hist.merge(&r.hist);
-            }
-            println!("RESULT ops={ops} rate={rate:.3} hist={}", hist.encode());
+    let all: u64 = results.iter().map(|r| r.all).sum();
+    let refused: u64 = results.iter().map(|r| r.refused).sum();
+    let mut line = format!("RESULT ops={ops} all={all} refused={refused}");
+    if let Plan::Timed { .. } = plan {
+        let rate: f64 = results
+            .iter()
+            .map(|r| r.ops as f64 / r.elapsed.as_secs_f64().max(1e-9))
+            .sum();
+        let mut hist = Histogram::new();
+        for r in results {
+            hist.merge(&r.hist);
+        }
+        line += &format!(" rate={rate:.3} hist={}", hist.encode());
+    }
+    if let Some(a) = audit {
+        line += &format!(
+            " audit_written={} audit_lost={} audit_queued={} audit_healthy={} audit_checkpoints={}",
+            a.written, a.lost, a.queued, a.healthy, a.checkpoints
+        );
+        if let Some(ns) = a.writer_cpu_ns {
+            line += &format!(" audit_writer_cpu_ns={ns}");
         }
     }
+    println!("{line}");
+}
+
+/// p11shim's audit counters once its writer has emptied the queue (polled
+/// every 10 ms, for at most 5 s; whatever is still queued then is reported
+/// as such). A module without an audit section ends the run: a benchmark
+/// of the audit path must not measure a module that does not audit.
+fn drained_audit_status(lib: &std::path::Path) -> AuditStatus {
+    let status = crate::ha_worker::Status::load(lib);
+    let mut last = None;
+    for _ in 0..500 {
+        let text = status.json();
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| die(format_args!("P11shim_GetStatus: bad JSON ({e}): {text}")));
+        let a = &v["audit"];
+        if !a.is_object() {
+            die(format_args!(
+                "P11shim_GetStatus has no audit section: the module does not audit ({text})"
+            ));
+        }
+        let num = |k: &str| {
+            a[k].as_u64().unwrap_or_else(|| {
+                die(format_args!("P11shim_GetStatus: audit.{k} missing: {text}"))
+            })
+        };
+        let st = AuditStatus {
+            written: num("written"),
+            lost: num("lost"),
+            queued: num("queued"),
+            healthy: a["healthy"].as_bool().unwrap_or(false),
+            checkpoints: num("checkpoints"),
+            writer_cpu_ns: None,
+        };
+        last = Some(st);
+        if st.queued == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut st = last.unwrap_or_else(|| die("P11shim_GetStatus: no answer"));
+    st.writer_cpu_ns = thread_cpu_ns("p11shim-audit");
+    st
+}
+
+/// The CPU time, in nanoseconds, of this process's thread named `name`
+/// (from /proc/self/task/*/comm), read through its per-thread CPU clock.
+fn thread_cpu_ns(name: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir("/proc/self/task").ok()?;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let tid: libc::pid_t = t.file_name().to_str()?.parse().ok()?;
+        // The kernel's per-thread CPU clock id of a thread of this process
+        // (MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED), as glibc's
+        // pthread_getcpuclockid builds it).
+        let clock: libc::clockid_t = ((!tid) << 3) | 6;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a writable timespec; an invalid clock id is an error return.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+            return None;
+        }
+        return Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+    }
+    None
 }
 
 const MSG: [u8; 64] = [0x5a; 64];
@@ -289,6 +446,8 @@ struct Ctx {
     iv: [u8; 12],
     counter: u64,
     label: [u8; 64],
+    /// Signatures refused by a fail-closed audit log.
+    refused: u64,
 }
 
 impl Ctx {
@@ -305,6 +464,7 @@ impl Ctx {
             iv: [0; 12],
             counter: 0,
             label: [0; 64],
+            refused: 0,
         }
     }
 
@@ -362,10 +522,14 @@ impl Ctx {
             ulParameterLen: 0,
         };
         // SAFETY: a valid mechanism for the call.
-        check(
-            unsafe { (f.sign_init)(self.s, &mut mech, key) },
-            "C_SignInit",
-        );
+        let rv = unsafe { (f.sign_init)(self.s, &mut mech, key) };
+        if rv == CKR_P11SHIM_AUDIT_UNAVAILABLE {
+            // Counted and reported: the parent decides what a refusal means
+            // for the measurement.
+            self.refused += 1;
+            return;
+        }
+        check(rv, "C_SignInit");
         let mut n = self.out.len() as CK_ULONG;
         // SAFETY: input and output buffers of the lengths given.
         check(
@@ -381,6 +545,12 @@ impl Ctx {
             "C_Sign",
         );
         Self::expect_len("C_Sign", n, sig);
+    }
+
+    /// HMAC-SHA256 of 64 bytes: a cheap signature whose vendor cost does
+    /// not vary, so that instruction counts compare exactly.
+    fn hmac_sign(&mut self) {
+        self.sign(CKM_SHA256_HMAC, self.keys.hmac, 64, 32);
     }
 
     fn rsa_sign(&mut self) {
@@ -493,8 +663,8 @@ impl Ctx {
     }
 }
 
-/// Creates the token objects: RSA-2048, EC P-256 and AES-256 keys, and a
-/// few labelled data objects.
+/// Creates the token objects: RSA-2048, EC P-256, AES-256 and HMAC
+/// (generic secret) keys, and a few labelled data objects.
 fn create_objects(m: &Module, slot: CK_SLOT_ID) {
     let f = &m.f;
     let s = m.open_session(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION);
@@ -567,6 +737,38 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         "C_GenerateKey",
     );
 
+    // HMAC: a generic secret of 256 bits.
+    let (secret, generic) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET);
+    let mut hmac_t = [
+        attr(CKA_CLASS, &secret),
+        attr(CKA_KEY_TYPE, &generic),
+        attr(CKA_TOKEN, &t),
+        attr(CKA_PRIVATE, &t),
+        attr(CKA_SENSITIVE, &t),
+        attr(CKA_SIGN, &t),
+        attr(CKA_VERIFY, &t),
+        attr(CKA_VALUE_LEN, &len),
+        attr_bytes(CKA_LABEL, HMAC_LABEL.as_bytes()),
+    ];
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_GENERIC_SECRET_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    // SAFETY: the mechanism and template live across the call.
+    check(
+        unsafe {
+            (f.generate_key)(
+                s,
+                &mut mech,
+                hmac_t.as_mut_ptr(),
+                hmac_t.len() as CK_ULONG,
+                &mut key,
+            )
+        },
+        "C_GenerateKey (HMAC)",
+    );
+
     // Labelled data objects.
     let class = CKO_DATA;
     for i in 0..DATA_OBJECTS {
@@ -619,4 +821,70 @@ fn generate_pair(
         },
         "C_GenerateKeyPair",
     );
+}
+
+/// The number of objects of a class with a label that the module shows.
+fn count_objects(m: &Module, s: CK_SESSION_HANDLE, class: CK_OBJECT_CLASS, label: &str) -> u64 {
+    let mut t = [
+        attr(CKA_CLASS, &class),
+        attr_bytes(CKA_LABEL, label.as_bytes()),
+    ];
+    // SAFETY: the template points to live values for the call.
+    check(
+        unsafe { (m.f.find_objects_init)(s, t.as_mut_ptr(), t.len() as CK_ULONG) },
+        "C_FindObjectsInit",
+    );
+    let mut found = [CK_INVALID_HANDLE; 4];
+    let mut n: CK_ULONG = 0;
+    // SAFETY: `found` holds 4 handles.
+    check(
+        unsafe { (m.f.find_objects)(s, found.as_mut_ptr(), found.len() as CK_ULONG, &mut n) },
+        "C_FindObjects",
+    );
+    // SAFETY: no pointers.
+    check(unsafe { (m.f.find_objects_final)(s) }, "C_FindObjectsFinal");
+    n as u64
+}
+
+/// The role of the audited configuration sees the keys of the signing
+/// cases and nothing else, and may sign only with the cases' mechanisms:
+/// the AES key must not exist for it, and an RSA signature with another
+/// mechanism must be refused at `C_SignInit`. (Both refusals are recorded
+/// in the audit log as denials, not as key use.)
+fn acl_probe(m: &Module, slot: CK_SLOT_ID) {
+    let s = m.open_session(slot, CKF_SERIAL_SESSION);
+    m.login_user(s, USER_PIN);
+    for (class, label) in [
+        (CKO_PRIVATE_KEY, RSA_LABEL),
+        (CKO_PRIVATE_KEY, EC_LABEL),
+        (CKO_SECRET_KEY, HMAC_LABEL),
+    ] {
+        if count_objects(m, s, class, label) != 1 {
+            die(format_args!(
+                "ACL probe: the role does not see {label:?}, which its rules grant"
+            ));
+        }
+    }
+    let aes = count_objects(m, s, CKO_SECRET_KEY, AES_LABEL);
+    if aes != 0 {
+        die(format_args!(
+            "ACL probe: {AES_LABEL:?} is visible ({aes} found) though no rule selects it: the ACL is not in force"
+        ));
+    }
+    let rsa = m.find_one(s, CKO_PRIVATE_KEY, RSA_LABEL);
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_RSA_PKCS,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    // SAFETY: a valid mechanism for the call.
+    let rv = unsafe { (m.f.sign_init)(s, &mut mech, rsa) };
+    if rv != CKR_MECHANISM_INVALID {
+        die(format_args!(
+            "ACL probe: C_SignInit(CKM_RSA_PKCS) on {RSA_LABEL:?}, a mechanism no rule grants, returned {} (0x{rv:08x}), expected CKR_MECHANISM_INVALID",
+            crate::p11::rv_name(rv)
+        ));
+    }
+    m.logout(s);
+    m.close_session(s);
 }
