@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::secrets::SecretSource;
 
+pub mod approvals;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
@@ -103,6 +104,11 @@ pub trait ReplayStore: Send + Sync + fmt::Debug {
     fn ping(&self) -> Result<(), StoreError>;
     /// `sqlite`, `postgres` or `redis`.
     fn kind(&self) -> &'static str;
+    /// The approval store of this backend (quorum requests), when it has
+    /// one: `sqlite` and `postgres` do, `redis` does not.
+    fn approvals(&self) -> Option<&dyn approvals::ApprovalStore> {
+        None
+    }
 }
 
 fn default_busy_timeout_ms() -> u64 {
