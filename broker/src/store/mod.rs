@@ -8,6 +8,10 @@
 //! [`sqlite`] (the default; one broker process), [`postgres`] (several
 //! broker replicas share one primary) and [`redis`] (several replicas, with a
 //! weaker guarantee on failover). `docs/broker-store.md` compares them.
+//!
+//! `sqlite` and `postgres` also keep quorum approval requests
+//! ([`approvals::ApprovalStore`], reached through [`ReplayStore::approvals`]);
+//! `redis` does not, and the configuration refuses quorum rules with it.
 
 use std::fmt;
 use std::path::PathBuf;

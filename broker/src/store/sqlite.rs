@@ -12,6 +12,10 @@
 //! system neither is shared reliably between hosts, so two brokers on two
 //! machines could both see "first use". `open` refuses NFS, SMB/CIFS and
 //! similar mounts it can recognize; several replicas need PostgreSQL.
+//!
+//! The same file holds the approval tables (schema version 2; a version 1
+//! file gains them in place): every approval write runs in a `BEGIN
+//! IMMEDIATE` transaction too (see [`super::approvals`]).
 
 use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
