@@ -34,9 +34,8 @@ struct Args {
 
 fn key(args: &Args) -> Result<VerifyKey, String> {
     if let Some(p) = &args.hmac_key_file {
-        let raw = Zeroizing::new(
-            std::fs::read(p).map_err(|e| format!("{}: {}", p.display(), e.kind()))?,
-        );
+        let raw =
+            Zeroizing::new(std::fs::read(p).map_err(|e| format!("{}: {}", p.display(), e.kind()))?);
         let text = std::str::from_utf8(&raw)
             .map_err(|_| format!("{}: not UTF-8 text", p.display()))?
             .trim();
