@@ -38,7 +38,8 @@ test: deps
 # payments key, and both audit logs verified (DEMO_ARGS=--quick for a short
 # run). audit-verify stands in for `p11shim audit verify` until it exists.
 demo: deps build-release
-	$(CARGO) build --release -p p11shim-faultmod -p p11shim-peers --bin audit-verify
+	$(CARGO) build --release -p p11shim-faultmod
+	$(CARGO) build --release -p p11shim-peers --bin audit-verify
 	@scripts/demo.sh $(DEMO_ARGS)
 
 # Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a
