@@ -82,7 +82,7 @@ else
   say() { printf '[demo] %s\n' "$*"; }
 fi
 fail() { echo "demo: $*" >&2; exit 1; }
-now_ms() { local t=$EPOCHREALTIME; echo $(( ${t%.*} * 1000 + 10#${t#*.} / 1000 )); }
+now_ms() { local t=${EPOCHREALTIME/,/.}; echo $(( ${t%.*} * 1000 + 10#${t#*.} / 1000 )); }
 
 # Waits up to $1 tenths of a second for the command that follows to succeed.
 wait_for() {
