@@ -30,13 +30,16 @@ test: deps
 	$(CARGO) build -p p11shim -p p11shim-faultmod -p p11shim-broker -p p11shim-peers -p p11shim-cli
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-# Three SoftHSM2 tokens behind one HA slot (each member through its own copy
-# of the fault-injecting test module, so that one can be pulled out), the
-# broker on 127.0.0.1 handing out their PIN, and real clients signing
-# through p11shim while a member disappears and comes back (DEMO_ARGS=--quick
-# for a short run).
+# Three SoftHSM2 tokens provisioned by `p11shim provision` as one HA slot
+# (each member through its own copy of the fault-injecting test module, so
+# that one can be pulled out), the broker on 127.0.0.1 handing two roles
+# their PIN, key policy and audit key, role payments signing through p11shim
+# while a member disappears and comes back, role reports refused the
+# payments key, and both audit logs verified (DEMO_ARGS=--quick for a short
+# run). audit-verify stands in for `p11shim audit verify` until it exists.
 demo: deps build-release
 	$(CARGO) build --release -p p11shim-faultmod
+	$(CARGO) build --release -p p11shim-peers --bin audit-verify
 	@scripts/demo.sh $(DEMO_ARGS)
 
 # Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a

@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
-"""PKCS#11 calls the demo needs that no stock tool makes, through ctypes
-(the standard library only, nothing to install):
+"""What the demo needs that no stock tool does, with the standard library
+only (ctypes for PKCS#11, nothing to install):
 
-  trusted-key   the security officer puts the HA replication key (AES,
-                CKA_TRUSTED) on one member token, with SoftHSM2 called
-                directly: what each HSM partition's officer does once.
   signer        a long-lived application on p11shim: logs in with no PIN
                 (protected authentication path), signs with SHA256-RSA-PKCS
                 round-robin over three sessions, writes every message and
-                signature for the caller to verify, and keeps p11shim's
-                status JSON (C_GetInterface("p11shim"), P11shim_GetStatus)
-                in a file, until a stop file appears.
-  show-status   prints the interesting part of a saved status JSON.
+                signature for the caller to verify (and index.txt: the epoch
+                ms of each), and keeps p11shim's status (C_GetInterface
+                ("p11shim"), P11shim_GetStatus) in a file, until a stop file
+                appears.
+  reach         a process of another role reaches for a key of the payments
+                role: finds it (p11shim hides it), signs with its own key,
+                then tries to make a key under the other role's name; prints
+                each outcome with its exact return code.
   verify-rsa    verifies the signer's SHA256-RSA-PKCS signatures (RFC 8017
                 8.2.2: the expected encoding is rebuilt and compared) with
                 the public key's numbers as openssl prints them.
+  show-grant    one line from `p11shim attest --json`: role, subject, expiry,
+                policy.
+  rates         signatures verified per second in each phase of the demo.
+  audit-story   when the failover and the recovery happened, from the audit
+                log's own records.
+  audit-summary one line from audit-verify's report.
 
 Secrets are read from files, never from the command line, and never
 printed.
@@ -35,23 +42,31 @@ CKR_BUFFER_TOO_SMALL = 0x150
 CKF_OS_LOCKING_OK = 0x2
 CKF_RW_SESSION = 0x2
 CKF_SERIAL_SESSION = 0x4
-CKU_SO = 0
 CKU_USER = 1
 CKO_PRIVATE_KEY = 3
-CKO_SECRET_KEY = 4
-CKK_AES = 0x1F
 CKA_CLASS = 0x0
 CKA_TOKEN = 0x1
 CKA_PRIVATE = 0x2
 CKA_LABEL = 0x3
-CKA_TRUSTED = 0x86
-CKA_VALUE = 0x11
-CKA_KEY_TYPE = 0x100
 CKA_SENSITIVE = 0x103
-CKA_WRAP = 0x106
-CKA_UNWRAP = 0x107
-CKA_EXTRACTABLE = 0x162
+CKA_MODULUS_BITS = 0x121
+CKA_PUBLIC_EXPONENT = 0x122
+CKA_SIGN = 0x108
+CKA_VERIFY = 0x10A
+CKM_RSA_PKCS_KEY_PAIR_GEN = 0x0
 CKM_SHA256_RSA_PKCS = 0x40
+
+# Return codes the demo may meet, by name.
+CKR_NAMES = {
+    0x0: "CKR_OK", 0x5: "CKR_GENERAL_ERROR", 0x30: "CKR_DEVICE_ERROR", 0x32: "CKR_DEVICE_REMOVED",
+    0x60: "CKR_KEY_HANDLE_INVALID", 0x68: "CKR_KEY_FUNCTION_NOT_PERMITTED",
+    0x70: "CKR_MECHANISM_INVALID", 0x82: "CKR_OBJECT_HANDLE_INVALID",
+    0xD1: "CKR_TEMPLATE_INCONSISTENT", 0x101: "CKR_USER_NOT_LOGGED_IN",
+}
+
+
+def rv_name(rv):
+    return f"{CKR_NAMES.get(rv, 'CKR_?')} (0x{rv:X})"
 
 
 class InitArgs(ctypes.Structure):
@@ -88,7 +103,7 @@ class P11shimFunctions(ctypes.Structure):
 
 class Pkcs11Error(Exception):
     def __init__(self, function, rv):
-        super().__init__(f"{function} returned 0x{rv:X}")
+        super().__init__(f"{function} returned {rv_name(rv)}")
         self.rv = rv
 
 
@@ -102,6 +117,7 @@ class Module:
             "C_OpenSession", "C_CloseAllSessions", "C_Login", "C_Logout",
             "C_CreateObject", "C_FindObjectsInit", "C_FindObjects",
             "C_FindObjectsFinal", "C_SignInit", "C_Sign", "C_GetInterface",
+            "C_GetAttributeValue", "C_GenerateKeyPair",
         ):
             if hasattr(self.lib, name):
                 getattr(self.lib, name).restype = CK_RV
@@ -164,6 +180,23 @@ class Module:
             raise SystemExit(f"demo-client: {n.value} objects match, expected one")
         return found[0]
 
+    def find_all(self, session, attrs, limit=64):
+        template, _keep = template_of(attrs)
+        self.call("C_FindObjectsInit", CK_ULONG(session), template, CK_ULONG(len(attrs)))
+        found = (CK_ULONG * limit)()
+        n = CK_ULONG(0)
+        try:
+            self.call("C_FindObjects", CK_ULONG(session), found, CK_ULONG(limit), ctypes.byref(n))
+        finally:
+            self.call("C_FindObjectsFinal", CK_ULONG(session))
+        return list(found[: n.value])
+
+    def label(self, session, obj):
+        buf = ctypes.create_string_buffer(256)
+        attr = Attribute(CKA_LABEL, ctypes.cast(buf, ctypes.c_void_p), len(buf))
+        self.call("C_GetAttributeValue", CK_ULONG(session), CK_ULONG(obj), ctypes.byref(attr), CK_ULONG(1))
+        return buf.raw[: attr.len].decode("utf-8", "replace")
+
     def sign(self, session, key, data):
         mech = Mechanism(CKM_SHA256_RSA_PKCS, None, 0)
         self.call("C_SignInit", CK_ULONG(session), ctypes.byref(mech), CK_ULONG(key))
@@ -215,51 +248,6 @@ def template_of(attrs):
     return arr, keep
 
 
-def read_secret(path):
-    """A PIN file's content, without the line end."""
-    with open(path, "rb") as f:
-        return f.read().rstrip(b"\r\n")
-
-
-def trusted_key(args):
-    m = Module(args.module)
-    m.initialize()
-    try:
-        labels = {m.token_label(s): s for s in m.slots()}
-        for token in args.token:
-            if token not in labels:
-                raise SystemExit(f"demo-client: no token {token!r}")
-            put_trusted_key(m, labels[token], args)
-    finally:
-        m.finalize()
-
-
-def put_trusted_key(m, slot, args):
-    session = m.open_session(slot)
-    m.login(session, CKU_SO, read_secret(args.so_pin_file))
-    with open(args.value_file, "rb") as f:
-        value = bytearray(f.read())
-    try:
-        if len(value) != 32:
-            raise SystemExit("demo-client: the replication key must be 32 bytes")
-        template, keep = template_of([
-            (CKA_CLASS, CKO_SECRET_KEY), (CKA_KEY_TYPE, CKK_AES), (CKA_TOKEN, True),
-            (CKA_PRIVATE, False), (CKA_LABEL, args.label.encode()), (CKA_WRAP, True),
-            (CKA_UNWRAP, True), (CKA_TRUSTED, True), (CKA_SENSITIVE, True),
-            (CKA_EXTRACTABLE, False), (CKA_VALUE, value),
-        ])
-        h = CK_ULONG(0)
-        try:
-            m.call("C_CreateObject", CK_ULONG(session), template, CK_ULONG(len(keep)), ctypes.byref(h))
-        finally:
-            for b in keep:
-                ctypes.memset(b, 0, len(b))
-    finally:
-        value[:] = bytes(len(value))
-    m.call("C_Logout", CK_ULONG(session))
-    m.call("C_CloseAllSessions", CK_ULONG(slot))
-
-
 def write_atomic(path, data):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -292,8 +280,10 @@ def signer(args):
         key = m.find_one(sessions[0], [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_LABEL, args.label.encode())])
         os.makedirs(args.out, exist_ok=True)
         save_status(m, args.out)
+        index = open(os.path.join(args.out, "index.txt"), "w")
         print("ready", flush=True)
         deadline = time.monotonic() + args.deadline
+        saved = time.monotonic()
         i = 0
         while not os.path.exists(args.stop) and time.monotonic() < deadline:
             msg = f"payment {i} signed by a long-lived application\n".encode()
@@ -307,38 +297,147 @@ def signer(args):
                     f.write(msg)
                 with open(os.path.join(args.out, f"{i:05}.sig"), "wb") as f:
                     f.write(sig)
+                index.write(f"{int(time.time() * 1000)} {i:05}\n")
+                index.flush()
                 signed += 1
-            save_status(m, args.out)
+            # The status every 50 ms: the caller waits on what it says.
+            if time.monotonic() - saved >= 0.05:
+                save_status(m, args.out)
+                saved = time.monotonic()
             i += 1
             time.sleep(args.interval)
+        save_status(m, args.out)
+        index.close()
     finally:
         m.finalize()
     print(f"signed {signed} failed {failed}", flush=True)
     return 1 if failed else 0
 
 
-def show_status(args):
-    with open(args.file) as f:
-        st = json.load(f)
-    c = st.get("credentials") or {}
-    line = (
-        f"credentials: state={c.get('state')} role={c.get('role')} method={c.get('method')} "
-        f"subject={c.get('subject')} grants={c.get('grants')} expires_in_s={c.get('expires_in_s')}"
-    )
-    if c.get("last_error"):
-        line += f" last_error={c['last_error']!r}"
-    print(line)
-    for slot in st.get("slots", []):
-        print(
-            f"slot {slot['id']} '{slot['label']}': logged_in={str(slot['logged_in']).lower()} "
-            f"sessions={slot['sessions']}"
+def reach(args):
+    """Role `reports` (the module's configuration says which) reaches for
+    another role's key. Exit 1 when p11shim lets it through."""
+    m = Module(args.module)
+    m.initialize()
+    leaked = False
+    try:
+        slot = m.slots()[0]
+        session = m.open_session(slot)
+        m.login(session, CKU_USER, None)
+        keys = m.find_all(session, [(CKA_CLASS, CKO_PRIVATE_KEY)])
+        labels = sorted(m.label(session, k) for k in keys)
+        print(f"private keys this role sees: {', '.join(labels) or 'none'}")
+        other = args.other.encode()
+        found = m.find_all(session, [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_LABEL, other)])
+        print(f"C_FindObjects(label={args.other}): {len(found)} objects")
+        leaked |= bool(found)
+        own = m.find_one(session, [(CKA_CLASS, CKO_PRIVATE_KEY), (CKA_LABEL, args.own.encode())])
+        sig = m.sign(session, own, b"quarterly report\n")
+        print(f"C_Sign with {args.own}: CKR_OK ({len(sig)} bytes)")
+        # A key pair under the other role's label: what a compromised
+        # process might try in order to pass its own key off as theirs.
+        pub, keep_pub = template_of([
+            (CKA_TOKEN, True), (CKA_LABEL, other), (CKA_VERIFY, True),
+            (CKA_MODULUS_BITS, 2048), (CKA_PUBLIC_EXPONENT, b"\x01\x00\x01"),
+        ])
+        priv, keep_priv = template_of([
+            (CKA_TOKEN, True), (CKA_PRIVATE, True), (CKA_LABEL, other), (CKA_SIGN, True),
+            (CKA_SENSITIVE, True),
+        ])
+        mech = Mechanism(CKM_RSA_PKCS_KEY_PAIR_GEN, None, 0)
+        hpub, hpriv = CK_ULONG(0), CK_ULONG(0)
+        rv = m.lib.C_GenerateKeyPair(
+            CK_ULONG(session), ctypes.byref(mech), pub, CK_ULONG(len(keep_pub)),
+            priv, CK_ULONG(len(keep_priv)), ctypes.byref(hpub), ctypes.byref(hpriv),
         )
-        for mb in slot["members"]:
-            print(
-                f"  {mb['name']} {mb['token']}: {mb['state']}, sessions={mb['sessions']} "
-                f"errors={mb['errors']} failovers={mb['failovers']} recoveries={mb['recoveries']} "
-                f"missed_changes={mb['missed_changes']}"
-            )
+        print(f"C_GenerateKeyPair(label={args.other}): {rv_name(rv)}")
+        leaked |= rv == CKR_OK
+    finally:
+        m.finalize()
+    return 1 if leaked else 0
+
+
+def show_grant(args):
+    with open(args.file) as f:
+        doc = json.load(f)
+    g = doc.get("grant") or {}
+    rules = (g.get("policy") or {}).get("keys") or []
+    policy = "; ".join(
+        f"{r.get('label', '*')} {'/'.join(r.get('ops') or ['visible'])}" for r in rules
+    )
+    print(
+        f"role {g.get('role')}, subject {g.get('subject')}, expires {g.get('expires_at')} "
+        f"(ttl {g.get('ttl_seconds')} s), reauth {g.get('reauth')}, key policy: {policy or 'none'}, "
+        f"PIN {g.get('pin')}"
+    )
+
+
+def rates(args):
+    """Verified signatures per second in each phase between the marks."""
+    times = []
+    with open(args.load) as f:
+        for line in f:
+            t, outcome, _key = line.split()
+            if outcome == "ok":
+                times.append(int(t))
+    with open(args.signer) as f:
+        times.extend(int(line.split()[0]) for line in f)
+    bounds = [args.t0] + args.marks
+    names = ["3 members up", "ha-a out", "ha-a back"]
+    for (lo, hi), name in zip(zip(bounds, bounds[1:]), names):
+        n = sum(lo <= t < hi for t in times)
+        secs = max(hi - lo, 1) / 1000
+        print(f"{name:<13} {n / secs:7.1f} signatures/s ({n} in {secs:.1f} s)")
+    return 0 if times else 1
+
+
+def epoch_ms(stamp):
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def audit_story(args):
+    """The first failover after `--after` and the first recovery after
+    `--back`, as the audit log recorded them (ms since --t0)."""
+    failover = recovery = None
+    with open(args.log) as f:
+        for line in f:
+            r = json.loads(line)
+            t = epoch_ms(r["time"])
+            if r["kind"] == "failover" and t >= args.after and (failover is None or t < failover[0]):
+                failover = (t, r)
+            if r["kind"] == "recovery" and t >= args.back and (recovery is None or t < recovery[0]):
+                recovery = (t, r)
+    if failover is None or recovery is None:
+        print("the audit log holds no failover or no recovery", file=sys.stderr)
+        return 1
+    (tf, rf), (tr, rr) = failover, recovery
+    print(
+        f"failover at T={tf - args.t0} ms ({rf['function']} {rf.get('member', '?')}, "
+        f"{tf - args.after} ms after the pull); recovery at T'={tr - args.t0} ms "
+        f"({rr['function']} {rr.get('member', '?')}, {tr - args.back} ms after it was put back), "
+        "from the audit log's records"
+    )
+    return 0
+
+
+def audit_summary(args):
+    with open(args.file) as f:
+        lines = f.read().splitlines()
+    v = dict(kv.split("=", 1) for kv in lines[0].split())
+    kinds = {}
+    for line in lines[1:]:
+        if line.startswith("kinds "):
+            kinds = dict((k, int(n)) for k, n in (kv.split("=") for kv in line.split()[1:]))
+    print(
+        f"{v['records']} records in {v['chains']} chains (one per process; {v['terminated']} closed by "
+        f"C_Finalize, {int(v['chains']) - int(v['terminated'])} left open by processes that exit without it), "
+        f"{v['checkpoints']} checkpoints, {v['signed']} signed (HMAC-SHA256, the broker's audit key), "
+        f"{v['broken']} broken links; {kinds.get('denial', 0)} denials, "
+        f"{kinds.get('failover', 0)} failovers, {kinds.get('recovery', 0)} recoveries, "
+        f"{kinds.get('key_use', 0)} key uses, {kinds.get('credentials', 0)} credential fetches"
+    )
 
 
 # DigestInfo of SHA-256 (RFC 8017 9.2, note 1).
@@ -378,31 +477,44 @@ def verify_rsa(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("trusted-key")
-    t.add_argument("--module", required=True)
-    t.add_argument("--token", required=True, action="append")
-    t.add_argument("--so-pin-file", required=True)
-    t.add_argument("--value-file", required=True)
-    t.add_argument("--label", default="p11shim-replication")
     s = sub.add_parser("signer")
     s.add_argument("--module", required=True)
     s.add_argument("--label", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--stop", required=True)
-    s.add_argument("--interval", type=float, default=0.04)
+    s.add_argument("--interval", type=float, default=0.005)
     s.add_argument("--deadline", type=float, default=120.0)
-    v = sub.add_parser("show-status")
-    v.add_argument("file")
+    c = sub.add_parser("reach")
+    c.add_argument("--module", required=True)
+    c.add_argument("--own", required=True)
+    c.add_argument("--other", required=True)
     r = sub.add_parser("verify-rsa")
     r.add_argument("--pub", required=True)
     r.add_argument("--dir", required=True)
+    g = sub.add_parser("show-grant")
+    g.add_argument("file")
+    t = sub.add_parser("rates")
+    t.add_argument("--t0", type=int, required=True)
+    t.add_argument("--marks", type=int, nargs=3, required=True)
+    t.add_argument("--load", required=True)
+    t.add_argument("--signer", required=True)
+    a = sub.add_parser("audit-story")
+    a.add_argument("--t0", type=int, required=True)
+    a.add_argument("--after", type=int, required=True)
+    a.add_argument("--back", type=int, required=True)
+    a.add_argument("--log", required=True)
+    u = sub.add_parser("audit-summary")
+    u.add_argument("file")
     a = p.parse_args()
     try:
         return {
-            "trusted-key": trusted_key,
             "signer": signer,
-            "show-status": show_status,
+            "reach": reach,
             "verify-rsa": verify_rsa,
+            "show-grant": show_grant,
+            "rates": rates,
+            "audit-story": audit_story,
+            "audit-summary": audit_summary,
         }[a.command](a) or 0
     except Pkcs11Error as e:
         print(f"demo-client: {e}", file=sys.stderr)

@@ -1,52 +1,84 @@
 //! The README's first command: the demo runs end to end (in its short
-//! mode) and tells its story: a broker, three HA members, real clients
-//! signing through p11shim with no PIN while a member disappears.
+//! mode) and tells its story: `p11shim provision` makes three HA members,
+//! the broker hands two roles their credentials, key policy and audit key,
+//! role payments signs with no PIN while a member fails and comes back,
+//! role reports is refused the payments key, and both audit logs verify.
+//!
+//! Only outcomes are checked, never durations: counts that must be
+//! positive, lines that must be there, zero broken links.
 
 use std::path::Path;
 
 use p11shim_tests::{faultmod_lib, p11shim_lib, repo_root, require, softhsm_lib};
 
-/// The numbers on the summary line that starts with `prefix`.
-fn summary(text: &str, prefix: &str) -> Vec<u64> {
-    let line = text
-        .lines()
-        .skip_while(|l| !l.contains("summary:"))
-        .find(|l| l.trim_start().starts_with(prefix))
-        .unwrap_or_else(|| panic!("no summary line {prefix:?}:\n{text}"));
-    line.split(|c: char| !c.is_ascii_digit())
-        .filter_map(|n| n.parse().ok())
-        .collect()
+/// The lines of the story (the `[demo]` lines and the indented ones
+/// under them).
+fn story_line<'a>(text: &'a str, needle: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("the demo did not say {needle:?}:\n{text}"))
 }
 
-/// `scripts/demo.sh --quick`: the broker grants the PIN once and every
-/// later client process re-authenticates; pkcs11-tool sees the protected
-/// authentication path and makes a key pair that reaches the three
-/// members; OpenSSL and a long-lived application sign, every signature
-/// verified, while a member is removed (the application's session moves)
-/// and comes back; no PIN in any log, and no secret left behind.
+/// The number just before `word` in `line` (`"12 denials"` → 12).
+fn count_before(line: &str, word: &str) -> u64 {
+    let at = line
+        .find(word)
+        .unwrap_or_else(|| panic!("no {word:?} in {line:?}"));
+    line[..at]
+        .trim_end()
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number before {word:?} in {line:?}"))
+}
+
+/// The number just after `prefix` in `line` (`"T=2012 ms"` → 2012).
+fn number_after(line: &str, prefix: &str) -> u64 {
+    let at = line
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in {line:?}"))
+        + prefix.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in {line:?}"))
+}
+
+/// `scripts/demo.sh --quick`, checked line by line.
 #[test]
 fn the_demo_tells_its_story() {
-    for tool in ["openssl", "pkcs11-tool", "softhsm2-util", "python3", "curl"] {
+    for tool in ["openssl", "pkcs11-tool", "python3", "curl"] {
         if !require(tool) {
             return;
         }
     }
-    let broker = p11shim_lib().with_file_name("p11shim-broker");
-    assert!(
-        broker.exists(),
-        "{} is missing: run `cargo build -p p11shim-broker` (make test does)",
-        broker.display()
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let work = dir.path().join("demo");
+    let bin = p11shim_lib().with_file_name("p11shim-broker");
+    let dir = bin.parent().expect("target dir").to_path_buf();
+    for (name, package) in [
+        ("p11shim-broker", "p11shim-broker"),
+        ("p11shim", "p11shim-cli"),
+        ("audit-verify", "p11shim-peers"),
+    ] {
+        assert!(
+            dir.join(name).exists(),
+            "{} is missing: run `cargo build -p {package}` (make test does)",
+            dir.join(name).display()
+        );
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path().join("demo");
     let out = std::process::Command::new("bash")
         .arg(repo_root().join("scripts/demo.sh"))
         .arg("--quick")
         .env("P11SHIM_LIB", p11shim_lib())
-        .env("P11SHIM_BROKER", &broker)
+        .env("P11SHIM_BROKER", dir.join("p11shim-broker"))
+        .env("P11SHIM_CLI", dir.join("p11shim"))
+        .env("P11SHIM_AUDIT_VERIFY", dir.join("audit-verify"))
         .env("P11SHIM_FAULTMOD", faultmod_lib())
         .env("SOFTHSM2_LIB", softhsm_lib())
         .env("P11SHIM_DEMO_DIR", &work)
+        .env_remove("P11SHIM_CONFIG")
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run the demo");
@@ -56,73 +88,99 @@ fn the_demo_tells_its_story() {
         "demo failed:\n{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for line in [
-        "p11shim-broker listening on http://127.0.0.1:",
-        "p11shim virtual slot payments over ha-a, ha-b, ha-c; pin = \"broker\"",
-        "PIN pad present",
-        "generated ECDSA P-256 'demo-ec' through the slot; it is on ha-a ha-b ha-c",
-        "OpenSSL config has no PIN: 0 lines mention a PIN",
-        "with 3 members up, all verified",
-        "with ha-a removed, all verified",
-        "member ha-a back",
-        "self-signed certificate for CN=payments.example issued with the token key and verified",
-        "the PIN is in no log",
-    ] {
+
+    // 1. Provisioned by the CLI: the replication key, two RSA pairs and an
+    //    EC pair, the same on the three members.
+    story_line(&text, "verified slot 0: 3 members hold the same 7 objects");
+
+    // 2. Credentials of both roles, from the broker, with their policies.
+    for role in ["payments", "reports"] {
+        let l = story_line(
+            &text,
+            &format!("credentials fetched: role {role}, subject fingerprint:"),
+        );
+        assert!(l.contains(" expires 20"), "{l}");
+        assert!(l.contains(&format!("key policy: {role}-* sign")), "{l}");
+        assert!(l.contains("PIN received"), "{l}");
+    }
+    story_line(
+        &text,
+        "(no --pin; the token has a PIN pad): private keys payments-ec payments-signing",
+    );
+    story_line(&text, "OpenSSL config has no PIN: 0 lines mention a PIN");
+
+    // 3. Signatures verified in every phase: before, while ha-a is out,
+    //    after it is back.
+    for phase in ["3 members up", "ha-a out", "ha-a back"] {
+        let l = story_line(&text, &format!("    {phase}"));
         assert!(
-            text.contains(line),
-            "the demo did not say {line:?}:\n{text}"
+            count_before(l, "in ") > 0,
+            "no signature verified in phase {phase:?}:\n{text}"
         );
     }
-    // The status query, read while ha-a was gone: the member down, the
-    // brokered credentials ready.
-    let down = status_section(&text);
+    // Failover after the pull, recovery after the member came back, both
+    // as the payments audit log recorded them.
+    let pulled = number_after(story_line(&text, "member ha-a pulled out"), "T=");
+    let back = number_after(story_line(&text, "member ha-a put back"), "T=");
+    let l = story_line(&text, "failover at T=");
+    let failover = number_after(l, "failover at T=");
+    let recovery = number_after(l, "recovery at T'=");
     assert!(
-        down.contains("credentials: state=ready role=payments method=static-fingerprint"),
-        "credentials not ready in the status:\n{down}"
+        pulled <= failover && failover <= back && back <= recovery,
+        "pull {pulled}, failover {failover}, back {back}, recovery {recovery}:\n{text}"
     );
+
+    // 4. Role reports: the payments key hidden, its own key usable, a key
+    //    under the payments name refused with the exact return code.
+    story_line(&text, "private keys this role sees: reports-signing");
+    story_line(&text, "C_FindObjects(label=payments-signing): 0 objects");
+    story_line(&text, "C_Sign with reports-signing: CKR_OK");
+    story_line(
+        &text,
+        "C_GenerateKeyPair(label=payments-signing): CKR_TEMPLATE_INCONSISTENT (0xD1)",
+    );
+    let l = story_line(&text, "p11shim's log: denied by the key ACL");
     assert!(
-        down.lines()
-            .any(|l| l.contains("token \"ha-a\": down") && !l.contains("failovers=0")),
-        "ha-a not shown down with a failover:\n{down}"
+        l.contains("C_GenerateKeyPair") && l.contains("reports"),
+        "{l}"
     );
-    // The broker's counters: one first use, a re-authentication for every
-    // later process, no refusal.
-    let broker = summary(&text, "broker:");
-    assert_eq!(broker[0], 1, "one grant on first use:\n{text}");
-    assert!(broker[1] >= 4, "later processes re-authenticate:\n{text}");
-    assert_eq!(broker[2], 0, "nothing refused:\n{text}");
-    let signatures = summary(&text, "signatures:");
-    assert!(signatures[1] >= 4 && signatures[2] > 0, "{text}");
-    assert_eq!(signatures[0], signatures[1] + signatures[2], "{text}");
-    assert_eq!(signatures[3], 0, "no call failed:\n{text}");
-    let ha = summary(&text, "HA:");
-    assert!(ha[0] >= 1, "a session moved:\n{text}");
-    assert_eq!(ha[1], 3, "{text}");
+
+    // 5. Both audit logs verified, signed, with what happened in them.
+    let payments = story_line(&text, "audit log payments.jsonl verified:");
+    assert_eq!(count_before(payments, "broken links"), 0, "{payments}");
+    assert!(count_before(payments, "signed") > 0, "{payments}");
+    assert!(count_before(payments, "failovers") >= 1, "{payments}");
+    assert!(count_before(payments, "recoveries") >= 1, "{payments}");
+    assert!(count_before(payments, "key uses") > 0, "{payments}");
+    assert_eq!(count_before(payments, "denials"), 0, "{payments}");
+    let reports = story_line(&text, "audit log reports.jsonl verified:");
+    assert_eq!(count_before(reports, "broken links"), 0, "{reports}");
+    assert!(count_before(reports, "signed") > 0, "{reports}");
+    assert!(count_before(reports, "denials") >= 1, "{reports}");
+
+    // The summary: signatures verified, nothing refused by the broker.
+    let l = story_line(&text, "    signatures:");
+    assert!(count_before(l, "verified") > 0, "{l}");
+    let l = story_line(&text, "    broker:");
+    assert_eq!(count_before(l, "refused"), 0, "{l}");
+    assert!(count_before(l, "grants on first use") >= 2, "{l}");
+
     // Independently of the demo's own checks: p11shim's log shows the
-    // member going down and coming back, and not the PIN's neighbourhood.
-    let log = std::fs::read_to_string(work.join("p11shim.log")).expect("p11shim.log");
+    // member going down and coming back.
+    let log = std::fs::read_to_string(work.join("p11shim-payments.log")).expect("log");
     assert!(log.contains("member marked down"), "{log}");
     assert!(log.contains("member recovered"), "{log}");
-    assert!(!log.to_lowercase().contains("pin=\""), "{log}");
     // Secrets are gone with the demo; its report stays.
     assert!(!work.join("secrets").exists(), "secrets left behind");
     assert!(!work.join("tokens").exists(), "tokens left behind");
     assert!(work.join("status-final.json").exists());
+    assert!(work.join("audit/payments.jsonl").exists());
     assert_no_child_left(&work);
 }
 
-/// The lines the demo printed for the status query while ha-a was gone.
-fn status_section(text: &str) -> String {
-    text.lines()
-        .skip_while(|l| !l.contains("p11shim status in the long-lived application"))
-        .skip(1)
-        .take_while(|l| l.starts_with("    "))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// No process still runs with the demo directory on its command line
-/// (the broker and the long-lived application were stopped on exit).
+/// (the broker, the OpenSSL load and the long-lived application were
+/// stopped on exit).
 fn assert_no_child_left(work: &Path) {
     let needle = work.display().to_string();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
