@@ -7,6 +7,7 @@
 
 #![deny(unsafe_code)]
 
+mod approval;
 mod commands;
 mod output;
 mod plan;
@@ -15,13 +16,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{attest, config, provision, slots};
+use commands::{approve, attest, config, provision, slots};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "p11shim",
     version,
-    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members",
+    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members, approve key use",
     propagate_version = true
 )]
 struct Cli {
@@ -45,6 +46,9 @@ enum Command {
     /// Set up the members of HA slots from one plan: initialize tokens,
     /// put the replication key and the same keys on every member, verify.
     Provision(provision::Args),
+    /// Quorum approval of key use: list and show requests, approve or
+    /// reject them with your key (a PEM file or a PKCS#11 token).
+    Approve(Box<approve::Args>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,12 +68,13 @@ fn main() -> ExitCode {
         Command::Slots(a) => slots::run(&a, &style),
         Command::Attest(a) => attest::run(&a, &style),
         Command::Provision(a) => provision::run(&a, &style),
+        Command::Approve(a) => approve::run(&a, &style),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{} {e}", style.error("error:"));
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

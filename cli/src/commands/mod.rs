@@ -1,6 +1,7 @@
 //! One module per subcommand. Each exposes `Args` (its clap arguments) and
 //! `run(&Args, &Style) -> Result<(), CliError>`.
 
+pub mod approve;
 pub mod attest;
 pub mod config;
 pub mod provision;
@@ -33,4 +34,18 @@ pub enum CliError {
     /// The members do not hold the same objects.
     #[error("{0}")]
     Mismatch(String),
+    /// An approval command (`p11shim approve`).
+    #[error("{0}")]
+    Approve(#[from] crate::approval::ApproveError),
+}
+
+impl CliError {
+    /// Exit code 2 for a usage error found after parsing (an option's
+    /// value that clap cannot judge), 1 for every failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Approve(crate::approval::ApproveError::Usage(_)) => 2,
+            _ => 1,
+        }
+    }
 }
