@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
-use p11shim::config::PinSource;
 use p11shim_proto::approval::{Approval, ApprovalStatus, Decision, REJECTION_PREFIX};
 use serde_json::{Value, json};
 
@@ -68,19 +67,45 @@ pub struct BrokerArgs {
     pub ca: Option<PathBuf>,
 }
 
+// `--key` and `--pin-source` are parsed after clap, not by a value
+// parser: clap echoes a value it refuses, and these may hold a PIN typed
+// by mistake (`pin-value=` in a URI, a PIN given as its own source).
 #[derive(clap::Args, Debug)]
 pub struct KeyArgs {
     /// The approver's private key: a PEM file (RSA or Ed25519) or an RFC
     /// 7512 URI (pkcs11:token=...;object=...;type=private).
-    #[arg(long, value_name = "FILE|pkcs11:URI", value_parser = KeyRef::parse)]
-    pub key: KeyRef,
+    #[arg(long, value_name = "FILE|pkcs11:URI")]
+    pub key: String,
     /// The PKCS#11 module of a pkcs11: key (default: the URI's
     /// module-path, else $P11SHIM_APPROVER_MODULE).
     #[arg(long, value_name = "LIB")]
     pub module: Option<PathBuf>,
     /// Where the token's PIN (or an encrypted PEM's passphrase) is read.
-    #[arg(long, value_name = "env:NAME|file:/path", value_parser = uri::pin_source)]
-    pub pin_source: Option<PinSource>,
+    #[arg(long, value_name = "env:NAME|file:/path")]
+    pub pin_source: Option<String>,
+}
+
+impl KeyArgs {
+    /// The key and how to reach it; a malformed value is a usage error
+    /// whose message does not repeat it.
+    fn resolve(&self) -> Result<(KeyRef, TokenOptions), ApproveError> {
+        let key =
+            KeyRef::parse(&self.key).map_err(|e| ApproveError::Usage(format!("--key: {e}")))?;
+        let pin = self
+            .pin_source
+            .as_deref()
+            .map(uri::pin_source)
+            .transpose()
+            .map_err(|e| ApproveError::Usage(format!("--pin-source: {e}")))?;
+        let opts = TokenOptions {
+            module: self.module.clone(),
+            pin,
+        };
+        if let KeyRef::Pkcs11(u) = &key {
+            crate::approval::sign::module_for(u, &opts)?;
+        }
+        Ok((key, opts))
+    }
 }
 
 /// Which requests `list` shows.
@@ -581,14 +606,8 @@ fn confirm(question: &str, yes: bool) -> Result<(), ApproveError> {
     }
 }
 
-fn options(k: &KeyArgs) -> TokenOptions {
-    TokenOptions {
-        module: k.module.clone(),
-        pin: k.pin_source.clone(),
-    }
-}
-
 fn decide(args: &DecideArgs, verdict: Verdict, style: &Style) -> Result<(), ApproveError> {
+    let (key, opts) = args.key.resolve()?;
     let c = client(&args.broker)?;
     let (a, data) = fetch(&c, &args.id)?;
     decidable(&a, &args.approver)?;
@@ -600,14 +619,10 @@ fn decide(args: &DecideArgs, verdict: Verdict, style: &Style) -> Result<(), Appr
         Verdict::Reject => "Reject",
     };
     confirm(
-        &format!(
-            "{word} {} as {} with {}?",
-            a.id, args.approver, args.key.key
-        ),
+        &format!("{word} {} as {} with {key}?", a.id, args.approver),
         args.yes,
     )?;
-    let signed =
-        crate::approval::sign::sign(&args.key.key, &options(&args.key), &to_sign(&data, verdict))?;
+    let signed = crate::approval::sign::sign(&key, &opts, &to_sign(&data, verdict))?;
     let after = post(&c, &a.id, &args.approver, verdict, &signed.signature)?;
     report(
         &after,
@@ -729,6 +744,7 @@ fn submit(args: &SubmitArgs, style: &Style) -> Result<(), ApproveError> {
 }
 
 fn sign_file(args: &SignFileArgs, style: &Style) -> Result<(), ApproveError> {
+    let (key, opts) = args.key.resolve()?;
     let data = std::fs::read(&args.data)
         .map_err(|e| ApproveError::File(format!("{}: {e}", args.data.display())))?;
     let rejection = check::offline_data(&data)
@@ -749,13 +765,12 @@ fn sign_file(args: &SignFileArgs, style: &Style) -> Result<(), ApproveError> {
     }
     confirm(
         &format!(
-            "{} with {}?",
+            "{} with {key}?",
             if rejection { "Reject" } else { "Approve" },
-            args.key.key
         ),
         args.yes,
     )?;
-    let signed = crate::approval::sign::sign(&args.key.key, &options(&args.key), &data)?;
+    let signed = crate::approval::sign::sign(&key, &opts, &data)?;
     let out = if args.base64 {
         let mut s = p11shim_proto::b64_std().encode(&signed.signature);
         s.push('\n');
