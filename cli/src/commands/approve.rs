@@ -341,16 +341,13 @@ fn list(args: &ListArgs, style: &Style) -> Result<(), ApproveError> {
     } else if approvals.is_empty() {
         println!(
             "{}",
-            style
-                .dim(&format!(
-                    "no {} approval requests at {}",
-                    match status {
-                        Some(s) => s.as_str(),
-                        None => "",
-                    },
-                    c.url()
-                ))
-                .replace("  ", " ")
+            style.dim(&format!(
+                "no {}approval requests at {}",
+                status
+                    .map(|s| format!("{} ", s.as_str()))
+                    .unwrap_or_default(),
+                c.url()
+            ))
         );
     } else {
         let mut rows = vec![
