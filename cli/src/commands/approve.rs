@@ -495,10 +495,10 @@ fn print_summary(a: &Approval, data: &[u8], style: &Style) {
         ("digest", format!("{} (SHA-256 of approval_data)", a.digest)),
     ];
     for (k, v) in rows {
-        println!("  {:<11}{v}", format!("{k}:"));
+        println!("  {:<12}{v}", format!("{k}:"));
     }
     if let Some(t) = &a.consumed_at {
-        println!("  {:<11}{t}", "consumed:");
+        println!("  {:<12}{t}", "consumed:");
     }
     println!(
         "  {}",
