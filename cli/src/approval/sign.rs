@@ -193,8 +193,20 @@ fn sign_pkcs11(uri: &Pkcs11Uri, opts: &TokenOptions, data: &[u8]) -> Result<Sign
     })?;
     ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
         .map_err(|e| tok(uri, "C_Initialize", e))?;
-    // `ctx` finalizes the module when dropped, on every path below.
-    let slot = find_slot(&ctx, uri)?;
+    // The session is closed when `sign_with` returns, then the module is
+    // finalized (cryptoki's context does not do it when dropped).
+    let signed = sign_with(&ctx, uri, opts, data);
+    let _ = ctx.finalize();
+    signed
+}
+
+fn sign_with(
+    ctx: &Pkcs11,
+    uri: &Pkcs11Uri,
+    opts: &TokenOptions,
+    data: &[u8],
+) -> Result<Signed, ApproveError> {
+    let slot = find_slot(ctx, uri)?;
     let info = ctx
         .get_token_info(slot)
         .map_err(|e| tok(uri, "C_GetTokenInfo", e))?;
