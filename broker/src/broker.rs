@@ -36,6 +36,9 @@ pub struct Broker {
     pub aws: Option<AwsClient>,
     /// The certificates `aws-iid` documents are verified against.
     pub iid_pins: CertPins,
+    /// Approvers' keys, the approval token key and the quorum rules; set
+    /// by `run::build` (empty here: no token is minted or accepted).
+    pub approvals: crate::approvals::Approvals,
 }
 
 /// A refusal as the HTTP layer answers it.
@@ -57,6 +60,7 @@ impl Broker {
             k8s: methods::k8s::Clusters::new(),
             aws: None,
             iid_pins: CertPins::aws(),
+            approvals: crate::approvals::Approvals::default(),
         }
     }
 
@@ -331,13 +335,17 @@ impl Broker {
             }
             None => None,
         };
+        let expires = now + role.ttl;
+        let approval_token = self
+            .approvals
+            .token_for(&req.role, &v.subject, expires)?
+            .map(Secret);
         let creds = Credentials {
             pin: Secret(pin),
             mtls,
             audit_key,
-            approval_token: None,
+            approval_token,
         };
-        let expires = now + role.ttl;
         let expires_at = rfc3339(expires);
         let policy = role
             .policy

@@ -46,6 +46,19 @@ pub struct Config {
     pub k8s: BTreeMap<String, ClusterConfig>,
     #[serde(default)]
     pub roles: BTreeMap<String, Role>,
+    /// `[approvers.<name>]`: who may approve requests of quorum rules
+    /// (`policy.quorum[].approvers` name them), and their public keys.
+    #[serde(default)]
+    pub approvers: BTreeMap<String, ApproverConfig>,
+}
+
+/// `[approvers.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    /// SPKI PEM public key (`openssl pkey -pubout`): RSA of at least 2048
+    /// bits, or Ed25519. Loaded and checked at start.
+    pub public_key: PathBuf,
 }
 
 fn default_store() -> StoreConfig {
@@ -87,6 +100,11 @@ pub struct ServerConfig {
     /// How long a replay entry outlives the last use it records.
     #[serde(default = "default_safety_buffer", with = "humantime_serde")]
     pub replay_retention: Duration,
+    /// The HMAC key of approval tokens (a secret source, at least 32
+    /// bytes), the same on every replica. Absent: a random key per
+    /// process, which other replicas do not accept.
+    #[serde(default)]
+    pub approval_token_key: Option<SecretSource>,
 }
 
 fn default_header_timeout() -> Duration {
@@ -310,6 +328,7 @@ impl Config {
                 "replaces AWS's pinned certificates; only builds with the test-overrides feature read it",
             ));
         }
+        self.validate_approvers()?;
         if self.roles.is_empty() {
             return Err(err("roles", "no role is configured"));
         }
@@ -325,12 +344,9 @@ impl Config {
                 return Err(err(at("methods"), "list at least one method"));
             }
             if let Some(p) = &r.policy {
-                p.validate().map_err(|e| {
-                    err(
-                        at(&format!("policy.keys[{}].{}", e.rule, e.field)),
-                        e.message,
-                    )
-                })?;
+                p.validate()
+                    .map_err(|e| err(at(&format!("policy.{}", e.path())), e.message))?;
+                self.validate_quorum(p, &at)?;
             }
             if r.ttl < Duration::from_secs(5) || r.ttl > Duration::from_secs(7 * 86400) {
                 return Err(err(at("ttl"), "between 5s and 7d"));
@@ -401,6 +417,52 @@ impl Config {
 }
 
 impl Config {
+    /// The approvers section, and a role's quorum rules against it and the
+    /// store.
+    fn validate_approvers(&self) -> Result<(), ConfigError> {
+        for (name, a) in &self.approvers {
+            if !valid_role_name(name) {
+                return Err(err(
+                    format!("approvers.{name}"),
+                    "approver names use [A-Za-z0-9._-], at most 64",
+                ));
+            }
+            if !a.public_key.is_absolute() {
+                return Err(err(
+                    format!("approvers.{name}.public_key"),
+                    "an absolute path to an SPKI PEM public key",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_quorum(
+        &self,
+        p: &p11shim_proto::policy::PolicyDoc,
+        at: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
+        for (i, q) in p.quorum.iter().enumerate() {
+            if let Some(a) = q
+                .approvers
+                .iter()
+                .find(|a| !self.approvers.contains_key(*a))
+            {
+                return Err(err(
+                    at(&format!("policy.quorum[{i}].approvers")),
+                    format!("no [approvers.{a}] section"),
+                ));
+            }
+        }
+        if !p.quorum.is_empty() && matches!(self.store, StoreConfig::Redis { .. }) {
+            return Err(err(
+                at("policy.quorum"),
+                "quorum approvals need the sqlite or postgres store (kind = \"redis\" keeps no approvals)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The cluster a `k8s-sa-token` role trusts: its `k8s_cluster`, or the
     /// only cluster configured.
     pub fn k8s_cluster_of<'a>(&'a self, role: &'a Role) -> Option<&'a str> {
@@ -522,6 +584,46 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
 "#;
 
     #[test]
+    fn quorum_rules_name_configured_approvers_and_a_transactional_store() {
+        let quorum = format!(
+            "{MINIMAL}policy = {{ keys = [{{ label = \"ca-*\", ops = [\"sign\"] }}], quorum = [{{ label = \"ca-*\", ops = [\"sign\"], m = 2, approvers = [\"alice\", \"bob\"] }}] }}\n"
+        );
+        let approvers = "[approvers.alice]\npublic_key = \"/etc/a.pem\"\n[approvers.bob]\npublic_key = \"/etc/b.pem\"\n";
+        let c = Config::parse(&format!("{quorum}{approvers}")).unwrap();
+        assert_eq!(c.approvers.len(), 2);
+        let e = Config::parse(&quorum).unwrap_err();
+        assert_eq!(e.path, "roles.demo.policy.quorum[0].approvers");
+        assert!(e.message.contains("[approvers.alice]"), "{e}");
+        let redis = format!("{quorum}{approvers}").replace(
+            "kind = \"sqlite\"\npath = \"/tmp/x.db\"",
+            "kind = \"redis\"\nurl = \"env:REDIS_URL\"",
+        );
+        let e = Config::parse(&redis).unwrap_err();
+        assert_eq!(e.path, "roles.demo.policy.quorum");
+        let e = Config::parse(&format!(
+            "{quorum}{}",
+            approvers.replace("/etc/b.pem", "b.pem")
+        ))
+        .unwrap_err();
+        assert_eq!(e.path, "approvers.bob.public_key");
+        let e = Config::parse(&quorum.replace("m = 2", "m = 3")).unwrap_err();
+        assert_eq!(e.path, "roles.demo.policy.quorum[0].m");
+        let keyed = format!("{quorum}{approvers}").replace(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\napproval_token_key = \"file:/etc/p11shim-broker/approval.key\"",
+        );
+        assert!(
+            Config::parse(&keyed)
+                .unwrap()
+                .server
+                .approval_token_key
+                .is_some()
+        );
+        let inline = keyed.replace("file:/etc/p11shim-broker/approval.key", "s3cret");
+        assert!(Config::parse(&inline).is_err());
+    }
+
+    #[test]
     fn minimal_is_valid() {
         let c = Config::parse(MINIMAL).unwrap();
         let r = &c.roles["demo"];
@@ -534,9 +636,13 @@ fingerprints = ["000000000000000000000000000000000000000000000000000000000000000
     fn the_annotated_example_is_valid() {
         let p = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/broker.toml");
         let c = Config::load(Path::new(p)).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.roles.len(), 3);
+        assert_eq!(c.roles.len(), 4);
         assert_eq!(c.k8s.len(), 1);
         assert!(c.server.tls_cert.is_some());
+        assert_eq!(c.approvers.len(), 3);
+        let q = &c.roles["ca"].policy.as_ref().expect("ca's policy").quorum;
+        assert_eq!((q[0].m, q[0].approvers.len()), (2, 3));
+        assert!(c.server.approval_token_key.is_some());
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! Layout: [`server`] (HTTP front) → [`broker`] (one decision) →
 //! [`methods`] (evidence → identity, using [`aws`], [`iid`], [`k8s`]) →
 //! [`store`] (one-time use) → credentials from [`secrets`], sealed with
-//! `p11shim_proto::seal`.
+//! `p11shim_proto::seal`. [`approvals`]: quorum (m-of-n) approval of key
+//! use, beside the credentials path.
 
+pub mod approvals;
 pub mod aws;
 pub mod broker;
 pub mod clientip;

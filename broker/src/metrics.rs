@@ -18,6 +18,12 @@ pub struct Scope {
     pub scope: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApprovalEvent {
+    /// `requested`, `approved`, `rejected`, `consumed` or `refused`.
+    pub event: String,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +32,7 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     pub store_seconds: Histogram,
     pub tidied: Counter,
+    pub approvals: Family<ApprovalEvent, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,7 +77,14 @@ impl Metrics {
             "Expired replay entries removed",
             tidied.clone(),
         );
+        let approvals = Family::<ApprovalEvent, Counter>::default();
+        registry.register(
+            "approvals",
+            "Quorum approval requests created, approved, rejected, consumed, and refusals of the approval endpoints",
+            approvals.clone(),
+        );
         Metrics {
+            approvals,
             registry,
             decisions,
             rate_limited,
@@ -85,6 +99,14 @@ impl Metrics {
             .get_or_create(&Decision {
                 method: method.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn approval(&self, event: &str) {
+        self.approvals
+            .get_or_create(&ApprovalEvent {
+                event: event.to_owned(),
             })
             .inc();
     }

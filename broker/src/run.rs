@@ -37,6 +37,8 @@ pub enum StartError {
     Aws(#[from] crate::aws::AwsError),
     #[error("[aws] iid_cert_dir: {0}")]
     IidPins(#[from] crate::iid::IidError),
+    #[error("approvals: {0}")]
+    Approvals(#[from] crate::approvals::ApprovalsError),
 }
 
 /// Builds the broker state from a validated configuration.
@@ -49,7 +51,9 @@ pub fn build(cfg: Config, clock: Arc<dyn Clock>) -> Result<Arc<Broker>, StartErr
         .transpose()?;
     let iid_pins = iid_pins(cfg.aws.as_ref())?;
     let k8s = crate::methods::k8s::clusters(&cfg)?;
+    let approvals = crate::approvals::Approvals::load(&cfg)?;
     let mut broker = Broker::new(cfg, Arc::from(store), clock);
+    broker.approvals = approvals;
     broker.k8s = k8s;
     broker.aws = aws;
     broker.iid_pins = iid_pins;
@@ -237,10 +241,20 @@ pub fn spawn(cfg: Config, clock: Arc<dyn Clock>) -> Result<Running, StartError> 
 
 /// What `p11shim-broker check` (and `p11shim config check --broker`) proves
 /// beyond the syntax: the store answers, every cluster's CA, pinned JWKS
-/// and token load, and every role's secrets can be read (never printed).
+/// and token load, every role's secrets can be read (never printed), every
+/// approver's key loads, and the approval token key is long enough.
 pub fn check(cfg: &Config) -> Result<(), String> {
     let store = crate::store::open(&cfg.store).map_err(|e| e.to_string())?;
     store.ping().map_err(|e| e.to_string())?;
+    let approvals = crate::approvals::Approvals::load(cfg).map_err(|e| e.to_string())?;
+    if let Some(role) = cfg.roles.keys().find(|r| approvals.has_quorum(r)) {
+        if store.approvals().is_none() {
+            return Err(format!(
+                "roles.{role}.policy.quorum: the {} store keeps no approvals",
+                store.kind()
+            ));
+        }
+    }
     crate::methods::k8s::clusters(cfg).map_err(|e| e.to_string())?;
     for (name, r) in &cfg.roles {
         r.pin.read().map_err(|e| format!("roles.{name}.pin: {e}"))?;

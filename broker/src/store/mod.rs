@@ -8,6 +8,10 @@
 //! [`sqlite`] (the default; one broker process), [`postgres`] (several
 //! broker replicas share one primary) and [`redis`] (several replicas, with a
 //! weaker guarantee on failover). `docs/broker-store.md` compares them.
+//!
+//! `sqlite` and `postgres` also keep quorum approval requests
+//! ([`approvals::ApprovalStore`], reached through [`ReplayStore::approvals`]);
+//! `redis` does not, and the configuration refuses quorum rules with it.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -21,6 +25,7 @@ use zeroize::Zeroizing;
 
 use crate::secrets::SecretSource;
 
+pub mod approvals;
 pub mod postgres;
 pub mod redis;
 pub mod sqlite;
@@ -103,6 +108,11 @@ pub trait ReplayStore: Send + Sync + fmt::Debug {
     fn ping(&self) -> Result<(), StoreError>;
     /// `sqlite`, `postgres` or `redis`.
     fn kind(&self) -> &'static str;
+    /// The approval store of this backend (quorum requests), when it has
+    /// one: `sqlite` and `postgres` do, `redis` does not.
+    fn approvals(&self) -> Option<&dyn approvals::ApprovalStore> {
+        None
+    }
 }
 
 fn default_busy_timeout_ms() -> u64 {

@@ -34,9 +34,15 @@ use postgres::{Client, Config};
 use postgres_openssl::MakeTlsConnector;
 use zeroize::Zeroizing;
 
+use super::approvals::{
+    ApprovalRecord, ApprovalStore, Consumed, Decided, ListFilter, Signoff, State, approvers_json,
+    judge, key_json, parse_approvers, parse_key, parse_state, status_condition,
+};
 use super::{Claim, Outcome, Pool, ReplayStore, StoreError, nonce_allows, scrub};
 
 const SCHEMA_VERSION: i32 = 1;
+/// The approval tables' version (component `approvals` of `p11shim_schema`).
+const APPROVALS_SCHEMA_VERSION: i32 = 1;
 /// Serializes schema creation among replicas starting together
 /// (`CREATE TABLE IF NOT EXISTS` alone races on the catalog).
 const SCHEMA_LOCK: i64 = 0x7031_3173_6869_6d01;
@@ -53,6 +59,45 @@ CREATE TABLE IF NOT EXISTS p11shim_seen (
 );
 CREATE INDEX IF NOT EXISTS p11shim_seen_expires_at ON p11shim_seen (expires_at);
 ";
+
+const APPROVALS_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS p11shim_approvals (
+    id              text PRIMARY KEY,
+    role            text NOT NULL,
+    subject         text NOT NULL,
+    key_json        text NOT NULL,
+    key_fingerprint text NOT NULL,
+    op              text NOT NULL,
+    mechanism       bigint,
+    data_sha256     text,
+    created_at      bigint NOT NULL,
+    expires_at      bigint NOT NULL,
+    m               integer NOT NULL,
+    approvers_json  text NOT NULL,
+    status          text NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'consumed')),
+    consumed_at     bigint,
+    approval_data   bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS p11shim_approvals_open
+    ON p11shim_approvals (role, subject, key_fingerprint, op);
+CREATE INDEX IF NOT EXISTS p11shim_approvals_expires_at ON p11shim_approvals (expires_at);
+CREATE TABLE IF NOT EXISTS p11shim_approval_decisions (
+    id        text NOT NULL REFERENCES p11shim_approvals (id) ON DELETE CASCADE,
+    approver  text NOT NULL,
+    approve   boolean NOT NULL,
+    at        bigint NOT NULL,
+    seq       integer NOT NULL,
+    signature bytea NOT NULL,
+    PRIMARY KEY (id, approver)
+);
+";
+
+const APPROVAL_COLUMNS: &str = "id, role, subject, key_json, op, mechanism, data_sha256, \
+     created_at, expires_at, m, approvers_json, status, consumed_at, approval_data";
+
+/// Serializes the creation of requests with one idempotency key among
+/// replicas (a transaction-scoped advisory lock on its hash).
+const OPEN_APPROVAL_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7031))";
 
 const FIRST_USE: &str = "
 INSERT INTO p11shim_seen AS s (key, role, subject, nonce_hash, first_seen, last_seen, expires_at)
@@ -266,6 +311,22 @@ impl PostgresStore {
             )));
         }
         tx.batch_execute(SCHEMA)?;
+        tx.execute(
+            "INSERT INTO p11shim_schema VALUES ('approvals', $1) ON CONFLICT DO NOTHING",
+            &[&APPROVALS_SCHEMA_VERSION],
+        )?;
+        let v: i32 = tx
+            .query_one(
+                "SELECT version FROM p11shim_schema WHERE component = 'approvals'",
+                &[],
+            )?
+            .get(0);
+        if v != APPROVALS_SCHEMA_VERSION {
+            return Err(Fail::Other(format!(
+                "approval schema version {v}; this broker knows {APPROVALS_SCHEMA_VERSION}"
+            )));
+        }
+        tx.batch_execute(APPROVALS_SCHEMA)?;
         tx.commit()?;
         Ok(())
     }
@@ -426,6 +487,219 @@ impl ReplayStore for PostgresStore {
 
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn approvals(&self) -> Option<&dyn ApprovalStore> {
+        Some(self)
+    }
+}
+
+/// Reads the request `id` and its decisions; `lock` takes the row lock
+/// (`FOR UPDATE`) for the rest of the transaction.
+fn load(
+    c: &mut impl postgres::GenericClient,
+    id: &str,
+    lock: bool,
+) -> Result<Option<ApprovalRecord>, Fail> {
+    let sql = format!(
+        "SELECT {APPROVAL_COLUMNS} FROM p11shim_approvals WHERE id = $1{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    match c.query_opt(sql.as_str(), &[&id])? {
+        Some(row) => Ok(Some(complete(c, &row)?)),
+        None => Ok(None),
+    }
+}
+
+fn complete(
+    c: &mut impl postgres::GenericClient,
+    row: &postgres::Row,
+) -> Result<ApprovalRecord, Fail> {
+    let id: String = row.get(0);
+    let signoffs = c
+        .query(
+            "SELECT approver, approve, at FROM p11shim_approval_decisions WHERE id = $1 ORDER BY seq",
+            &[&id],
+        )?
+        .iter()
+        .map(|r| Signoff {
+            approver: r.get(0),
+            approve: r.get(1),
+            at: r.get(2),
+        })
+        .collect();
+    let stored = |e: StoreError| Fail::Other(e.to_string());
+    Ok(ApprovalRecord {
+        role: row.get(1),
+        subject: row.get(2),
+        key: parse_key(row.get(3)).map_err(stored)?,
+        op: row.get(4),
+        // Stored as the same 64 bits.
+        mechanism: row.get::<_, Option<i64>>(5).map(|m| m as u64),
+        data_sha256: row.get(6),
+        created_at: row.get(7),
+        expires_at: row.get(8),
+        m: u32::try_from(row.get::<_, i32>(9)).unwrap_or(u32::MAX),
+        approvers: parse_approvers(row.get(10)).map_err(stored)?,
+        state: parse_state(row.get(11)).map_err(stored)?,
+        consumed_at: row.get(12),
+        approval_data: row.get(13),
+        signoffs,
+        id,
+    })
+}
+
+fn vanished() -> Fail {
+    Fail::Other("approval vanished inside a transaction".into())
+}
+
+impl ApprovalStore for PostgresStore {
+    fn create(&self, new: &ApprovalRecord, now: i64) -> Result<(ApprovalRecord, bool), StoreError> {
+        let idem = format!(
+            "{}\n{}\n{}\n{}\n{:?}\n{:?}",
+            new.role, new.subject, new.key.fingerprint, new.op, new.mechanism, new.data_sha256
+        );
+        let mechanism = new.mechanism.map(|m| m as i64);
+        self.run("create an approval", |c| {
+            let mut tx = c.transaction()?;
+            tx.execute(OPEN_APPROVAL_LOCK, &[&idem])?;
+            let open = tx.query_opt(
+                "SELECT id FROM p11shim_approvals
+                 WHERE role = $1 AND subject = $2 AND key_fingerprint = $3 AND op = $4
+                   AND mechanism IS NOT DISTINCT FROM $5 AND data_sha256 IS NOT DISTINCT FROM $6
+                   AND status IN ('pending', 'approved') AND expires_at > $7
+                 ORDER BY created_at DESC LIMIT 1",
+                &[
+                    &new.role,
+                    &new.subject,
+                    &new.key.fingerprint,
+                    &new.op,
+                    &mechanism,
+                    &new.data_sha256,
+                    &now,
+                ],
+            )?;
+            if let Some(row) = open {
+                let id: String = row.get(0);
+                let rec = load(&mut tx, &id, false)?.ok_or_else(vanished)?;
+                tx.commit()?;
+                return Ok((rec, false));
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO p11shim_approvals ({APPROVAL_COLUMNS}, key_fingerprint)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, $13, $14)"
+                ),
+                &[
+                    &new.id,
+                    &new.role,
+                    &new.subject,
+                    &key_json(&new.key),
+                    &new.op,
+                    &mechanism,
+                    &new.data_sha256,
+                    &new.created_at,
+                    &new.expires_at,
+                    &i32::try_from(new.m).unwrap_or(i32::MAX),
+                    &approvers_json(&new.approvers),
+                    &State::Pending.as_str(),
+                    &new.approval_data,
+                    &new.key.fingerprint,
+                ],
+            )?;
+            tx.commit()?;
+            let mut rec = new.clone();
+            rec.state = State::Pending;
+            rec.signoffs.clear();
+            rec.consumed_at = None;
+            Ok((rec, true))
+        })
+    }
+
+    fn get(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        self.run("read an approval", |c| load(c, id, false))
+    }
+
+    fn list(&self, filter: ListFilter, now: i64) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let cond = filter
+            .status
+            .map(|s| status_condition(s, "$1"))
+            .unwrap_or_else(|| "$1::bigint IS NOT NULL".into());
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM p11shim_approvals WHERE {cond}
+             ORDER BY created_at DESC, id LIMIT $2"
+        );
+        let limit = i64::from(filter.limit);
+        self.run("list approvals", |c| {
+            let rows = c.query(sql.as_str(), &[&now, &limit])?;
+            rows.iter().map(|r| complete(c, r)).collect()
+        })
+    }
+
+    fn decide(
+        &self,
+        id: &str,
+        approver: &str,
+        approve: bool,
+        signature: &[u8],
+        now: i64,
+    ) -> Result<Decided, StoreError> {
+        self.run("record a decision", |c| {
+            let mut tx = c.transaction()?;
+            let Some(rec) = load(&mut tx, id, true)? else {
+                tx.rollback()?;
+                return Ok(Decided::NotFound);
+            };
+            let next = match judge(&rec, approver, approve, now) {
+                Ok(s) => s,
+                Err(why) => {
+                    tx.rollback()?;
+                    return Ok(why.answer(rec));
+                }
+            };
+            let seq = i32::try_from(rec.signoffs.len()).unwrap_or(i32::MAX);
+            tx.execute(
+                "INSERT INTO p11shim_approval_decisions (id, approver, approve, at, seq, signature)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &approver, &approve, &now, &seq, &signature],
+            )?;
+            if next != rec.state {
+                tx.execute(
+                    "UPDATE p11shim_approvals SET status = $2 WHERE id = $1",
+                    &[&id, &next.as_str()],
+                )?;
+            }
+            let after = load(&mut tx, id, false)?.ok_or_else(vanished)?;
+            tx.commit()?;
+            Ok(Decided::Recorded(after))
+        })
+    }
+
+    fn consume(&self, id: &str, now: i64) -> Result<Consumed, StoreError> {
+        self.run("consume an approval", |c| {
+            let mut tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE p11shim_approvals SET status = 'consumed', consumed_at = $2
+                 WHERE id = $1 AND status = 'approved' AND consumed_at IS NULL AND expires_at > $2",
+                &[&id, &now],
+            )?;
+            let rec = load(&mut tx, id, false)?;
+            tx.commit()?;
+            Ok(match (n, rec) {
+                (_, None) => Consumed::NotFound,
+                (1, Some(r)) => Consumed::Consumed(r),
+                (_, Some(r)) => Consumed::Refused(r),
+            })
+        })
+    }
+
+    fn tidy_approvals(&self, before: i64) -> Result<u64, StoreError> {
+        self.run("tidy approvals", |c| {
+            Ok(c.execute(
+                "DELETE FROM p11shim_approvals WHERE expires_at < $1",
+                &[&before],
+            )?)
+        })
     }
 }
 

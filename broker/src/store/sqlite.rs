@@ -12,6 +12,10 @@
 //! system neither is shared reliably between hosts, so two brokers on two
 //! machines could both see "first use". `open` refuses NFS, SMB/CIFS and
 //! similar mounts it can recognize; several replicas need PostgreSQL.
+//!
+//! The same file holds the approval tables (schema version 2; a version 1
+//! file gains them in place): every approval write runs in a `BEGIN
+//! IMMEDIATE` transaction too (see [`super::approvals`]).
 
 use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
@@ -22,10 +26,15 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::approvals::{
+    ApprovalRecord, ApprovalStore, Consumed, Decided, ListFilter, Signoff, State, approvers_json,
+    judge, key_json, parse_approvers, parse_key, parse_state, status_condition,
+};
 use super::{Claim, Outcome, ReplayStore, StoreError, nonce_allows};
 
-/// The schema this code writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema this code writes, kept in `PRAGMA user_version`: 1, the
+/// replay table; 2, the approval tables added.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE seen (
@@ -39,6 +48,41 @@ CREATE TABLE seen (
 ) WITHOUT ROWID;
 CREATE INDEX seen_expires_at ON seen (expires_at);
 ";
+
+/// Version 2: quorum approval requests and their decisions.
+const APPROVALS_SCHEMA: &str = "
+CREATE TABLE approvals (
+    id              TEXT PRIMARY KEY,
+    role            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    key_json        TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL,
+    op              TEXT NOT NULL,
+    mechanism       INTEGER,
+    data_sha256     TEXT,
+    created_at      INTEGER NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    m               INTEGER NOT NULL,
+    approvers_json  TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'rejected', 'consumed')),
+    consumed_at     INTEGER,
+    approval_data   BLOB NOT NULL
+);
+CREATE INDEX approvals_open ON approvals (role, subject, key_fingerprint, op);
+CREATE INDEX approvals_expires_at ON approvals (expires_at);
+CREATE TABLE approval_decisions (
+    id        TEXT NOT NULL REFERENCES approvals (id) ON DELETE CASCADE,
+    approver  TEXT NOT NULL,
+    approve   INTEGER NOT NULL,
+    at        INTEGER NOT NULL,
+    seq       INTEGER NOT NULL,
+    signature BLOB NOT NULL,
+    PRIMARY KEY (id, approver)
+);
+";
+
+const APPROVAL_COLUMNS: &str = "id, role, subject, key_json, op, mechanism, data_sha256, \
+     created_at, expires_at, m, approvers_json, status, consumed_at, approval_data";
 
 /// File systems on which SQLite's locking does not hold between hosts.
 const NETWORK_FS: &[&str] = &[
@@ -133,7 +177,7 @@ impl SqliteStore {
                 format!("got {journal}, need wal"),
             ));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL;")
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
             .map_err(|e| unavailable(path, "pragmas", e))?;
         let mut store = SqliteStore {
             conn: Mutex::new(conn),
@@ -153,9 +197,13 @@ impl SqliteStore {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|e| unavailable(&path, "schema", e))?;
         match version {
-            0 => {
-                tx.execute_batch(SCHEMA)
-                    .map_err(|e| unavailable(&path, "create the schema", e))?;
+            0 | 1 => {
+                if version == 0 {
+                    tx.execute_batch(SCHEMA)
+                        .map_err(|e| unavailable(&path, "create the schema", e))?;
+                }
+                tx.execute_batch(APPROVALS_SCHEMA)
+                    .map_err(|e| unavailable(&path, "create the approval tables", e))?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(|e| unavailable(&path, "schema", e))?;
             }
@@ -273,6 +321,266 @@ impl ReplayStore for SqliteStore {
 
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn approvals(&self) -> Option<&dyn ApprovalStore> {
+        Some(self)
+    }
+}
+
+/// A request's row (columns in [`APPROVAL_COLUMNS`] order), without its
+/// decisions.
+fn approval_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawApproval> {
+    Ok(RawApproval {
+        id: r.get(0)?,
+        role: r.get(1)?,
+        subject: r.get(2)?,
+        key_json: r.get(3)?,
+        op: r.get(4)?,
+        mechanism: r.get(5)?,
+        data_sha256: r.get(6)?,
+        created_at: r.get(7)?,
+        expires_at: r.get(8)?,
+        m: r.get(9)?,
+        approvers_json: r.get(10)?,
+        status: r.get(11)?,
+        consumed_at: r.get(12)?,
+        approval_data: r.get(13)?,
+    })
+}
+
+struct RawApproval {
+    id: String,
+    role: String,
+    subject: String,
+    key_json: String,
+    op: String,
+    mechanism: Option<i64>,
+    data_sha256: Option<String>,
+    created_at: i64,
+    expires_at: i64,
+    m: i64,
+    approvers_json: String,
+    status: String,
+    consumed_at: Option<i64>,
+    approval_data: Vec<u8>,
+}
+
+impl SqliteStore {
+    /// The request `id` with its decisions, read on `conn` (inside the
+    /// caller's transaction when it has one).
+    fn load(&self, conn: &Connection, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        let raw = conn
+            .query_row(
+                &format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?1"),
+                [id],
+                approval_row,
+            )
+            .optional()
+            .map_err(|e| self.err("read an approval", e))?;
+        raw.map(|r| self.complete(conn, r)).transpose()
+    }
+
+    fn complete(&self, conn: &Connection, r: RawApproval) -> Result<ApprovalRecord, StoreError> {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT approver, approve, at FROM approval_decisions WHERE id = ?1 ORDER BY seq",
+            )
+            .map_err(|e| self.err("read decisions", e))?;
+        let signoffs = stmt
+            .query_map([&r.id], |row| {
+                Ok(Signoff {
+                    approver: row.get(0)?,
+                    approve: row.get::<_, i64>(1)? != 0,
+                    at: row.get(2)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("read decisions", e))?;
+        Ok(ApprovalRecord {
+            key: parse_key(&r.key_json)?,
+            approvers: parse_approvers(&r.approvers_json)?,
+            state: parse_state(&r.status)?,
+            id: r.id,
+            role: r.role,
+            subject: r.subject,
+            op: r.op,
+            // Stored as the same 64 bits.
+            mechanism: r.mechanism.map(|m| m as u64),
+            data_sha256: r.data_sha256,
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            m: u32::try_from(r.m).unwrap_or(u32::MAX),
+            consumed_at: r.consumed_at,
+            approval_data: r.approval_data,
+            signoffs,
+        })
+    }
+}
+
+impl ApprovalStore for SqliteStore {
+    fn create(&self, new: &ApprovalRecord, now: i64) -> Result<(ApprovalRecord, bool), StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err("begin", e))?;
+        let open: Option<String> = tx
+            .query_row(
+                "SELECT id FROM approvals
+                 WHERE role = ?1 AND subject = ?2 AND key_fingerprint = ?3 AND op = ?4
+                   AND mechanism IS ?5 AND data_sha256 IS ?6
+                   AND status IN ('pending', 'approved') AND expires_at > ?7
+                 ORDER BY created_at DESC LIMIT 1",
+                params![
+                    new.role,
+                    new.subject,
+                    new.key.fingerprint,
+                    new.op,
+                    new.mechanism.map(|m| m as i64),
+                    new.data_sha256,
+                    now
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err("find an open approval", e))?;
+        if let Some(id) = open {
+            let rec = self.load(&tx, &id)?.ok_or_else(|| {
+                StoreError::Unavailable("sqlite: approval vanished inside a transaction".into())
+            })?;
+            tx.commit().map_err(|e| self.err("commit", e))?;
+            return Ok((rec, false));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO approvals ({APPROVAL_COLUMNS}, key_fingerprint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, ?13, ?14)"
+            ),
+            params![
+                new.id,
+                new.role,
+                new.subject,
+                key_json(&new.key),
+                new.op,
+                new.mechanism.map(|m| m as i64),
+                new.data_sha256,
+                new.created_at,
+                new.expires_at,
+                i64::from(new.m),
+                approvers_json(&new.approvers),
+                State::Pending.as_str(),
+                new.approval_data,
+                new.key.fingerprint,
+            ],
+        )
+        .map_err(|e| self.err("insert an approval", e))?;
+        tx.commit().map_err(|e| self.err("commit", e))?;
+        let mut rec = new.clone();
+        rec.state = State::Pending;
+        rec.signoffs.clear();
+        rec.consumed_at = None;
+        Ok((rec, true))
+    }
+
+    fn get(&self, id: &str) -> Result<Option<ApprovalRecord>, StoreError> {
+        let conn = self.conn.lock();
+        self.load(&conn, id)
+    }
+
+    fn list(&self, filter: ListFilter, now: i64) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let conn = self.conn.lock();
+        let cond = filter
+            .status
+            .map(|s| status_condition(s, "?1"))
+            .unwrap_or_else(|| "?1 = ?1".into());
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {cond}
+                 ORDER BY created_at DESC, id LIMIT ?2"
+            ))
+            .map_err(|e| self.err("list approvals", e))?;
+        let raws = stmt
+            .query_map(params![now, i64::from(filter.limit)], approval_row)
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.err("list approvals", e))?;
+        raws.into_iter().map(|r| self.complete(&conn, r)).collect()
+    }
+
+    fn decide(
+        &self,
+        id: &str,
+        approver: &str,
+        approve: bool,
+        signature: &[u8],
+        now: i64,
+    ) -> Result<Decided, StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err("begin", e))?;
+        let Some(rec) = self.load(&tx, id)? else {
+            return Ok(Decided::NotFound);
+        };
+        let next = match judge(&rec, approver, approve, now) {
+            Ok(s) => s,
+            Err(why) => return Ok(why.answer(rec)),
+        };
+        tx.execute(
+            "INSERT INTO approval_decisions (id, approver, approve, at, seq, signature)
+             VALUES (?1, ?2, ?3, ?4, (SELECT count(*) FROM approval_decisions WHERE id = ?1), ?5)",
+            params![id, approver, i64::from(approve), now, signature],
+        )
+        .map_err(|e| self.err("record a decision", e))?;
+        if next != rec.state {
+            tx.execute(
+                "UPDATE approvals SET status = ?2 WHERE id = ?1",
+                params![id, next.as_str()],
+            )
+            .map_err(|e| self.err("update an approval", e))?;
+        }
+        let after = self.load(&tx, id)?.ok_or_else(|| {
+            StoreError::Unavailable("sqlite: approval vanished inside a transaction".into())
+        })?;
+        tx.commit().map_err(|e| self.err("commit", e))?;
+        Ok(Decided::Recorded(after))
+    }
+
+    fn consume(&self, id: &str, now: i64) -> Result<Consumed, StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err("begin", e))?;
+        let n = tx
+            .execute(
+                "UPDATE approvals SET status = 'consumed', consumed_at = ?2
+                 WHERE id = ?1 AND status = 'approved' AND consumed_at IS NULL AND expires_at > ?2",
+                params![id, now],
+            )
+            .map_err(|e| self.err("consume an approval", e))?;
+        let rec = self.load(&tx, id)?;
+        tx.commit().map_err(|e| self.err("commit", e))?;
+        Ok(match (n, rec) {
+            (_, None) => Consumed::NotFound,
+            (1, Some(r)) => Consumed::Consumed(r),
+            (_, Some(r)) => Consumed::Refused(r),
+        })
+    }
+
+    fn tidy_approvals(&self, before: i64) -> Result<u64, StoreError> {
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err("begin", e))?;
+        tx.execute(
+            "DELETE FROM approval_decisions WHERE id IN (SELECT id FROM approvals WHERE expires_at < ?1)",
+            [before],
+        )
+        .map_err(|e| self.err("tidy approvals", e))?;
+        let n = tx
+            .execute("DELETE FROM approvals WHERE expires_at < ?1", [before])
+            .map_err(|e| self.err("tidy approvals", e))?;
+        tx.commit().map_err(|e| self.err("commit", e))?;
+        Ok(n as u64)
     }
 }
 
