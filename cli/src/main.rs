@@ -9,6 +9,7 @@
 
 #![deny(unsafe_code)]
 
+mod approval;
 mod commands;
 mod output;
 mod plan;
@@ -17,13 +18,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{CliError, acl, attest, audit, config, provision, slots};
+use commands::{CliError, acl, approve, attest, audit, config, provision, slots};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "p11shim",
     version,
-    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members, explain key ACL decisions, verify the audit log",
+    about = "Operate p11shim: check its configuration, show its slots, test attestation, provision HA members, explain key ACL decisions, verify the audit log, approve key use",
     propagate_version = true
 )]
 struct Cli {
@@ -47,6 +48,9 @@ enum Command {
     /// Set up the members of HA slots from one plan: initialize tokens,
     /// put the replication key and the same keys on every member, verify.
     Provision(provision::Args),
+    /// Quorum approval of key use: list and show requests, approve or
+    /// reject them with your key (a PEM file or a PKCS#11 token).
+    Approve(Box<approve::Args>),
     /// The per-role key ACL.
     Acl {
         #[command(subcommand)]
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::Slots(a) => slots::run(&a, &style),
         Command::Attest(a) => attest::run(&a, &style),
         Command::Provision(a) => provision::run(&a, &style),
+        Command::Approve(a) => approve::run(&a, &style),
         Command::Acl {
             command: AclCommand::Explain(a),
         } => {
@@ -132,7 +137,10 @@ fn fail(style: &output::Style, e: &CliError, code: ExitCode) -> ExitCode {
         }
         _ => {
             eprintln!("{} {e}", style.error("error:"));
-            code
+            match e.exit_code() {
+                2 => ExitCode::from(2),
+                _ => code,
+            }
         }
     }
 }

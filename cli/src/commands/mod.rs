@@ -2,6 +2,7 @@
 //! `run(&Args, &Style) -> Result<(), CliError>`.
 
 pub mod acl;
+pub mod approve;
 pub mod attest;
 pub mod audit;
 pub mod config;
@@ -44,4 +45,18 @@ pub enum CliError {
     /// The command's own output already said why (exit 1).
     #[error("failed")]
     Silent,
+    /// An approval command (`p11shim approve`).
+    #[error("{0}")]
+    Approve(#[from] crate::approval::ApproveError),
+}
+
+impl CliError {
+    /// Exit code 2 for a usage error found after parsing (an option's
+    /// value that clap cannot judge), 1 for every failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) | CliError::Approve(crate::approval::ApproveError::Usage(_)) => 2,
+            _ => 1,
+        }
+    }
 }
