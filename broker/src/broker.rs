@@ -79,6 +79,23 @@ impl Broker {
         })
     }
 
+    /// The rate of approval calls from `client_ip`.
+    pub fn admit_approval_call(&self, rid: &str, client_ip: IpAddr) -> Result<(), Refusal> {
+        self.limits.approvals(client_ip).map_err(|wait| {
+            self.metrics
+                .rate_limited
+                .get_or_create(&Scope {
+                    scope: "approvals".into(),
+                })
+                .inc();
+            warn!(request_id = rid, %client_ip, "rate limited: approval calls from this address");
+            Refusal {
+                kind: ErrorKind::RateLimited,
+                retry_after: Some(wait),
+            }
+        })
+    }
+
     /// Decides one parsed request.
     pub async fn decide(
         self: &Arc<Self>,

@@ -134,6 +134,10 @@ pub struct Limits {
     pub per_ip: Rate,
     #[serde(default = "default_per_identity")]
     pub per_identity: Rate,
+    /// The approval endpoints (`/v1/approvals`), per source address: a
+    /// signer waiting for approval reads its request every 200 ms.
+    #[serde(default = "default_approvals_per_ip")]
+    pub approvals_per_ip: Rate,
 }
 
 impl Default for Limits {
@@ -141,6 +145,7 @@ impl Default for Limits {
         Limits {
             per_ip: default_per_ip(),
             per_identity: default_per_identity(),
+            approvals_per_ip: default_approvals_per_ip(),
         }
     }
 }
@@ -159,6 +164,13 @@ fn default_per_ip() -> Rate {
         burst: 20,
     }
 }
+fn default_approvals_per_ip() -> Rate {
+    Rate {
+        per_minute: 1200,
+        burst: 200,
+    }
+}
+
 fn default_per_identity() -> Rate {
     Rate {
         per_minute: 12,
@@ -305,6 +317,7 @@ impl Config {
         for (k, r) in [
             ("limits.per_ip", self.limits.per_ip),
             ("limits.per_identity", self.limits.per_identity),
+            ("limits.approvals_per_ip", self.limits.approvals_per_ip),
         ] {
             if r.per_minute == 0 || r.burst == 0 {
                 return Err(err(k, "per_minute and burst must be at least 1"));

@@ -15,6 +15,9 @@ use crate::config::{Limits, Rate};
 pub struct Limiters {
     ip: DefaultKeyedRateLimiter<IpAddr>,
     identity: DefaultKeyedRateLimiter<String>,
+    /// The approval endpoints: cheap calls, polled by waiting signers and
+    /// used by approvers, so they have their own bucket per address.
+    approvals: DefaultKeyedRateLimiter<IpAddr>,
 }
 
 fn quota(r: Rate) -> Quota {
@@ -33,12 +36,18 @@ impl Limiters {
         Limiters {
             ip: RateLimiter::keyed(quota(l.per_ip)),
             identity: RateLimiter::keyed(quota(l.per_identity)),
+            approvals: RateLimiter::keyed(quota(l.approvals_per_ip)),
         }
     }
 
     /// `Err(wait)` when `ip` is over its rate.
     pub fn ip(&self, ip: IpAddr) -> Result<(), Duration> {
         check(&self.ip, &ip)
+    }
+
+    /// `Err(wait)` when `ip` is over its rate of approval calls.
+    pub fn approvals(&self, ip: IpAddr) -> Result<(), Duration> {
+        check(&self.approvals, &ip)
     }
 
     /// `Err(wait)` when the claimed identity is over its rate.
@@ -50,5 +59,6 @@ impl Limiters {
     pub fn tidy(&self) {
         self.ip.retain_recent();
         self.identity.retain_recent();
+        self.approvals.retain_recent();
     }
 }

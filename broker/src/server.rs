@@ -195,7 +195,7 @@ fn admit_approval(
             )));
         }
     };
-    if let Err(r) = b.admit(&rid, ip) {
+    if let Err(r) = b.admit_approval_call(&rid, ip) {
         b.metrics.approval("refused");
         return Err(Box::new(refusal(r, &rid)));
     }

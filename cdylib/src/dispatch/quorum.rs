@@ -63,8 +63,10 @@ pub enum Gate {
     Approved,
 }
 
-/// How often a pending request is read again while a call waits.
-const POLL: Duration = Duration::from_millis(200);
+/// How often a pending request is read again while a call waits: first
+/// after `POLL_FIRST`, then at doubling intervals up to `POLL_MAX`.
+const POLL_FIRST: Duration = Duration::from_millis(200);
+const POLL_MAX: Duration = Duration::from_secs(1);
 
 impl Library {
     /// The quorum rule covering `op` on this object, if any.
@@ -316,13 +318,15 @@ impl Library {
             ),
         );
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let mut poll = POLL_FIRST;
         loop {
             match a.status {
                 ApprovalStatus::Approved => break,
                 ApprovalStatus::Pending if Instant::now() < deadline => {
                     std::thread::sleep(
-                        POLL.min(deadline.saturating_duration_since(Instant::now())),
+                        poll.min(deadline.saturating_duration_since(Instant::now())),
                     );
+                    poll = (poll * 2).min(POLL_MAX);
                     match agent.approval_get(&a.id) {
                         Ok(next) => a = next,
                         Err(ApprovalError::Unavailable(e)) => {
