@@ -15,6 +15,8 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use p11shim_audit::{VerifyKey, verify};
 use p11shim_tests::{TestEnv, p11shim_lib, run_ok, softhsm_lib};
+
+mod common;
 use serde_json::Value;
 
 const TOKEN: &str = "audited";
@@ -502,4 +504,43 @@ fn broker_exchanges_are_recorded_and_checkpoints_use_the_brokers_key() {
     // Neither the PIN nor the HMAC key reached a log.
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(PIN) && !text.contains(hmac_key));
+}
+
+#[test]
+fn a_process_that_exits_without_c_finalize_still_closes_its_chain() {
+    // OpenSSL's pkcs11 engine never calls C_Finalize.
+    if !p11shim_tests::require("openssl") {
+        return;
+    }
+    let env = setup_with(|env| {
+        format!(
+            "file = \"{}\"\nfsync = \"always\"\n",
+            env.path().join("audit.jsonl").display()
+        )
+    });
+    let cnf = common::openssl_cnf(&env);
+    let msg = common::write(&env, "msg.txt", "signed by a process that just exits\n");
+    run_ok(
+        common::openssl(&env, &cnf)
+            .args([
+                "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine", "-sign",
+            ])
+            .arg(format!(
+                "pkcs11:token=p11shim;object=tls-web;type=private;pin-value={PIN}"
+            ))
+            .arg("-out")
+            .arg(env.path().join("msg.sig"))
+            .arg(&msg),
+    );
+    let rs = records(&env.path().join("audit.jsonl"));
+    assert!(
+        find(&rs, "key_use", "C_Sign").len() == 1 || find(&rs, "key_use", "C_SignFinal").len() == 1,
+        "{rs:#?}"
+    );
+    assert_eq!(rs.last().unwrap()["kind"], "stop", "{rs:#?}");
+    let report = verify(&[env.path().join("audit.jsonl")], &VerifyKey::None).unwrap();
+    assert!(
+        report.broken.is_none() && report.warnings.iter().all(|w| !w.contains("unterminated")),
+        "{report:?}"
+    );
 }

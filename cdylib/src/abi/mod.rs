@@ -236,6 +236,14 @@ pub static INTERFACES: [Interface; 3] = [
 /// Registers a handler run in the child after `fork()`. The handler must be
 /// async-signal-safe; p11shim's only bumps a counter. It is unregistered
 /// by the C library when this module is unloaded.
+/// Registers a handler run by `exit()` (the module is never unmapped: it is
+/// linked with `-z nodelete`).
+pub fn on_exit(handler: extern "C" fn()) -> Result<(), i32> {
+    // SAFETY: atexit only stores the function pointer.
+    let rc = unsafe { libc::atexit(handler) };
+    if rc == 0 { Ok(()) } else { Err(rc) }
+}
+
 pub fn on_fork_in_child(handler: extern "C" fn()) -> Result<(), i32> {
     // SAFETY: pthread_atfork only stores the function pointer.
     let rc = unsafe { libc::pthread_atfork(None, None, Some(handler)) };

@@ -62,6 +62,19 @@ extern "C" fn after_fork_in_child() {
     FORK_GEN.fetch_add(1, Ordering::Relaxed);
 }
 
+/// At `exit()` of a process that did not call `C_Finalize` (OpenSSL's
+/// engine, many short-lived tools): the audit log is drained and closed
+/// with its signed `stop` checkpoint (bounded by `Audit::stop`).
+extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        if let Ok(lib) = current() {
+            if let Some(a) = &lib.audit {
+                a.stop(lib.credentials.as_deref());
+            }
+        }
+    });
+}
+
 /// The initialized library, or `CKR_CRYPTOKI_NOT_INITIALIZED` (also in a
 /// forked child that has not initialized again).
 #[inline]
@@ -137,6 +150,12 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
     ATFORK.call_once(|| {
         if let Err(rc) = crate::abi::on_fork_in_child(after_fork_in_child) {
             tracing::warn!(rc, "pthread_atfork failed; fork() will not be detected");
+        }
+        if let Err(rc) = crate::abi::on_exit(at_exit) {
+            tracing::warn!(
+                rc,
+                "atexit failed; an exit without C_Finalize leaves the audit chain open"
+            );
         }
     });
     Ok(())
