@@ -348,10 +348,11 @@ impl Library {
                     );
                     return Err(refused(
                         format!(
-                            "{}: {} of {} approvals",
+                            "{}: {} of {} approvals {}",
                             status.as_str(),
                             a.approvals.len(),
-                            a.m
+                            a.m,
+                            signoffs(&a)
                         ),
                         Some(&a.id),
                     ));
@@ -409,14 +410,20 @@ impl Library {
     }
 }
 
-/// `approvers=alice@<time>,bob@<time>`.
+/// `approvers=alice@<time>,bob@<time>` (and `rejected_by=...` when some
+/// approvers rejected).
 fn signoffs(a: &Approval) -> String {
-    let list: Vec<String> = a
-        .approvals
-        .iter()
-        .map(|s| format!("{}@{}", s.approver, s.at))
-        .collect();
-    format!("approvers={}", list.join(","))
+    let list = |v: &[p11shim_proto::approval::Signoff]| -> String {
+        v.iter()
+            .map(|s| format!("{}@{}", s.approver, s.at))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut out = format!("approvers={}", list(&a.approvals));
+    if !a.rejections.is_empty() {
+        out.push_str(&format!(" rejected_by={}", list(&a.rejections)));
+    }
+    out
 }
 
 fn approval_key(i: &ObjectInfo) -> ApprovalKey {
