@@ -22,9 +22,8 @@
 # P11SHIM_LIB names the module (default target/release/libp11shim.so);
 # p11shim-broker, p11shim (the CLI) and libp11faultmod.so are taken from
 # its directory unless P11SHIM_BROKER / P11SHIM_CLI / P11SHIM_FAULTMOD name
-# them. P11SHIM_DEMO_DIR is
-# where everything lives (default target/demo); secrets and tokens there
-# are removed on exit, the logs and reports stay.
+# them. P11SHIM_DEMO_DIR is where everything lives (default target/demo);
+# secrets and tokens there are removed on exit, the logs and reports stay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
