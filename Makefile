@@ -35,11 +35,10 @@ test: deps
 # that one can be pulled out), the broker on 127.0.0.1 handing two roles
 # their PIN, key policy and audit key, role payments signing through p11shim
 # while a member disappears and comes back, role reports refused the
-# payments key, and both audit logs verified (DEMO_ARGS=--quick for a short
-# run). audit-verify stands in for `p11shim audit verify` until it exists.
+# payments key, and both audit logs verified by `p11shim audit verify`
+# (DEMO_ARGS=--quick for a short run).
 demo: deps build-release
 	$(CARGO) build --release -p p11shim-faultmod
-	$(CARGO) build --release -p p11shim-peers --bin audit-verify
 	@scripts/demo.sh $(DEMO_ARGS)
 
 # Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a

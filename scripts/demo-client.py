@@ -21,7 +21,8 @@ only (ctypes for PKCS#11, nothing to install):
   rates         signatures verified per second in each phase of the demo.
   audit-story   when the failover and the recovery happened, from the audit
                 log's own records.
-  audit-summary one line from audit-verify's report.
+  audit-summary one line from `p11shim audit verify --json`'s report, with
+                the count of each kind of record in the files it verified.
 
 Secrets are read from files, never from the command line, and never
 printed.
@@ -422,22 +423,57 @@ def audit_story(args):
     return 0
 
 
-def audit_summary(args):
-    with open(args.file) as f:
-        lines = f.read().splitlines()
-    v = dict(kv.split("=", 1) for kv in lines[0].split())
+def audit_kinds(files):
+    """How many records of each kind the audit files hold."""
     kinds = {}
-    for line in lines[1:]:
-        if line.startswith("kinds "):
-            kinds = dict((k, int(n)) for k, n in (kv.split("=") for kv in line.split()[1:]))
+    for path in files:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    kind = json.loads(line)["kind"]
+                except (ValueError, KeyError, TypeError):
+                    raise SystemExit(f"demo-client: {path}:{n}: not an audit record")
+                kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def audit_summary(args):
+    """One line from `p11shim audit verify --json`: its counts, and the
+    kinds of record counted in the files it verified (only when they
+    verified)."""
+    with open(args.file) as f:
+        report = json.load(f)
+    broken = report.get("broken")
+    if not report.get("ok") or broken:
+        print(f"demo-client: the audit files did not verify: {broken}", file=sys.stderr)
+        return 1
+    key = report.get("key")
+    if not key:
+        print("demo-client: the audit files were verified without a key", file=sys.stderr)
+        return 1
+    chains = report["chains"]
+    closed = sum(1 for c in chains if c["terminated"])
+    signed = sum(c["verified"] for c in chains)
+    kinds = audit_kinds(report["files"])
+    if sum(kinds.values()) != report["records"]:
+        print(
+            f"demo-client: {sum(kinds.values())} records in the files, {report['records']} verified",
+            file=sys.stderr,
+        )
+        return 1
+    open_note = (
+        f", {len(chains) - closed} without (processes that exit without C_Finalize)"
+        if closed < len(chains) else ""
+    )
     print(
-        f"{v['records']} records in {v['chains']} chains (one per process; {v['terminated']} closed by "
-        f"C_Finalize, {int(v['chains']) - int(v['terminated'])} left open by processes that exit without it), "
-        f"{v['checkpoints']} checkpoints, {v['signed']} signed (HMAC-SHA256, the broker's audit key), "
-        f"{v['broken']} broken links; {kinds.get('denial', 0)} denials, "
+        f"{report['records']} records in {len(chains)} chains (one per process; {closed} ended by "
+        f"their stop checkpoint{open_note}), {report['checkpoints']} checkpoints, {signed} signed "
+        f"({key['alg']} key {key['key_id']}, the role's audit key from the broker), "
+        f"0 broken links; {kinds.get('denial', 0)} denials, "
         f"{kinds.get('failover', 0)} failovers, {kinds.get('recovery', 0)} recoveries, "
         f"{kinds.get('key_use', 0)} key uses, {kinds.get('credentials', 0)} credential fetches"
     )
+    return 0
 
 
 # DigestInfo of SHA-256 (RFC 8017 9.2, note 1).

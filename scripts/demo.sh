@@ -13,17 +13,17 @@
 #      back;
 #   4. a process of role reports reaches for the payments key and is
 #      refused;
-#   5. the audit logs of both roles are verified: hash chains, signed
-#      checkpoints, and the denials, failovers and recoveries they hold.
+#   5. `p11shim audit verify` verifies the audit logs of both roles: hash
+#      chains, signed checkpoints, and the denials, failovers and
+#      recoveries they hold; `p11shim audit tail` shows the last records.
 #
 #   scripts/demo.sh [--quick]      (make demo builds and runs it)
 #
 # P11SHIM_LIB names the module (default target/release/libp11shim.so);
-# p11shim-broker, p11shim (the CLI), audit-verify and libp11faultmod.so are
-# taken from its directory unless P11SHIM_BROKER / P11SHIM_CLI /
-# P11SHIM_AUDIT_VERIFY / P11SHIM_FAULTMOD name them. P11SHIM_DEMO_DIR is
-# where everything lives (default target/demo); secrets and tokens there
-# are removed on exit, the logs and reports stay.
+# p11shim-broker, p11shim (the CLI) and libp11faultmod.so are taken from
+# its directory unless P11SHIM_BROKER / P11SHIM_CLI / P11SHIM_FAULTMOD name
+# them. P11SHIM_DEMO_DIR is where everything lives (default target/demo);
+# secrets and tokens there are removed on exit, the logs and reports stay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,12 +41,11 @@ MODULE=${P11SHIM_LIB:-$ROOT/target/release/libp11shim.so}
 BIN_DIR=$(dirname "$MODULE")
 BROKER=${P11SHIM_BROKER:-$BIN_DIR/p11shim-broker}
 CLI=${P11SHIM_CLI:-$BIN_DIR/p11shim}
-AUDIT_VERIFY=${P11SHIM_AUDIT_VERIFY:-$BIN_DIR/audit-verify}
 FAULTMOD=${P11SHIM_FAULTMOD:-$BIN_DIR/libp11faultmod.so}
 SOFTHSM=${SOFTHSM2_LIB:-/usr/lib/softhsm/libsofthsm2.so}
 ENGINE=$(find /usr/lib -name pkcs11.so -path '*engines-3*' 2>/dev/null | head -n1)
 CLIENT=(python3 "$ROOT/scripts/demo-client.py")
-for f in "$MODULE" "$BROKER" "$CLI" "$AUDIT_VERIFY" "$FAULTMOD"; do
+for f in "$MODULE" "$BROKER" "$CLI" "$FAULTMOD"; do
   [ -f "$f" ] || { echo "demo: $f is missing (make demo builds it)"; exit 1; }
 done
 [ -f "$SOFTHSM" ] || { echo "demo: SoftHSM2 is missing (apt-get install softhsm2)"; exit 1; }
@@ -343,9 +342,13 @@ $(grep -E 'probe failed|member' "$WORK/p11shim-payments.log" | tail -n 20)"
 sleep "$PHASE"
 
 T_END=$(now_ms)
-touch "$WORK/load.stop" "$WORK/signer.stop"
+# The OpenSSL load first, then the long-lived application: its chain, which
+# ends with the signed stop checkpoint of C_Finalize, is the last one in
+# the payments audit log.
+touch "$WORK/load.stop"
 wait "$LOAD_PID" || fail "the OpenSSL load stopped with an error"
 LOAD_PID=""
+touch "$WORK/signer.stop"
 wait_for 100 eval '! kill -0 "$SIGNER_PID" 2>/dev/null' || fail "the long-lived application did not stop"
 rc=0; wait "$SIGNER_PID" || rc=$?
 SIGNER_PID=""
@@ -384,18 +387,26 @@ say "role reports was refused the payments key; p11shim's log: $denial"
 unset P11SHIM_CONFIG
 
 # ---------------------------------------------------------------------------
-# 5. The audit logs, verified with each role's key (every process has shut
-#    down, so every chain ends with its signed stop checkpoint).
+# 5. The audit logs, verified by the operator CLI with each role's key, the
+#    secret the broker hands out as the role's audit_key (every process has
+#    shut down: nothing is still being written).
+audit_verify() {
+  "$CLI" audit verify --hmac-key "file:$WORK/secrets/$1-audit.key" "$WORK/audit/$1.jsonl" "${@:2}"
+}
 for role in payments reports; do
-  "$AUDIT_VERIFY" --hmac-key-file "$WORK/secrets/$role-audit.key" "$WORK/audit/$role.jsonl" \
-    > "$WORK/audit-verify-$role.txt" || fail "the $role audit log did NOT verify: $(cat "$WORK/audit-verify-$role.txt")"
+  audit_verify "$role" --json > "$WORK/audit-verify-$role.json" \
+    || fail "the $role audit log did NOT verify: $(audit_verify "$role" 2>&1 | grep -v '^  chain ')"
 done
 "${CLIENT[@]}" audit-story --t0 "$T0" --after "$T_PULL" --back "$T_BACK" \
   --log "$WORK/audit/payments.jsonl" > "$WORK/audit-story.txt" || fail "no failover in the payments audit log"
 say "$(cat "$WORK/audit-story.txt")"
 for role in payments reports; do
-  say "audit log $role.jsonl verified: $("${CLIENT[@]}" audit-summary "$WORK/audit-verify-$role.txt")"
+  summary=$("${CLIENT[@]}" audit-summary "$WORK/audit-verify-$role.json") \
+    || fail "the $role audit log's report: $(cat "$WORK/audit-verify-$role.json")"
+  say "audit log $role.jsonl verified: $summary"
 done
+"$CLI" audit tail -n 5 "$WORK/audit/payments.jsonl" > "$WORK/audit-tail.txt" 2>&1 \
+  || fail "p11shim audit tail: $(cat "$WORK/audit-tail.txt")"
 
 # ---------------------------------------------------------------------------
 # The broker's side and the PIN.
@@ -406,13 +417,17 @@ metric() {
       if ((want == "other" && o != "granted" && o != "reauthenticated") || o == want) s += $NF
     } END { print s + 0 }' "$WORK/broker/metrics.txt"
 }
-PIN_VALUE=$(cat "$WORK/secrets/partition.pin")
-for log in "$WORK"/p11shim-*.log "$WORK/broker/broker.log" "$WORK/openssl.err" "$WORK/signer.err" "$WORK"/audit/*.jsonl "$WORK"/*.out "$WORK"/attest-*.json; do
-  if grep -qF "$PIN_VALUE" "$log" 2>/dev/null; then
-    fail "the PIN appeared in $log"
-  fi
+# The PIN and the audit keys, in none of what the demo leaves behind.
+for secret_file in partition.pin payments-audit.key reports-audit.key; do
+  SECRET_VALUE=$(cat "$WORK/secrets/$secret_file")
+  for log in "$WORK"/p11shim-*.log "$WORK/broker/broker.log" "$WORK/openssl.err" "$WORK/signer.err" \
+             "$WORK"/audit/*.jsonl "$WORK"/*.out "$WORK"/attest-*.json "$WORK"/audit-verify-*.json "$WORK/audit-tail.txt"; do
+    if grep -qF "$SECRET_VALUE" "$log" 2>/dev/null; then
+      fail "the secret $secret_file appeared in $log"
+    fi
+  done
 done
-unset PIN_VALUE
+unset SECRET_VALUE
 
 load_ok=$(grep -c ' ok ' "$WORK/load.txt" || true)
 app_signed=$(cat "$WORK/signer-verified.txt")
@@ -420,6 +435,11 @@ say "summary:"
 cat <<EOF
     broker: $(metric granted) grants on first use, $(metric reauthenticated) re-authentications with the nonce, $(metric other) refused
     signatures: $((load_ok + app_signed)) verified (openssl $load_ok, long-lived application $app_signed), 0 failed
-    PIN: given by the broker to p11shim only; in no client's configuration, command line, log or audit record
+    PIN: given by the broker to p11shim only; in no client's configuration, command line, log or audit record (nor are the audit keys)
     files: $WORK
 EOF
+
+# The payments log's last records, as an operator reads them (made in
+# step 5, before the check for secrets).
+say "p11shim audit tail -n 5 audit/payments.jsonl:"
+sed 's/^/    /' "$WORK/audit-tail.txt"

@@ -2,7 +2,8 @@
 //! mode) and tells its story: `p11shim provision` makes three HA members,
 //! the broker hands two roles their credentials, key policy and audit key,
 //! role payments signs with no PIN while a member fails and comes back,
-//! role reports is refused the payments key, and both audit logs verify.
+//! role reports is refused the payments key, and both audit logs verify
+//! with `p11shim audit verify`.
 //!
 //! Only outcomes are checked, never durations: counts that must be
 //! positive, lines that must be there, zero broken links.
@@ -58,7 +59,6 @@ fn the_demo_tells_its_story() {
     for (name, package) in [
         ("p11shim-broker", "p11shim-broker"),
         ("p11shim", "p11shim-cli"),
-        ("audit-verify", "p11shim-peers"),
     ] {
         assert!(
             dir.join(name).exists(),
@@ -74,7 +74,6 @@ fn the_demo_tells_its_story() {
         .env("P11SHIM_LIB", p11shim_lib())
         .env("P11SHIM_BROKER", dir.join("p11shim-broker"))
         .env("P11SHIM_CLI", dir.join("p11shim"))
-        .env("P11SHIM_AUDIT_VERIFY", dir.join("audit-verify"))
         .env("P11SHIM_FAULTMOD", faultmod_lib())
         .env("SOFTHSM2_LIB", softhsm_lib())
         .env("P11SHIM_DEMO_DIR", &work)
@@ -145,18 +144,57 @@ fn the_demo_tells_its_story() {
         "{l}"
     );
 
-    // 5. Both audit logs verified, signed, with what happened in them.
+    // 5. Both audit logs verified by the CLI with the role's key, signed,
+    //    with what happened in them.
     let payments = story_line(&text, "audit log payments.jsonl verified:");
-    assert_eq!(count_before(payments, "broken links"), 0, "{payments}");
-    assert!(count_before(payments, "signed") > 0, "{payments}");
+    let reports = story_line(&text, "audit log reports.jsonl verified:");
+    for l in [payments, reports] {
+        assert_eq!(count_before(l, "broken links"), 0, "{l}");
+        assert!(count_before(l, "chains") > 0, "{l}");
+        assert!(count_before(l, "signed") > 0, "{l}");
+        assert!(
+            count_before(l, "checkpoints") >= count_before(l, "signed"),
+            "{l}"
+        );
+        assert!(l.contains("hmac-sha256 key "), "{l}");
+        // Each role's credentials came from the broker, in some process.
+        assert!(count_before(l, "credential fetches") >= 1, "{l}");
+    }
     assert!(count_before(payments, "failovers") >= 1, "{payments}");
     assert!(count_before(payments, "recoveries") >= 1, "{payments}");
     assert!(count_before(payments, "key uses") > 0, "{payments}");
     assert_eq!(count_before(payments, "denials"), 0, "{payments}");
-    let reports = story_line(&text, "audit log reports.jsonl verified:");
-    assert_eq!(count_before(reports, "broken links"), 0, "{reports}");
-    assert!(count_before(reports, "signed") > 0, "{reports}");
     assert!(count_before(reports, "denials") >= 1, "{reports}");
+    // The same files, read here: the CLI's hash-chain check (no key: the
+    // keys are gone with the demo) agrees on the records, and the kinds
+    // the story counts are the files' own.
+    for (role, line) in [("payments", payments), ("reports", reports)] {
+        let file = work.join(format!("audit/{role}.jsonl"));
+        let report = cli_verify(&dir.join("p11shim"), &file);
+        assert!(report["broken"].is_null(), "{report}");
+        assert_eq!(
+            report["records"].as_u64(),
+            Some(count_before(line, "records")),
+            "{line}"
+        );
+        let records = std::fs::read_to_string(&file).expect("audit file");
+        for (kind, word) in [
+            ("denial", "denials"),
+            ("failover", "failovers"),
+            ("recovery", "recoveries"),
+            ("key_use", "key uses"),
+            ("credentials", "credential fetches"),
+        ] {
+            let n = records
+                .lines()
+                .filter(|r| {
+                    serde_json::from_str::<serde_json::Value>(r).expect("a JSON record")["kind"]
+                        == kind
+                })
+                .count();
+            assert_eq!(n as u64, count_before(line, word), "{kind} in {line}");
+        }
+    }
 
     // The summary: signatures verified, nothing refused by the broker.
     let l = story_line(&text, "    signatures:");
@@ -164,6 +202,26 @@ fn the_demo_tells_its_story() {
     let l = story_line(&text, "    broker:");
     assert_eq!(count_before(l, "refused"), 0, "{l}");
     assert!(count_before(l, "grants on first use") >= 2, "{l}");
+
+    // The end: the payments log's last five records, one readable line
+    // each; the last is the signed stop checkpoint of the last payments
+    // process (the long-lived application, stopped after the OpenSSL load,
+    // which finalizes).
+    let tail: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("p11shim audit tail -n 5 audit/payments.jsonl:"))
+        .skip(1)
+        .collect();
+    assert_eq!(tail.len(), 5, "{text}");
+    for l in &tail {
+        assert!(l.starts_with("    20"), "not a record's time: {l:?}");
+        assert!(!l.contains('{'), "not a readable line: {l:?}");
+    }
+    assert!(
+        tail[4].contains(" stop stop ") && tail[4].contains("signed hmac-sha256"),
+        "{}",
+        tail[4]
+    );
 
     // Independently of the demo's own checks: p11shim's log shows the
     // member going down and coming back.
@@ -176,6 +234,23 @@ fn the_demo_tells_its_story() {
     assert!(work.join("status-final.json").exists());
     assert!(work.join("audit/payments.jsonl").exists());
     assert_no_child_left(&work);
+}
+
+/// `p11shim audit verify --json FILE` without a key: the hash chain only.
+fn cli_verify(cli: &Path, file: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(cli)
+        .args(["audit", "verify", "--json"])
+        .arg(file)
+        .output()
+        .expect("run p11shim audit verify");
+    assert!(
+        out.status.success(),
+        "p11shim audit verify {}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the report is JSON")
 }
 
 /// No process still runs with the demo directory on its command line
