@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use parking_lot::Mutex;
 use pkcs11_sys::*;
 
@@ -62,15 +62,18 @@ impl AclState {
 
     /// The policy in force; `None` when no ACL is configured.
     #[inline]
-    pub fn current(&self, agent: Option<&Agent>) -> Option<Arc<Compiled>> {
+    ///
+    /// A guard, not a clone of the `Arc`: the hot path touches no reference
+    /// count shared by every thread.
+    pub fn current(&self, agent: Option<&Agent>) -> Option<Guard<Arc<Compiled>>> {
         match (&self.mode, agent) {
             (None, _) => None,
             (Some(AclConfig::Broker), Some(agent))
                 if agent.published() != self.from_generation.load(Ordering::Acquire) =>
             {
-                Some(self.recompile(agent))
+                Some(Guard::from_inner(self.recompile(agent)))
             }
-            _ => Some(self.compiled.load_full()),
+            _ => Some(self.compiled.load()),
         }
     }
 
@@ -145,7 +148,7 @@ impl Library {
         })
     }
 
-    fn acl_now(&self) -> Option<Arc<Compiled>> {
+    fn acl_now(&self) -> Option<Guard<Arc<Compiled>>> {
         self.acl.current(self.credentials.as_deref())
     }
 
