@@ -36,9 +36,10 @@ test: deps
 # their PIN, key policy and audit key, role payments signing through p11shim
 # while a member disappears and comes back, role reports refused the
 # payments key, and both audit logs verified by `p11shim audit verify`
-# (DEMO_ARGS=--quick for a short run).
+# (DEMO_ARGS=--quick for a short run; --aws for roles that are instances in
+# moto's EC2, seen through the IMDS emulator).
 demo: deps build-release
-	$(CARGO) build --release -p p11shim-faultmod
+	$(CARGO) build --release -p p11shim-faultmod $(if $(filter --aws,$(DEMO_ARGS)),-p p11shim-peers)
 	@scripts/demo.sh $(DEMO_ARGS)
 
 # Timed comparison with SoftHSM2 called directly (BENCH_ARGS=--quick for a

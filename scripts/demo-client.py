@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the demo needs that no stock tool does, with the standard library
-only (ctypes for PKCS#11, nothing to install):
+only (ctypes for PKCS#11, nothing to install; aws-seed excepted):
 
   signer        a long-lived application on p11shim: logs in with no PIN
                 (protected authentication path), signs with SHA256-RSA-PKCS
@@ -23,6 +23,15 @@ only (ctypes for PKCS#11, nothing to install):
                 log's own records.
   audit-summary one line from `p11shim audit verify --json`'s report, with
                 the count of each kind of record in the files it verified.
+  aws-seed      (--aws) in moto's IAM and EC2: per role an IAM role EC2 may
+                take, an instance profile holding it and a running instance
+                with that profile; writes each instance as EC2 describes it,
+                in the IMDS emulator's --instance form. Needs boto3, which
+                moto brings: run it with the venv's python.
+  xff-proxy     (--aws) a loopback HTTP proxy in front of the broker that
+                appends `X-Forwarded-For: <an instance's private address>`:
+                on one machine it stands in for the instance's own network
+                path, since every request here comes from 127.0.0.1.
 
 Secrets are read from files, never from the command line, and never
 printed.
@@ -30,6 +39,8 @@ printed.
 
 import argparse
 import ctypes
+import http.client
+import http.server
 import json
 import os
 import sys
@@ -366,8 +377,13 @@ def show_grant(args):
     policy = "; ".join(
         f"{r.get('label', '*')} {'/'.join(r.get('ops') or ['visible'])}" for r in rules
     )
+    subject = g.get("subject") or ""
+    # An AWS subject is aws:<account>:<region>:<instance id>.
+    aws = subject.split(":")
+    if len(aws) == 4 and aws[0] == "aws":
+        subject += f" (account {aws[1]}, region {aws[2]}, instance {aws[3]})"
     print(
-        f"role {g.get('role')}, subject {g.get('subject')}, expires {g.get('expires_at')} "
+        f"role {g.get('role')}, subject {subject}, expires {g.get('expires_at')} "
         f"(ttl {g.get('ttl_seconds')} s), reauth {g.get('reauth')}, key policy: {policy or 'none'}, "
         f"PIN {g.get('pin')}"
     )
@@ -510,6 +526,132 @@ def verify_rsa(args):
     return 0
 
 
+# moto's one account, and the region the demo's instances run in.
+AWS_REGION = "us-east-1"
+EC2_TRUST = json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{
+        "Effect": "Allow",
+        "Principal": {"Service": "ec2.amazonaws.com"},
+        "Action": "sts:AssumeRole",
+    }],
+})
+
+
+def aws_seed(args):
+    """`--role NAME:IAM_ROLE` for each broker role: the IAM role, a profile
+    `<IAM_ROLE>-profile` holding it, one running t3.micro with the profile.
+    Writes `<out>/<NAME>.json` (the emulator's instance) and prints one
+    line per role: `<NAME> <instance id> <private ip> <account> <profile>`."""
+    from datetime import timezone
+
+    import boto3  # moto's dependency, in the venv
+
+    def client(service):
+        # moto takes any key; these are not secrets.
+        return boto3.client(
+            service, region_name=AWS_REGION, endpoint_url=args.endpoint,
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )
+
+    iam, ec2 = client("iam"), client("ec2")
+    os.makedirs(args.out, exist_ok=True)
+    for spec in args.role:
+        name, iam_role = spec.split(":", 1)
+        profile = f"{iam_role}-profile"
+        iam.create_role(RoleName=iam_role, AssumeRolePolicyDocument=EC2_TRUST)
+        profile_id = iam.create_instance_profile(
+            InstanceProfileName=profile)["InstanceProfile"]["InstanceProfileId"]
+        iam.add_role_to_instance_profile(InstanceProfileName=profile, RoleName=iam_role)
+        run = ec2.run_instances(
+            ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType="t3.micro",
+            IamInstanceProfile={"Name": profile},
+        )
+        instance_id = run["Instances"][0]["InstanceId"]
+        # As the broker will see it: DescribeInstances.
+        reservation = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
+        i = reservation["Instances"][0]
+        if i["State"]["Name"] != "running" or not i.get("PrivateIpAddress"):
+            print(f"demo-client: {instance_id} is {i['State']['Name']}, address "
+                  f"{i.get('PrivateIpAddress')}", file=sys.stderr)
+            return 1
+        launch = i["LaunchTime"].astimezone(timezone.utc)
+        instance = {
+            "instance_id": instance_id,
+            "reservation_id": reservation["ReservationId"],
+            "instance_type": i["InstanceType"],
+            "local_hostname": i.get("PrivateDnsName", ""),
+            "public_hostname": i.get("PublicDnsName", ""),
+            "local_ipv4": i["PrivateIpAddress"],
+            "public_ipv4": i.get("PublicIpAddress", ""),
+            "ami_id": i["ImageId"],
+            "region": AWS_REGION,
+            "availability_zone": i["Placement"]["AvailabilityZone"],
+            "account_id": reservation["OwnerId"],
+            "pending_time": launch.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "instance_profile_arn": i["IamInstanceProfile"]["Arn"],
+            "instance_profile_id": profile_id,
+        }
+        write_atomic(os.path.join(args.out, f"{name}.json"), json.dumps(instance).encode())
+        print(f"{name} {instance_id} {i['PrivateIpAddress']} {reservation['OwnerId']} {profile}")
+    return 0
+
+
+# Headers a proxy does not pass on (RFC 9110 7.6.1), and the ones it sets.
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def xff_proxy(args):
+    """Relays each request to `--upstream` with `X-Forwarded-For` ending in
+    `--forward`; prints `listening <addr>` once it accepts connections."""
+    host, port = args.upstream.rsplit(":", 1)
+
+    class Relay(http.server.BaseHTTPRequestHandler):
+        def relay(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > 1 << 20:
+                self.send_error(413)
+                return
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+            prior = self.headers.get("X-Forwarded-For")
+            headers.pop("X-Forwarded-For", None)
+            headers["X-Forwarded-For"] = f"{prior}, {args.forward}" if prior else args.forward
+            up = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                up.request(self.command, self.path, body=body, headers=headers)
+                answer = up.getresponse()
+                data = answer.read()
+            except OSError as e:
+                self.send_error(502, explain=type(e).__name__)
+                return
+            finally:
+                up.close()
+            self.send_response(answer.status, answer.reason)
+            for k, v in answer.getheaders():
+                if k.lower() not in HOP_BY_HOP:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = relay
+
+        def log_message(self, fmt, *a):
+            sys.stderr.write(f"xff-proxy: {self.address_string()} {fmt % a}\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    server.daemon_threads = True
+    print(f"listening 127.0.0.1:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -541,6 +683,13 @@ def main():
     a.add_argument("--log", required=True)
     u = sub.add_parser("audit-summary")
     u.add_argument("file")
+    w = sub.add_parser("aws-seed")
+    w.add_argument("--endpoint", required=True)
+    w.add_argument("--out", required=True)
+    w.add_argument("--role", action="append", required=True, metavar="NAME:IAM_ROLE")
+    x = sub.add_parser("xff-proxy")
+    x.add_argument("--upstream", required=True, metavar="HOST:PORT")
+    x.add_argument("--forward", required=True, metavar="IP")
     a = p.parse_args()
     try:
         return {
@@ -551,6 +700,8 @@ def main():
             "rates": rates,
             "audit-story": audit_story,
             "audit-summary": audit_summary,
+            "aws-seed": aws_seed,
+            "xff-proxy": xff_proxy,
         }[a.command](a) or 0
     except Pkcs11Error as e:
         print(f"demo-client: {e}", file=sys.stderr)

@@ -17,21 +17,38 @@
 #      chains, signed checkpoints, and the denials, failovers and
 #      recoveries they hold; `p11shim audit tail` shows the last records.
 #
-#   scripts/demo.sh [--quick]      (make demo builds and runs it)
+#   scripts/demo.sh [--quick] [--aws]      (make demo builds and runs it)
+#
+# --aws: the roles are AWS instances instead of this machine's fingerprint.
+# moto (from the repository's .venv, scripts/deps.sh) plays EC2 and IAM: one
+# running instance per role, its instance profile holding the role's IAM
+# role. The IMDSv2 emulator (tests/peers, imds-emulator) serves each
+# instance's metadata to the processes of its role, and the broker checks
+# it with aws-imds-fields, live against moto's DescribeInstances and
+# ListInstanceProfilesForRole. Not aws-iid: its signed identity document is
+# checked against AWS's own pinned certificates, and the broker's release
+# build refuses the emulator's test CA (aws.iid_cert_dir needs the
+# test-overrides feature; tests/tests/attestation_aws.rs covers aws-iid).
+# The broker checks that a request comes from one of the instance's
+# addresses: each role reaches it through a loopback proxy that adds
+# X-Forwarded-For with its instance's private address, as the network path
+# from the instance would, and the broker trusts 127.0.0.1 as a proxy.
 #
 # P11SHIM_LIB names the module (default target/release/libp11shim.so);
-# p11shim-broker, p11shim (the CLI) and libp11faultmod.so are taken from
-# its directory unless P11SHIM_BROKER / P11SHIM_CLI / P11SHIM_FAULTMOD name
-# them. P11SHIM_DEMO_DIR is where everything lives (default target/demo);
+# p11shim-broker, p11shim (the CLI), libp11faultmod.so and imds-emulator are
+# taken from its directory unless P11SHIM_BROKER / P11SHIM_CLI /
+# P11SHIM_FAULTMOD / P11SHIM_IMDS_EMULATOR name them. P11SHIM_DEMO_DIR is where everything lives (default target/demo);
 # secrets and tokens there are removed on exit, the logs and reports stay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 QUICK=0
+AWS=0
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    *) echo "usage: scripts/demo.sh [--quick]" >&2; exit 2 ;;
+    --aws) AWS=1 ;;
+    *) echo "usage: scripts/demo.sh [--quick] [--aws]" >&2; exit 2 ;;
   esac
 done
 # Seconds of signing before the fault, while ha-a is out, after it is back.
@@ -53,6 +70,13 @@ done
 for tool in openssl pkcs11-tool python3 curl; do
   command -v "$tool" >/dev/null || { echo "demo: $tool is missing (make deps installs it)"; exit 1; }
 done
+if [ $AWS = 1 ]; then
+  IMDS_EMULATOR=${P11SHIM_IMDS_EMULATOR:-$BIN_DIR/imds-emulator}
+  MOTO=$ROOT/.venv/bin/moto_server
+  VENV_PYTHON=$ROOT/.venv/bin/python3
+  [ -f "$IMDS_EMULATOR" ] || { echo "demo: $IMDS_EMULATOR is missing (make demo DEMO_ARGS=--aws builds it)"; exit 1; }
+  [ -x "$MOTO" ] && [ -x "$VENV_PYTHON" ] || { echo "demo: $MOTO is missing (scripts/deps.sh installs it)"; exit 1; }
+fi
 
 WORK=${P11SHIM_DEMO_DIR:-$ROOT/target/demo}
 rm -rf "$WORK"
@@ -62,10 +86,11 @@ chmod 700 "$WORK/secrets" "$WORK/audit"
 BROKER_PID=""
 SIGNER_PID=""
 LOAD_PID=""
+AWS_PIDS=()   # --aws: the proxies, the IMDS emulators, moto
 cleanup() {
   local pid
   touch "$WORK/load.stop" "$WORK/signer.stop" 2>/dev/null || true
-  for pid in "$LOAD_PID" "$SIGNER_PID" "$BROKER_PID"; do
+  for pid in "$LOAD_PID" "$SIGNER_PID" "$BROKER_PID" "${AWS_PIDS[@]}"; do
     [ -n "$pid" ] || continue
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
@@ -111,7 +136,9 @@ export P11FAULT_TARGET=$SOFTHSM
 
 # The module's configuration for each role: the same slot over the same
 # members, the PIN, the key ACL and the audit key from the broker. Only
-# the role, its nonce, its log and its audit file differ.
+# the role, its nonce, its log and its audit file differ (with --aws also
+# its instance's IMDS and its way to the broker).
+if [ $AWS = 1 ]; then METHOD=aws-imds-fields; else METHOD=static-fingerprint; fi
 module_config() {
   local role=$1 m
   cat <<TOML
@@ -135,8 +162,9 @@ TOML
 [broker]
 url = "http://127.0.0.1:9"         # the broker's port, set once it listens
 role = "$role"
-method = "static-fingerprint"
+method = "$METHOD"
 nonce_file = "$WORK/secrets/$role.nonce"
+$([ $AWS = 1 ] && echo 'imds_endpoint = "http://127.0.0.1:9"   # the instance'"'"'s IMDS, set once it listens')
 
 [acl]
 source = "broker"
@@ -193,18 +221,77 @@ rm -f "$WORK/secrets/so.pin"
 say "p11shim provision $WORK/provision.toml: tokens ha-a ha-b ha-c initialized, replication key and keys payments-signing (RSA-2048), payments-ec (P-256), reports-signing (RSA-2048) made once and copied; $verified_line"
 
 # ---------------------------------------------------------------------------
-# 2. The broker: two static-fingerprint roles for this machine, each with
-#    its key ACL policy and its audit key; the PIN in a 0600 file; the
-#    one-time-use store in SQLite; plain HTTP on loopback.
-FINGERPRINT=$("$BROKER" fingerprint 2>/dev/null)
+# 2. The broker: two static-fingerprint roles for this machine (--aws: two
+#    aws-imds-fields roles, one instance each), each with its key ACL
+#    policy and its audit key; the PIN in a 0600 file; the one-time-use
+#    store in SQLite; plain HTTP on loopback.
+ROLES=(payments reports)
+if [ $AWS = 1 ]; then
+  # moto on a free port (it prints the one it took), EC2 and IAM seeded
+  # with one instance per role, then each instance's IMDS.
+  mkdir -p "$WORK/aws"
+  "$MOTO" -H 127.0.0.1 -p 0 >"$WORK/aws/moto.log" 2>&1 &
+  AWS_PIDS+=($!)
+  MOTO_PID=$!
+  MOTO_URL=""
+  moto_ready() {
+    kill -0 "$MOTO_PID" 2>/dev/null || fail "moto exited: $(cat "$WORK/aws/moto.log")"
+    [ -n "$MOTO_URL" ] || MOTO_URL=$(grep -o -m1 'http://127\.0\.0\.1:[0-9]*' "$WORK/aws/moto.log") || return 1
+    curl -sf --max-time 2 "$MOTO_URL/moto-api/" >/dev/null
+  }
+  wait_for 300 moto_ready || fail "moto did not answer within 30 s: $(cat "$WORK/aws/moto.log")"
+  MOTO_URL=$MOTO_URL/
+  "$VENV_PYTHON" "$ROOT/scripts/demo-client.py" aws-seed --endpoint "$MOTO_URL" --out "$WORK/aws" \
+    --role payments:payments-hsm --role reports:reports-hsm >"$WORK/aws/instances.txt" 2>"$WORK/aws/seed.err" \
+    || fail "seeding moto: $(cat "$WORK/aws/seed.err")"
+  declare -A INSTANCE PRIVATE_IP ACCOUNT PROFILE IMDS_PID
+  while read -r role id ip account profile; do
+    INSTANCE[$role]=$id PRIVATE_IP[$role]=$ip ACCOUNT[$role]=$account PROFILE[$role]=$profile
+  done < "$WORK/aws/instances.txt"
+  for role in "${ROLES[@]}"; do
+    [ -n "${INSTANCE[$role]:-}" ] || fail "moto has no instance for role $role: $(cat "$WORK/aws/instances.txt")"
+    # Each its own CA directory (the emulator makes its keys on first use),
+    # in secrets/: removed on exit.
+    "$IMDS_EMULATOR" --listen 127.0.0.1:0 --instance "$WORK/aws/$role.json" --ca-dir "$WORK/secrets/imds-ca-$role" \
+      >"$WORK/aws/imds-$role.out" 2>"$WORK/aws/imds-$role.log" &
+    AWS_PIDS+=($!)
+    IMDS_PID[$role]=$!
+  done
+  declare -A IMDS_URL
+  imds_ready() {
+    local role
+    for role in "${ROLES[@]}"; do
+      kill -0 "${IMDS_PID[$role]}" 2>/dev/null || fail "imds-emulator ($role) exited: $(cat "$WORK/aws/imds-$role.log")"
+      grep -qs '^listening ' "$WORK/aws/imds-$role.out" || return 1
+      IMDS_URL[$role]=http://$(sed -n 's/^listening //p' "$WORK/aws/imds-$role.out" | head -n1)
+    done
+  }
+  wait_for 300 imds_ready || fail "the IMDS emulators did not start within 30 s"
+  # moto takes any key; the broker reads its keys from files all the same.
+  ( umask 077; printf testing > "$WORK/secrets/aws-access-key-id"; printf testing > "$WORK/secrets/aws-secret-access-key" )
+  for role in "${ROLES[@]}"; do
+    say "moto at $MOTO_URL (EC2, IAM): role $role is instance ${INSTANCE[$role]} (account ${ACCOUNT[$role]}, us-east-1, private address ${PRIVATE_IP[$role]}), instance profile ${PROFILE[$role]} holding IAM role $role-hsm; its IMDSv2 at ${IMDS_URL[$role]}"
+  done
+else
+  FINGERPRINT=$("$BROKER" fingerprint 2>/dev/null)
+fi
+# Who may be the role: this machine (its fingerprint), or (--aws) an
+# instance of the role's IAM role in moto's account.
+role_members() {
+  if [ $AWS = 1 ]; then
+    printf 'account_ids = ["%s"]\niam_role_name = "%s-hsm"\n' "${ACCOUNT[$1]}" "$1"
+  else
+    printf 'fingerprints = ["%s"]\n' "$FINGERPRINT"
+  fi
+}
 broker_role() {
   cat <<TOML
 
 [roles.$1]
-methods = ["static-fingerprint"]
+methods = ["$METHOD"]
 pin = "file:$WORK/secrets/partition.pin"
 audit_key = "file:$WORK/secrets/$1-audit.key"
-fingerprints = ["$FINGERPRINT"]
+$(role_members "$1")
 ttl = "10m"
 reauth = "nonce"
 policy = { keys = [{ label = "$1-*", ops = ["sign"] }] }
@@ -215,6 +302,7 @@ TOML
 [server]
 listen = "127.0.0.1:0"              # a free port, printed on stdout
 log_format = "text"
+$([ $AWS = 1 ] && echo 'trusted_proxies = ["127.0.0.1/32"]  # the instances'"'"' loopback proxies')
 
 [store]
 kind = "sqlite"
@@ -226,6 +314,17 @@ path = "$WORK/broker/replay.db"
 per_ip = { per_minute = 60000, burst = 6000 }
 per_identity = { per_minute = 60000, burst = 6000 }
 TOML
+  if [ $AWS = 1 ]; then
+    cat <<TOML
+
+# moto as EC2 and IAM.
+[aws]
+region = "us-east-1"
+endpoint = "$MOTO_URL"
+access_key_id = "file:$WORK/secrets/aws-access-key-id"
+secret_access_key = "file:$WORK/secrets/aws-secret-access-key"
+TOML
+  fi
   broker_role payments
   broker_role reports
 } > "$WORK/broker/broker.toml"
@@ -239,15 +338,47 @@ broker_listening() {
 }
 wait_for 100 broker_listening || fail "p11shim-broker did not start within 10 s"
 BROKER_ADDR=$(sed -n 's/^listening //p' "$WORK/broker/stdout" | head -n1)
-sed -i "s|^url = \"http://127.0.0.1:9\".*|url = \"http://$BROKER_ADDR\"|" "$WORK/payments.toml" "$WORK/reports.toml"
-say "p11shim-broker on http://$BROKER_ADDR (SQLite, static-fingerprint): roles payments (keys payments-*) and reports (keys reports-*), each with an audit key, for fingerprint ${FINGERPRINT:0:16}… (this machine)"
+if [ $AWS = 1 ]; then
+  # Each role's way to the broker: a proxy adding its instance's address.
+  declare -A PROXY_PID PROXY_ADDR
+  for role in "${ROLES[@]}"; do
+    "${CLIENT[@]}" xff-proxy --upstream "$BROKER_ADDR" --forward "${PRIVATE_IP[$role]}" \
+      >"$WORK/aws/proxy-$role.out" 2>"$WORK/aws/proxy-$role.log" &
+    AWS_PIDS+=($!)
+    PROXY_PID[$role]=$!
+  done
+  proxies_ready() {
+    local role
+    for role in "${ROLES[@]}"; do
+      kill -0 "${PROXY_PID[$role]}" 2>/dev/null || fail "the $role proxy exited: $(cat "$WORK/aws/proxy-$role.log")"
+      grep -qs '^listening ' "$WORK/aws/proxy-$role.out" || return 1
+      PROXY_ADDR[$role]=$(sed -n 's/^listening //p' "$WORK/aws/proxy-$role.out" | head -n1)
+    done
+  }
+  wait_for 100 proxies_ready || fail "the proxies did not start within 10 s"
+  for role in "${ROLES[@]}"; do
+    sed -i -e "s|^url = \"http://127.0.0.1:9\".*|url = \"http://${PROXY_ADDR[$role]}\"|" \
+      -e "s|^imds_endpoint = \"http://127.0.0.1:9\".*|imds_endpoint = \"${IMDS_URL[$role]}\"|" "$WORK/$role.toml"
+  done
+  say "p11shim-broker on http://$BROKER_ADDR (SQLite, aws-imds-fields, checked live against moto's EC2 and IAM on every request): roles payments (IAM role payments-hsm, keys payments-*) and reports (IAM role reports-hsm, keys reports-*), each with an audit key"
+  say "each role reaches the broker through a loopback proxy that adds X-Forwarded-For: its instance's private address (payments via ${PROXY_ADDR[payments]}, reports via ${PROXY_ADDR[reports]}), the source the broker requires; aws-imds-fields, not aws-iid: the release broker pins AWS's own identity-document certificates and refuses the emulator's test CA"
+else
+  sed -i "s|^url = \"http://127.0.0.1:9\".*|url = \"http://$BROKER_ADDR\"|" "$WORK/payments.toml" "$WORK/reports.toml"
+  say "p11shim-broker on http://$BROKER_ADDR (SQLite, static-fingerprint): roles payments (keys payments-*) and reports (keys reports-*), each with an audit key, for fingerprint ${FINGERPRINT:0:16}… (this machine)"
+fi
 
 # Credentials: one exchange per role, as the module makes it. It binds the
 # role's nonce, with which every later process of the role re-authenticates.
 for role in payments reports; do
   "$CLI" attest --config "$WORK/$role.toml" --json >"$WORK/attest-$role.json" 2>"$WORK/attest-$role.err" \
     || fail "p11shim attest ($role): $(cat "$WORK/attest-$role.err")"
-  say "credentials fetched: $("${CLIENT[@]}" show-grant "$WORK/attest-$role.json")"
+  grant=$("${CLIENT[@]}" show-grant "$WORK/attest-$role.json")
+  if [ $AWS = 1 ]; then
+    # The attested subject is the role's own instance, as EC2 knows it.
+    want="subject aws:${ACCOUNT[$role]}:us-east-1:${INSTANCE[$role]} "
+    [[ $grant == *"$want"* ]] || fail "role $role was attested as another subject than its instance: $grant"
+  fi
+  say "credentials fetched: $grant"
 done
 
 # What applications see: one slot, a protected authentication path, and
@@ -421,7 +552,8 @@ metric() {
 for secret_file in partition.pin payments-audit.key reports-audit.key; do
   SECRET_VALUE=$(cat "$WORK/secrets/$secret_file")
   for log in "$WORK"/p11shim-*.log "$WORK/broker/broker.log" "$WORK/openssl.err" "$WORK/signer.err" \
-             "$WORK"/audit/*.jsonl "$WORK"/*.out "$WORK"/attest-*.json "$WORK"/audit-verify-*.json "$WORK/audit-tail.txt"; do
+             "$WORK"/audit/*.jsonl "$WORK"/*.out "$WORK"/attest-*.json "$WORK"/audit-verify-*.json "$WORK/audit-tail.txt" \
+             "$WORK"/aws/*.log "$WORK"/aws/*.out; do
     if grep -qF "$SECRET_VALUE" "$log" 2>/dev/null; then
       fail "the secret $secret_file appeared in $log"
     fi
@@ -436,8 +568,12 @@ cat <<EOF
     broker: $(metric granted) grants on first use, $(metric reauthenticated) re-authentications with the nonce, $(metric other) refused
     signatures: $((load_ok + app_signed)) verified (openssl $load_ok, long-lived application $app_signed), 0 failed
     PIN: given by the broker to p11shim only; in no client's configuration, command line, log or audit record (nor are the audit keys)
-    files: $WORK
 EOF
+if [ $AWS = 1 ]; then
+  issued() { grep -c "credentials issued.*subject=aws:${ACCOUNT[$1]}:us-east-1:${INSTANCE[$1]}" "$WORK/broker/broker.log" || true; }
+  echo "    attested by aws-imds-fields against moto: payments as aws:${ACCOUNT[payments]}:us-east-1:${INSTANCE[payments]} ($(issued payments) credentials issued), reports as aws:${ACCOUNT[reports]}:us-east-1:${INSTANCE[reports]} ($(issued reports) credentials issued)"
+fi
+echo "    files: $WORK"
 
 # The payments log's last records, as an operator reads them (made in
 # step 5, before the check for secrets).
