@@ -19,9 +19,9 @@ use p11shim_proto::approval::{
     APPROVALS_PATH, Approval, ApprovalKey, Consume, Decision, NewApproval, REJECTION_PREFIX,
     sha256_hex,
 };
-use p11shim_proto::seal::KeyPair;
-use p11shim_proto::{Credentials, FingerprintEvidence, Method, Request, Response, Secret, b64_url};
-use p11shim_tests::peers::broker::{BrokerProcess, TestBroker, broker_toml, http, write_secret};
+use p11shim_tests::peers::broker::{
+    BrokerProcess, TestBroker, broker_toml, http, sealed_exchange, write_secret,
+};
 use p11shim_tests::peers::databases::Postgres;
 use p11shim_tests::{require, run_ok};
 use serde_json::{Value, json};
@@ -155,36 +155,13 @@ fn roles_toml(pin: &Path) -> String {
 /// A credentials exchange for `role` as identity `i`; returns the approval
 /// token from the sealed credentials.
 fn approval_token(url: &str, role: &str, i: usize) -> String {
-    let key = KeyPair::generate();
-    let req = Request {
-        v: 1,
-        request_id: format!("quorum-{role}-{i}"),
-        role: role.into(),
-        method: Some(Method::StaticFingerprint),
-        fingerprint: Some(FingerprintEvidence {
-            attributes: identity(i).0,
-        }),
-        client_nonce: Some(Secret::new(b64_url().encode([i as u8 + 1; 32]))),
-        response_key: Some(key.response_key()),
-        ..Default::default()
-    };
-    let r = http()
-        .post(format!("{url}{}", p11shim_proto::CREDENTIALS_PATH))
-        .json(&req)
-        .send()
-        .expect("credentials");
-    assert_eq!(r.status().as_u16(), 200);
-    let resp: Response = r.json().expect("response");
-    let aad = p11shim_proto::seal::aad(
-        &resp.request_id,
-        &resp.role,
-        &resp.subject,
-        &resp.expires_at,
+    let creds = sealed_exchange(
+        url,
+        role,
+        &format!("quorum-{role}-{i}"),
+        identity(i).0,
+        [i as u8 + 1; 32],
     );
-    let plain = key
-        .open(resp.sealed_credentials.as_ref().expect("sealed"), &aad)
-        .expect("open");
-    let creds: Credentials = serde_json::from_slice(&plain).expect("credentials");
     assert_eq!(creds.pin.expose(), PIN);
     creds
         .approval_token

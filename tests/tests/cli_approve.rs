@@ -23,9 +23,7 @@ use p11shim_proto::approval::{
     APPROVALS_PATH, Approval, ApprovalFields, ApprovalKey, NewApproval, REJECTION_PREFIX,
     approval_data, sha256_hex,
 };
-use p11shim_proto::seal::KeyPair;
-use p11shim_proto::{Credentials, FingerprintEvidence, Method, Request, Response, Secret, b64_url};
-use p11shim_tests::peers::broker::{TestBroker, broker_toml, http, write_secret};
+use p11shim_tests::peers::broker::{TestBroker, broker_toml, http, sealed_exchange, write_secret};
 use p11shim_tests::{TestEnv, USER_PIN, require, run_ok, softhsm_lib, target_dir};
 use serde_json::Value;
 
@@ -638,37 +636,7 @@ impl Quorum {
 /// A credentials exchange as the module makes it; returns the approval
 /// token sealed in the credentials.
 fn approval_token(url: &str) -> String {
-    let key = KeyPair::generate();
-    let req = Request {
-        v: 1,
-        request_id: "approve-cli-0".into(),
-        role: "ca".into(),
-        method: Some(Method::StaticFingerprint),
-        fingerprint: Some(FingerprintEvidence {
-            attributes: identity().0,
-        }),
-        client_nonce: Some(Secret::new(b64_url().encode([7u8; 32]))),
-        response_key: Some(key.response_key()),
-        ..Default::default()
-    };
-    let r = http()
-        .post(format!("{url}{}", p11shim_proto::CREDENTIALS_PATH))
-        .json(&req)
-        .send()
-        .expect("credentials");
-    assert_eq!(r.status().as_u16(), 200);
-    let resp: Response = r.json().expect("response");
-    let aad = p11shim_proto::seal::aad(
-        &resp.request_id,
-        &resp.role,
-        &resp.subject,
-        &resp.expires_at,
-    );
-    let plain = key
-        .open(resp.sealed_credentials.as_ref().expect("sealed"), &aad)
-        .expect("open the sealed credentials");
-    let creds: Credentials = serde_json::from_slice(&plain).expect("credentials");
-    creds
+    sealed_exchange(url, "ca", "approve-cli-0", identity().0, [7u8; 32])
         .approval_token
         .expect("a role with quorum rules is given an approval token")
         .expose()

@@ -214,3 +214,45 @@ impl Drop for BrokerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A `static-fingerprint` credentials exchange made as the module makes
+/// it (a sealed answer to a fresh key): the credentials, opened. The
+/// exchange must be granted.
+pub fn sealed_exchange(
+    url: &str,
+    role: &str,
+    request_id: &str,
+    attributes: std::collections::BTreeMap<String, String>,
+    nonce: [u8; 32],
+) -> p11shim_proto::Credentials {
+    use base64::Engine as _;
+    use p11shim_proto::{FingerprintEvidence, Method, Request, Response, Secret, b64_url};
+    let key = p11shim_proto::seal::KeyPair::generate();
+    let req = Request {
+        v: 1,
+        request_id: request_id.into(),
+        role: role.into(),
+        method: Some(Method::StaticFingerprint),
+        fingerprint: Some(FingerprintEvidence { attributes }),
+        client_nonce: Some(Secret::new(b64_url().encode(nonce))),
+        response_key: Some(key.response_key()),
+        ..Default::default()
+    };
+    let r = http()
+        .post(format!("{url}{}", p11shim_proto::CREDENTIALS_PATH))
+        .json(&req)
+        .send()
+        .expect("credentials");
+    assert_eq!(r.status().as_u16(), 200);
+    let resp: Response = r.json().expect("response");
+    let aad = p11shim_proto::seal::aad(
+        &resp.request_id,
+        &resp.role,
+        &resp.subject,
+        &resp.expires_at,
+    );
+    let plain = key
+        .open(resp.sealed_credentials.as_ref().expect("sealed"), &aad)
+        .expect("open the sealed credentials");
+    serde_json::from_slice(&plain).expect("credentials")
+}
