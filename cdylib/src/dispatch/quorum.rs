@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p11shim_audit::{Kind, Record};
-use p11shim_proto::approval::{Approval, ApprovalKey, ApprovalStatus, Consume, NewApproval};
+use p11shim_proto::approval::{
+    Approval, ApprovalKey, ApprovalStatus, Consume, NewApproval, sha256_hex,
+};
 use pkcs11_sys::*;
 use sha2::{Digest, Sha256};
 
@@ -180,7 +182,7 @@ impl Library {
                 return Ok(Gate::Approved);
             }
             let hash = match single {
-                Some(d) => hex(&Sha256::digest(d)),
+                Some(d) => sha256_hex(d),
                 None => hex(&q.hasher.clone().finalize()),
             };
             (
@@ -259,7 +261,7 @@ impl Library {
         let Some(rule) = self.quorum_rule(Some(info), op) else {
             return Ok(());
         };
-        let hash = data.map(|d| hex(&Sha256::digest(d)));
+        let hash = data.map(sha256_hex);
         self.approve(function, rule.wait_ms, info, op, mech, hash)
     }
 
