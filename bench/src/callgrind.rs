@@ -152,7 +152,12 @@ fn count(env: &BenchEnv, target: Target, case: Case, n: u64, out_dir: &Path) -> 
     let n_arg = n.to_string();
     let cmd = env.command(
         target,
-        &["valgrind", "--tool=callgrind", &out_file],
+        &[
+            "valgrind",
+            "--tool=callgrind",
+            "--dump-instr=yes",
+            &out_file,
+        ],
         &["--case", case.name(), "--threads", "1", "--count", &n_arg],
     );
     let out = run(

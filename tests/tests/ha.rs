@@ -310,6 +310,55 @@ fn a_restarted_single_member_is_logged_in_again() {
     assert!(ha.env.log().contains("session moved"), "{}", ha.env.log());
 }
 
+/// One member and nothing recorded per call: calls take the direct path,
+/// and fail as the full path fails. An error that is no member failure
+/// reaches the application unchanged; an operation interrupted by the
+/// member's restart is reported lost, never wrong; an `*Init` that meets
+/// the restart is made again on the new session.
+#[test]
+fn a_single_member_failure_on_the_direct_path() {
+    let ha = ha(1, "");
+    let s = ha.session();
+    ha.login(&s);
+    let rsa = key(&s, "rsa");
+    let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
+    let errors = || {
+        let status = p11shim_tests::status_json(&p11shim_lib());
+        let at = status.find(r#""errors":"#).expect("errors in the status");
+        let n: String = status[at + 9..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        n.parse::<u64>().unwrap()
+    };
+    let before = errors();
+
+    ha.members[0].set("fail C_DigestInit CKR_FUNCTION_FAILED\n");
+    let e = s.digest(&Mechanism::Sha256, b"abc").unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::FunctionFailed), "{e}");
+    assert_eq!(errors(), before + 1, "the member's error is counted");
+    ha.members[0].heal();
+
+    s.sign_init(&Mechanism::Sha256RsaPkcs, rsa).unwrap();
+    s.sign_update(b"m").unwrap();
+    ha.members[0].set("restart 1\n");
+    let e = s.sign_final().unwrap_err();
+    assert_eq!(
+        rv(&e),
+        Some(RvError::VendorDefined(0x8000_0000 | 0x5053_0004)),
+        "{e}"
+    );
+    // The session goes on, logged in, on the member's new session.
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+    ha.members[0].set("restart 2\n");
+    assert_eq!(s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap(), sig);
+    assert!(
+        ha.env.log().matches("session moved").count() >= 2,
+        "{}",
+        ha.env.log()
+    );
+}
+
 /// Token objects created through the slot reach every member; a token key
 /// generated on one member only is refused with CKR_P11SHIM_NOT_REPLICATED.
 #[test]

@@ -16,6 +16,7 @@ use super::mem::{
 use super::{FUNCTION_LIST, INTERFACE_NAME, INTERFACES};
 use crate::dispatch::{self, current};
 use crate::error::Error;
+use crate::router::replay::OpKind;
 
 /// Defines exported PKCS#11 functions; each body is a closure returning
 /// `Result<()>`, run through the guard.
@@ -31,6 +32,50 @@ macro_rules! cryptoki {
             guard(stringify!($name), || $body)
         }
     )*};
+}
+
+/// Defines exported data-path functions: a direct session's call goes to
+/// the member's vendor function of the same name, with the session handle
+/// (and `key`, if named) translated, when the arguments pass `$valid` (what
+/// the body's views would accept); any other call runs the body in the
+/// guard. `$kind` is the operation the call continues (`None` for `*Init`
+/// and calls outside an operation).
+macro_rules! cryptoki_direct {
+    ($( fn $name:ident($h:ident: Sh $(, $arg:ident: $ty:ty)* $(,)?)
+        direct($kind:expr, $valid:expr $(, key $key:ident)?) $body:block )*) => {$(
+        /// PKCS#11 entry point.
+        ///
+        /// # Safety
+        /// Called by applications as the PKCS#11 specification describes:
+        /// every pointer is NULL or valid for the sizes given with it.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($h: Sh $(, $arg: $ty)*) -> CK_RV {
+            if $valid {
+                if let Some(d) = dispatch::direct($h) {
+                    let rv = (|| {
+                        $( let $key = d.object($key)?; )?
+                        let f = d.functions().$name?;
+                        // SAFETY: the application's arguments, checked as
+                        // the body's views check them, with p11shim's
+                        // handles replaced by the member's; `f` is the
+                        // member's own entry point.
+                        let rv = unsafe { f(d.vendor_session() $(, $arg)*) };
+                        d.finish(stringify!($name), $kind, rv)
+                    })();
+                    if let Some(rv) = rv {
+                        return rv;
+                    }
+                }
+            }
+            guard(stringify!($name), || $body)
+        }
+    )*};
+}
+
+/// An input buffer the views accept: NULL only with length 0.
+#[inline(always)]
+fn in_ok(ptr: CK_BYTE_PTR, len: CK_ULONG) -> bool {
+    !ptr.is_null() || len == 0
 }
 
 type Sh = CK_SESSION_HANDLE;
@@ -270,107 +315,14 @@ cryptoki! {
     }
 
     // --- Encryption and decryption (5.8, 5.9) ---
-    fn C_EncryptInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.encrypt_init(h, unsafe { Mechanism::new(mech)? }, key)
-    }
-
-    fn C_Encrypt(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.encrypt(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_EncryptUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.encrypt_update(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_EncryptFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.encrypt_final(h, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_DecryptInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.decrypt_init(h, unsafe { Mechanism::new(mech)? }, key)
-    }
-
-    fn C_Decrypt(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.decrypt(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_DecryptUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.decrypt_update(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_DecryptFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.decrypt_final(h, unsafe { OutBytes::new(out, out_len)? })
-    }
 
     // --- Message digesting (5.10) ---
-    fn C_DigestInit(h: Sh, mech: CK_MECHANISM_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.digest_init(h, unsafe { Mechanism::new(mech)? })
-    }
-
-    fn C_Digest(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.digest(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
-    }
-
-    fn C_DigestUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.digest_update(h, unsafe { Bytes::new(data, len)? })
-    }
 
     fn C_DigestKey(h: Sh, key: Oh) {
         current()?.digest_key(h, key)
     }
 
-    fn C_DigestFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.digest_final(h, unsafe { OutBytes::new(out, out_len)? })
-    }
-
     // --- Signing and MACing (5.11), verifying (5.12) ---
-    fn C_SignInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.sign_init(h, unsafe { Mechanism::new(mech)? }, key)
-    }
-
-    fn C_Sign(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.sign(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(sig, sig_len)? })
-    }
-
-    fn C_SignUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.sign_update(h, unsafe { Bytes::new(data, len)? })
-    }
-
-    fn C_SignFinal(h: Sh, sig: CK_BYTE_PTR, sig_len: CK_ULONG_PTR) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.sign_final(h, unsafe { OutBytes::new(sig, sig_len)? })
-    }
 
     fn C_SignRecoverInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
         let lib = current()?;
@@ -382,30 +334,6 @@ cryptoki! {
         let lib = current()?;
         // SAFETY: see above.
         lib.sign_recover(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(sig, sig_len)? })
-    }
-
-    fn C_VerifyInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.verify_init(h, unsafe { Mechanism::new(mech)? }, key)
-    }
-
-    fn C_Verify(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.verify(h, unsafe { Bytes::new(data, len)? }, unsafe { Bytes::new(sig, sig_len)? })
-    }
-
-    fn C_VerifyUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.verify_update(h, unsafe { Bytes::new(data, len)? })
-    }
-
-    fn C_VerifyFinal(h: Sh, sig: CK_BYTE_PTR, sig_len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.verify_final(h, unsafe { Bytes::new(sig, sig_len)? })
     }
 
     fn C_VerifyRecoverInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh) {
@@ -503,12 +431,6 @@ cryptoki! {
         let lib = current()?;
         // SAFETY: see above.
         lib.seed_random(h, unsafe { Bytes::new(seed, len)? })
-    }
-
-    fn C_GenerateRandom(h: Sh, out: CK_BYTE_PTR, len: CK_ULONG) {
-        let lib = current()?;
-        // SAFETY: see above.
-        lib.generate_random(h, unsafe { BytesMut::new(out, len)? })
     }
 
     // --- Legacy parallel functions (5.16) ---
@@ -669,4 +591,177 @@ pub(super) unsafe extern "C" fn get_info_v2(info: CK_INFO_PTR) -> CK_RV {
         }));
         Ok(())
     })
+}
+
+// The data path: with a direct session (see `dispatch::direct`) these go
+// straight to the vendor; otherwise, and for any argument or handle the
+// direct path does not take, the body runs as for every other function.
+cryptoki_direct! {
+    fn C_EncryptInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh)
+        direct(None, !mech.is_null(), key key)
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.encrypt_init(h, unsafe { Mechanism::new(mech)? }, key)
+    }
+
+    fn C_Encrypt(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Encrypt), in_ok(data, len) && !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.encrypt(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_EncryptUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Encrypt), in_ok(data, len) && !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.encrypt_update(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_EncryptFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Encrypt), !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.encrypt_final(h, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_DecryptInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh)
+        direct(None, !mech.is_null(), key key)
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.decrypt_init(h, unsafe { Mechanism::new(mech)? }, key)
+    }
+
+    fn C_Decrypt(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Decrypt), in_ok(data, len) && !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.decrypt(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_DecryptUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Decrypt), in_ok(data, len) && !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.decrypt_update(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_DecryptFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Decrypt), !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.decrypt_final(h, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_DigestInit(h: Sh, mech: CK_MECHANISM_PTR)
+        direct(None, !mech.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.digest_init(h, unsafe { Mechanism::new(mech)? })
+    }
+
+    fn C_Digest(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Digest), in_ok(data, len) && !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.digest(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_DigestUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG)
+        direct(Some(OpKind::Digest), in_ok(data, len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.digest_update(h, unsafe { Bytes::new(data, len)? })
+    }
+
+    fn C_DigestFinal(h: Sh, out: CK_BYTE_PTR, out_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Digest), !out_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.digest_final(h, unsafe { OutBytes::new(out, out_len)? })
+    }
+
+    fn C_SignInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh)
+        direct(None, !mech.is_null(), key key)
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.sign_init(h, unsafe { Mechanism::new(mech)? }, key)
+    }
+
+    fn C_Sign(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Sign), in_ok(data, len) && !sig_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.sign(h, unsafe { Bytes::new(data, len)? }, unsafe { OutBytes::new(sig, sig_len)? })
+    }
+
+    fn C_SignUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG)
+        direct(Some(OpKind::Sign), in_ok(data, len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.sign_update(h, unsafe { Bytes::new(data, len)? })
+    }
+
+    fn C_SignFinal(h: Sh, sig: CK_BYTE_PTR, sig_len: CK_ULONG_PTR)
+        direct(Some(OpKind::Sign), !sig_len.is_null())
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.sign_final(h, unsafe { OutBytes::new(sig, sig_len)? })
+    }
+
+    fn C_VerifyInit(h: Sh, mech: CK_MECHANISM_PTR, key: Oh)
+        direct(None, !mech.is_null(), key key)
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.verify_init(h, unsafe { Mechanism::new(mech)? }, key)
+    }
+
+    fn C_Verify(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG, sig: CK_BYTE_PTR, sig_len: CK_ULONG)
+        direct(Some(OpKind::Verify), in_ok(data, len) && in_ok(sig, sig_len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.verify(h, unsafe { Bytes::new(data, len)? }, unsafe { Bytes::new(sig, sig_len)? })
+    }
+
+    fn C_VerifyUpdate(h: Sh, data: CK_BYTE_PTR, len: CK_ULONG)
+        direct(Some(OpKind::Verify), in_ok(data, len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.verify_update(h, unsafe { Bytes::new(data, len)? })
+    }
+
+    fn C_VerifyFinal(h: Sh, sig: CK_BYTE_PTR, sig_len: CK_ULONG)
+        direct(Some(OpKind::Verify), in_ok(sig, sig_len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.verify_final(h, unsafe { Bytes::new(sig, sig_len)? })
+    }
+
+    fn C_GenerateRandom(h: Sh, out: CK_BYTE_PTR, len: CK_ULONG)
+        direct(None, in_ok(out, len))
+    {
+        let lib = current()?;
+        // SAFETY: see above.
+        lib.generate_random(h, unsafe { BytesMut::new(out, len)? })
+    }
 }

@@ -26,9 +26,10 @@ pub fn guard(function: &'static str, body: impl FnOnce() -> Result<()>) -> CK_RV
     }
 }
 
+/// The return code of a failed call, logged at debug level.
 #[cold]
 #[inline(never)]
-fn failed(function: &'static str, e: &Error) -> CK_RV {
+pub(crate) fn failed(function: &'static str, e: &Error) -> CK_RV {
     let rv = e.rv();
     crate::logging::quietly(
         || tracing::debug!(function, rv = %rv_name(rv), error = %e, "call failed"),

@@ -156,6 +156,12 @@ impl Vendor {
         &self.path
     }
 
+    /// The vendor's function list (the 2.40 part, and the 3.0 one when
+    /// offered).
+    pub fn functions(&self) -> &CK_FUNCTION_LIST_3_0 {
+        &self.fl
+    }
+
     /// The interface version the vendor offered.
     pub fn version(&self) -> CK_VERSION {
         self.version
@@ -235,7 +241,7 @@ macro_rules! forward {
     ($( $name:ident => $f:ident ( $($p:ident : $t:ty),* ) => ( $($a:expr),* ); )*) => {
         impl Vendor {
             $(
-                #[inline]
+                #[inline(always)]
                 #[allow(unused_mut)]
                 pub fn $name(&self, $(mut $p: $t),*) -> Result<()> {
                     let f = self.fl.$f.ok_or(Error::FunctionNotSupported)?;

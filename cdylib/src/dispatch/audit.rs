@@ -210,7 +210,7 @@ impl Library {
     }
 
     /// The start of a call, for its record.
-    #[inline]
+    #[inline(always)]
     pub(super) fn started(&self) -> Started {
         Started(
             self.audit
@@ -226,6 +226,7 @@ impl Library {
 
     /// A key's `*Init`: remembers the operation for its record at the end,
     /// or records the failure now.
+    #[inline(always)]
     pub(super) fn audit_init(
         &self,
         sess: &Session,
@@ -235,11 +236,26 @@ impl Library {
         started: Started,
         r: &Result<()>,
     ) {
-        let Some(_) = &self.audit else { return };
+        if self.audit.is_some() {
+            self.audit_init_record(sess, kind, mechanism, key, started, r);
+        }
+    }
+
+    #[inline(never)]
+    fn audit_init_record(
+        &self,
+        sess: &Session,
+        kind: OpKind,
+        mechanism: CK_MECHANISM_TYPE,
+        key: Option<Arc<ObjectInfo>>,
+        started: Started,
+        r: &Result<()>,
+    ) {
         let key = key.map(|i| i.key_ref.clone());
         match r {
             Ok(()) => {
-                sess.state.lock().audit[kind as usize] = Some(AuditedOp { mechanism, key });
+                sess.state.lock().audit.get_or_insert_default()[kind as usize] =
+                    Some(AuditedOp { mechanism, key });
             }
             Err(_) => self.audit(|| Record {
                 time: started.time(),
@@ -253,6 +269,8 @@ impl Library {
     }
 
     /// The end of a key operation (its single-part call or `*Final`).
+    /// Digests have no key, and no record.
+    #[inline(always)]
     pub(super) fn audit_end(
         &self,
         sess: &Session,
@@ -262,8 +280,29 @@ impl Library {
         started: Started,
         r: &Result<()>,
     ) {
+        if self.audit.is_some() && kind != OpKind::Digest {
+            self.audit_end_record(sess, kind, single, member, started, r);
+        }
+    }
+
+    #[inline(never)]
+    fn audit_end_record(
+        &self,
+        sess: &Session,
+        kind: OpKind,
+        single: Option<&[u8]>,
+        member: Option<u32>,
+        started: Started,
+        r: &Result<()>,
+    ) {
         let Some(a) = &self.audit else { return };
-        let Some(op) = sess.state.lock().audit[kind as usize].take() else {
+        let Some(op) = sess
+            .state
+            .lock()
+            .audit
+            .as_mut()
+            .and_then(|a| a[kind as usize].take())
+        else {
             return; // digests: no key
         };
         let slot = &self.slots[sess.slot as usize];

@@ -41,6 +41,7 @@ fn init_of(kind: OpKind) -> (&'static str, Op) {
 impl Library {
     /// `*Init` with a key: translates the key for the serving member and
     /// records the operation.
+    #[inline(always)]
     fn op_init(
         &self,
         h: Sh,
@@ -102,6 +103,7 @@ impl Library {
     /// `CKR_BUFFER_TOO_SMALL` (single-part calls and `*Final`).
     /// `single`: the single-part call (its `data` may be hashed into the
     /// audit record), else `*Final`.
+    #[inline(always)]
     fn op_last(
         &self,
         h: Sh,
@@ -114,8 +116,8 @@ impl Library {
         let sess = self.session(h)?;
         let started = self.started();
         let start = self.op_clock();
-        let quorum = self.quorum_possible()
-            && matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt);
+        let quorum = matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt)
+            && self.quorum_possible();
         if quorum {
             let function = super::audit::op_function(kind, single);
             let input = single.then_some(data);
@@ -145,6 +147,7 @@ impl Library {
 
     /// `*Update`: records the input for replay (a size query consumes
     /// none), or ends the operation on failure.
+    #[inline(always)]
     fn op_update(
         &self,
         h: Sh,
@@ -157,8 +160,8 @@ impl Library {
         let start = self.op_clock();
         // A quorum op streams to the vendor; its input is hashed for the
         // approval of the result.
-        let quorum = self.quorum_possible()
-            && matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt);
+        let quorum = matches!(kind, OpKind::Sign | OpKind::SignRecover | OpKind::Decrypt)
+            && self.quorum_possible();
         if quorum {
             self.quorum_start(&sess, kind)?;
         }

@@ -50,6 +50,9 @@ pub struct Session {
     pub single: bool,
     /// The vendor session handle, mirrored from the state for `single`.
     pub vendor: AtomicU64,
+    /// The member's functions, when calls on this session may take the
+    /// direct path (a one-member slot without a call deadline).
+    pub direct: Option<super::direct::DirectFns>,
     pub state: Mutex<SessionState>,
 }
 
@@ -69,7 +72,8 @@ pub struct SessionState {
     /// Calls made, for sampling latency.
     pub calls: u32,
     /// The key operations in progress, by `OpKind`, for their audit records.
-    pub audit: [Option<super::audit::AuditedOp>; 7],
+    /// (Allocated with the first one: most sessions have none.)
+    pub audit: Option<Box<[Option<super::audit::AuditedOp>; 7]>>,
     /// A key operation under a quorum rule, waiting for or holding approval.
     pub quorum: Option<Box<super::quorum::QuorumOp>>,
 }

@@ -17,6 +17,7 @@
 mod acl;
 mod audit;
 mod crypto;
+mod direct;
 mod handles;
 mod keygen;
 mod objects;
@@ -45,6 +46,7 @@ use crate::router::replay::{OpKind, OpRecord, Outcome, final_outcome};
 use crate::router::{self, Member, recovery};
 use p11shim_audit::Kind;
 
+pub use direct::direct;
 pub use handles::{Identity, ObjectEntry, ObjectInfo, Owner, Session, SessionState};
 pub use slots::info;
 
@@ -333,6 +335,9 @@ pub struct Library {
     audit: Option<audit::Audit>,
     /// The metrics file, when `[metrics]` is configured.
     pub metrics: Option<metrics::Exporter>,
+    /// Nothing is recorded per call (no key ACL, audit log or metrics):
+    /// sessions of one-member slots take the direct path (`direct`).
+    lean: bool,
 }
 
 impl Library {
@@ -450,6 +455,7 @@ impl Library {
             .map(|m| metrics::Exporter::new(m, no_threads));
         match result {
             Ok(slots) => Ok(Library {
+                lean: exporter.is_none() && audit.is_none() && cfg.acl.is_none(),
                 metrics: exporter,
                 fork_gen,
                 acl: acl::AclState::new(
@@ -535,16 +541,54 @@ impl Library {
     /// replayed there) and the call is made again; when no other member can
     /// take it, the member's result is returned. `kind` names the operation
     /// the call belongs to, so that one lost in a move is reported.
-    #[inline]
+    ///
+    /// On a one-member slot the first attempt is inlined in the caller: one
+    /// load of the vendor handle and the call. Everything after a failure,
+    /// and multi-member routing, is out of line.
+    #[inline(always)]
     fn on_session<T>(
         &self,
         sess: &Session,
         kind: Option<OpKind>,
         mut call: impl FnMut(&Member, u32, CK_SESSION_HANDLE) -> Result<T>,
     ) -> Result<T> {
+        if !sess.single {
+            return self.on_session_routed(sess, kind, call, None);
+        }
+        let slot = &self.slots[sess.slot as usize];
+        let member = &slot.members[0];
+        let vh = sess.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE;
+        let r = member.track(false, || call(member, 0, vh));
+        match &r {
+            Err(Error::Vendor(rv)) if router::is_failover(*rv, slot.logged_in()) => {}
+            Err(Error::TimedOut) => {}
+            _ => return r,
+        }
+        self.on_session_routed(sess, kind, call, Some(r))
+    }
+
+    /// The rest of [`Self::on_session`]: a multi-member session, or the
+    /// failover after a first attempt on a one-member slot (`first`).
+    #[cold]
+    #[inline(never)]
+    fn on_session_routed<T>(
+        &self,
+        sess: &Session,
+        kind: Option<OpKind>,
+        mut call: impl FnMut(&Member, u32, CK_SESSION_HANDLE) -> Result<T>,
+        mut first: Option<Result<T>>,
+    ) -> Result<T> {
         let slot = &self.slots[sess.slot as usize];
         let mut moves = 0;
         loop {
+            if let Some(r) = first.take() {
+                // The first attempt failed over on member 0 of a one-member
+                // slot: handle its result as if made here.
+                match self.after_failure(sess, kind, slot, 0, r, &mut moves) {
+                    Some(r) => return r,
+                    None => continue,
+                }
+            }
             let (m, vh, sample) = if sess.single {
                 (
                     0,
@@ -573,28 +617,43 @@ impl Library {
             } else {
                 member.counted(|| member.track(sample, || call(member, m, vh)))
             };
-            // A failover-class result, or a call abandoned at its deadline.
-            let failed = match &r {
-                Err(Error::Vendor(rv)) if router::is_failover(*rv, slot.logged_in()) => {
-                    Some(Some(*rv))
-                }
-                Err(Error::TimedOut) => Some(None),
-                _ => None,
-            };
-            match failed {
-                Some(rv) if moves < slot.members.len() => {
-                    moves += 1;
-                    if !self.move_session(sess, m, rv) {
-                        return r;
-                    }
-                    if kind.is_some() && !sess.replay {
-                        // The session went on, but its operation was not
-                        // recorded (a single-member slot): it is lost.
-                        return Err(Error::OperationLost);
-                    }
-                }
-                _ => return r,
+            if let Some(r) = self.after_failure(sess, kind, slot, m, r, &mut moves) {
+                return r;
             }
+        }
+    }
+
+    /// What follows a call on member `m`: `Some` result to return, or
+    /// `None` when the session moved and the call is to be made again.
+    fn after_failure<T>(
+        &self,
+        sess: &Session,
+        kind: Option<OpKind>,
+        slot: &Slot,
+        m: u32,
+        r: Result<T>,
+        moves: &mut usize,
+    ) -> Option<Result<T>> {
+        // A failover-class result, or a call abandoned at its deadline.
+        let failed = match &r {
+            Err(Error::Vendor(rv)) if router::is_failover(*rv, slot.logged_in()) => Some(Some(*rv)),
+            Err(Error::TimedOut) => Some(None),
+            _ => None,
+        };
+        match failed {
+            Some(rv) if *moves < slot.members.len() => {
+                *moves += 1;
+                if !self.move_session(sess, m, rv) {
+                    return Some(r);
+                }
+                if kind.is_some() && !sess.replay {
+                    // The session went on, but its operation was not
+                    // recorded (a single-member slot): it is lost.
+                    return Some(Err(Error::OperationLost));
+                }
+                None
+            }
+            _ => Some(r),
         }
     }
 

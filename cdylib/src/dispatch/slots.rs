@@ -275,6 +275,8 @@ impl Library {
                 replay,
                 single,
                 vendor: std::sync::atomic::AtomicU64::new(vendor as u64),
+                direct: (single && m.deadline.is_none())
+                    .then(|| super::direct::DirectFns::new(m.vendor.functions())),
                 state: parking_lot::Mutex::new(state),
             };
             out.write(self.sessions.insert(session));

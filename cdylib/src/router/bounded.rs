@@ -110,7 +110,17 @@ fn with_output(
     r
 }
 
+#[inline(always)]
 pub fn in_out(m: &Member, s: Sh, d: Bytes<'_>, out: &mut OutBytes<'_>, f: InOut) -> Result<()> {
+    if m.deadline.is_none() {
+        return f(&m.vendor, s, d, out.reborrow());
+    }
+    in_out_bounded(m, s, d, out, f)
+}
+
+#[cold]
+#[inline(never)]
+fn in_out_bounded(m: &Member, s: Sh, d: Bytes<'_>, out: &mut OutBytes<'_>, f: InOut) -> Result<()> {
     let Some(t) = m.deadline else {
         return f(&m.vendor, s, d, out.reborrow());
     };
@@ -118,14 +128,34 @@ pub fn in_out(m: &Member, s: Sh, d: Bytes<'_>, out: &mut OutBytes<'_>, f: InOut)
     with_output(m, t, out, move |v, o| f(v, s, Bytes::from_slice(&input), o))
 }
 
+#[inline(always)]
 pub fn out_only(m: &Member, s: Sh, out: &mut OutBytes<'_>, f: Out) -> Result<()> {
+    if m.deadline.is_none() {
+        return f(&m.vendor, s, out.reborrow());
+    }
+    out_only_bounded(m, s, out, f)
+}
+
+#[cold]
+#[inline(never)]
+fn out_only_bounded(m: &Member, s: Sh, out: &mut OutBytes<'_>, f: Out) -> Result<()> {
     let Some(t) = m.deadline else {
         return f(&m.vendor, s, out.reborrow());
     };
     with_output(m, t, out, move |v, o| f(v, s, o))
 }
 
+#[inline(always)]
 pub fn in_only(m: &Member, s: Sh, d: Bytes<'_>, f: In) -> Result<()> {
+    if m.deadline.is_none() {
+        return f(&m.vendor, s, d);
+    }
+    in_only_bounded(m, s, d, f)
+}
+
+#[cold]
+#[inline(never)]
+fn in_only_bounded(m: &Member, s: Sh, d: Bytes<'_>, f: In) -> Result<()> {
     let Some(t) = m.deadline else {
         return f(&m.vendor, s, d);
     };
@@ -150,7 +180,17 @@ pub fn in_only_with(
     m.bounded(t, move || f(&v, s, Bytes::from_slice(&input)))?
 }
 
+#[inline(always)]
 pub fn in_in(m: &Member, s: Sh, a: Bytes<'_>, b: Bytes<'_>, f: InIn) -> Result<()> {
+    if m.deadline.is_none() {
+        return f(&m.vendor, s, a, b);
+    }
+    in_in_bounded(m, s, a, b, f)
+}
+
+#[cold]
+#[inline(never)]
+fn in_in_bounded(m: &Member, s: Sh, a: Bytes<'_>, b: Bytes<'_>, f: InIn) -> Result<()> {
     let Some(t) = m.deadline else {
         return f(&m.vendor, s, a, b);
     };
@@ -163,7 +203,17 @@ pub fn in_in(m: &Member, s: Sh, a: Bytes<'_>, b: Bytes<'_>, f: InIn) -> Result<(
 
 /// A `*Init`: the mechanism is copied when its layout is known, else the
 /// call runs inline.
+#[inline(always)]
 pub fn init(m: &Member, s: Sh, mech: Mechanism<'_>, key: Oh, f: Init) -> Result<()> {
+    if m.deadline.is_none() {
+        return f(&m.vendor, s, mech, key);
+    }
+    init_bounded(m, s, mech, key, f)
+}
+
+#[cold]
+#[inline(never)]
+fn init_bounded(m: &Member, s: Sh, mech: Mechanism<'_>, key: Oh, f: Init) -> Result<()> {
     let Some(t) = m.deadline else {
         return f(&m.vendor, s, mech, key);
     };
@@ -177,7 +227,17 @@ pub fn init(m: &Member, s: Sh, mech: Mechanism<'_>, key: Oh, f: Init) -> Result<
     })?
 }
 
+#[inline(always)]
 pub fn random(m: &Member, s: Sh, out: &mut BytesMut<'_>) -> Result<()> {
+    if m.deadline.is_none() {
+        return m.vendor.generate_random(s, out.reborrow());
+    }
+    random_bounded(m, s, out)
+}
+
+#[cold]
+#[inline(never)]
+fn random_bounded(m: &Member, s: Sh, out: &mut BytesMut<'_>) -> Result<()> {
     let Some(t) = m.deadline else {
         return m.vendor.generate_random(s, out.reborrow());
     };

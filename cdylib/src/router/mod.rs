@@ -176,6 +176,11 @@ impl Member {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// Counts a failed call (what `track` counts).
+    pub fn count_error(&self) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts a call running on the member for the time of `f`.
     #[inline]
     pub fn counted<T>(&self, f: impl FnOnce() -> T) -> T {
