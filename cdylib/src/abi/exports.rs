@@ -50,6 +50,11 @@ macro_rules! cryptoki_direct {
         /// every pointer is NULL or valid for the sizes given with it.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($h: Sh $(, $arg: $ty)*) -> CK_RV {
+            // The full path, kept out of the direct one's frame.
+            #[inline(never)]
+            fn full($h: Sh $(, $arg: $ty)*) -> CK_RV {
+                guard(stringify!($name), || $body)
+            }
             if $valid {
                 if let Some(d) = dispatch::direct($h) {
                     let rv = (|| {
@@ -67,7 +72,7 @@ macro_rules! cryptoki_direct {
                     }
                 }
             }
-            guard(stringify!($name), || $body)
+            full($h $(, $arg)*)
         }
     )*};
 }

@@ -82,6 +82,9 @@ impl Session {
     /// The member and vendor session serving this session now.
     #[inline]
     pub fn binding(&self) -> (u32, CK_SESSION_HANDLE) {
+        if self.single {
+            return (0, self.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE);
+        }
         let st = self.state.lock();
         (st.member, st.vendor)
     }
@@ -149,9 +152,18 @@ impl Sessions {
         Some(SessionRef(p))
     }
 
+    /// Adds a session; it becomes this thread's cached session (the one
+    /// that opened a session usually uses it next).
     pub fn insert(&self, s: Session) -> CK_SESSION_HANDLE {
         let h = next_handle();
-        self.map.write().insert(h, Arc::new(s));
+        let s = Arc::new(s);
+        let p = Arc::as_ptr(&s);
+        let mut map = self.map.write();
+        map.insert(h, s);
+        // Under the write lock: no removal can move the generation past
+        // the one cached with the pointer.
+        LAST.set((h, GENERATION.load(Ordering::Acquire), p));
+        drop(map);
         h
     }
 

@@ -296,9 +296,13 @@ impl Library {
         };
         // The session is gone for the application whatever the vendor said
         // (a member that failed may have lost it already).
-        if let Some(closed) = self.sessions.remove(h) {
+        if let Some(mut closed) = self.sessions.remove(h) {
             member.session_closed();
-            let owned = std::mem::take(&mut closed.state.lock().owned);
+            // The table held the only reference: no lock to take.
+            let owned = match std::sync::Arc::get_mut(&mut closed) {
+                Some(s) => std::mem::take(&mut s.state.get_mut().owned),
+                None => std::mem::take(&mut closed.state.lock().owned),
+            };
             self.objects.forget(&owned);
             if slot
                 .open_sessions
