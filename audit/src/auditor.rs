@@ -32,6 +32,8 @@ use crate::{Config, Error, Fsync, Kind, OnFailure, Record, Signer};
 /// one per record; short enough that a record reaches the file within
 /// 10 ms. Callers never wait for it.
 const DOZE: Duration = Duration::from_millis(10);
+/// The longest a fail-closed record waits for room in a full queue.
+const FULL_WAIT: Duration = Duration::from_millis(200);
 /// First and longest wait before a failing sink is tried again.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -94,6 +96,8 @@ struct Shared {
     checkpoints: AtomicU64,
     /// A fail-open loss was logged and the `lost` record is not yet written.
     loss_logged: AtomicBool,
+    /// The last interval fdatasync (made by the syncer thread) failed.
+    sync_failing: AtomicBool,
     new_signer: Mutex<Option<Signer>>,
     signer_pending: AtomicBool,
     progress: Mutex<()>,
@@ -179,6 +183,7 @@ impl Auditor {
             sink_errors: AtomicU64::new(u64::from(!healthy)),
             checkpoints: AtomicU64::new(0),
             loss_logged: AtomicBool::new(false),
+            sync_failing: AtomicBool::new(false),
             new_signer: Mutex::new(None),
             signer_pending: AtomicBool::new(false),
             progress: Mutex::new(()),
@@ -208,6 +213,7 @@ impl Auditor {
             retry_at: None,
             dozed: false,
             stop_written: false,
+            syncer: None,
         };
         let handle = thread::Builder::new()
             .name("p11shim-audit".into())
@@ -247,6 +253,7 @@ impl Auditor {
             OnFailure::FailOpen => true,
             OnFailure::FailClosed => {
                 s.healthy.load(Ordering::Relaxed)
+                    && !s.sync_failing.load(Ordering::Relaxed)
                     && !s.queue.is_full()
                     && !s.stopped.load(Ordering::Relaxed)
                     && !s.dead.load(Ordering::Relaxed)
@@ -254,14 +261,22 @@ impl Auditor {
         }
     }
 
-    /// Queues `r`. Never blocks. `false`: the record is lost (counted;
-    /// fail-open logs the first loss of each episode), or `stop` was called.
+    /// Queues `r`. Fail-open never blocks. Fail-closed admitted the call
+    /// the record describes (`admit`): when the callers outrun the sink and
+    /// the queue is full, the record waits for room while the writer makes
+    /// progress (at most [`FULL_WAIT`]), rather than let a key use go
+    /// unrecorded. `false`: the record is lost (counted; fail-open logs the
+    /// first loss of each episode), or `stop` was called.
     pub fn record(&self, r: Record) -> bool {
         let s = &*self.shared;
         if s.stopped.load(Ordering::Relaxed) {
             return false;
         }
-        match s.queue.push(r) {
+        let r = match s.queue.push(r) {
+            Err(r) if s.on_failure == OnFailure::FailClosed => self.wait_for_room(r),
+            other => other,
+        };
+        match r {
             Ok(()) => {
                 s.accepted.fetch_add(1, Ordering::Relaxed);
                 // Pairs with the fence in `Writer::sleep`: either the writer
@@ -284,6 +299,31 @@ impl Auditor {
         }
     }
 
+    /// Retries a push into a full queue while the writer is alive and
+    /// healthy, for at most [`FULL_WAIT`].
+    #[cold]
+    fn wait_for_room(&self, mut r: Record) -> Result<(), Record> {
+        let s = &*self.shared;
+        let deadline = Instant::now() + FULL_WAIT;
+        loop {
+            if s.sleeping.load(Ordering::Relaxed) {
+                self.writer.unpark();
+            }
+            thread::sleep(Duration::from_micros(50));
+            match s.queue.push(r) {
+                Ok(()) => return Ok(()),
+                Err(back) => r = back,
+            }
+            if s.dead.load(Ordering::Relaxed)
+                || s.stopped.load(Ordering::Relaxed)
+                || !s.healthy.load(Ordering::Relaxed)
+                || Instant::now() >= deadline
+            {
+                return Err(r);
+            }
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> Stats {
         let s = &*self.shared;
@@ -292,7 +332,8 @@ impl Auditor {
             lost: s.lost.load(Ordering::Relaxed),
             sink_errors: s.sink_errors.load(Ordering::Relaxed),
             queued: s.queue.len() as u64,
-            sink_healthy: s.healthy.load(Ordering::Relaxed),
+            sink_healthy: s.healthy.load(Ordering::Relaxed)
+                && !s.sync_failing.load(Ordering::Relaxed),
             checkpoints: s.checkpoints.load(Ordering::Relaxed),
             synced: s.synced.load(Ordering::Relaxed),
         }
@@ -394,6 +435,73 @@ impl Drop for ExitGuard {
     }
 }
 
+/// The thread that makes the interval fdatasyncs of the audit file
+/// (`fsync = "interval"`), so that the writer never waits for the disk: a
+/// sync of a second's worth of records can take longer than the queue
+/// lasts at a high record rate. A sync covers every record written before
+/// it started (`Stats::synced`); one that fails is a failing sink until
+/// the next one succeeds (fail-closed refuses calls meanwhile). The writer
+/// still syncs itself before a rotation and when it stops.
+struct Syncer {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<()>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<Shared>, path: std::path::PathBuf, every: Duration) -> Option<Syncer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = thread::Builder::new()
+            .name("p11shim-audit-sync".into())
+            .spawn(move || {
+                sink::block_signals();
+                while !flag.load(Ordering::SeqCst) {
+                    thread::park_timeout(every);
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    Syncer::sync_once(&shared, &path);
+                }
+            });
+        match spawned {
+            Ok(handle) => Some(Syncer { stop, handle }),
+            Err(e) => {
+                // The writer then syncs on its own, as without the thread.
+                tracing::warn!(error = %e, "audit: no sync thread; the writer syncs the file itself");
+                None
+            }
+        }
+    }
+
+    fn sync_once(shared: &Shared, path: &std::path::Path) {
+        let written = shared.written.load(Ordering::SeqCst);
+        if written <= shared.synced.load(Ordering::SeqCst) {
+            return;
+        }
+        match sink::sync_path(path) {
+            Ok(()) => {
+                shared.synced.fetch_max(written, Ordering::SeqCst);
+                if shared.sync_failing.swap(false, Ordering::SeqCst) {
+                    tracing::info!("audit: file synced again");
+                }
+            }
+            Err(e) => {
+                shared.sink_errors.fetch_add(1, Ordering::Relaxed);
+                if !shared.sync_failing.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(path = %path.display(), error = %e, "audit: fdatasync failing; retrying");
+                }
+            }
+        }
+        shared.notify();
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.thread().unpark();
+        let _ = self.handle.join();
+    }
+}
+
 struct Writer {
     shared: Arc<Shared>,
     chain: String,
@@ -424,10 +532,36 @@ struct Writer {
     retry_at: Option<Instant>,
     dozed: bool,
     stop_written: bool,
+    /// The interval fdatasyncs run on a thread of their own.
+    syncer: Option<Syncer>,
 }
 
 impl Writer {
     fn run(&mut self) {
+        self.syncer = self.file.as_ref().and_then(|f| match f.cfg.fsync {
+            Fsync::IntervalMs(ms) => Syncer::start(
+                self.shared.clone(),
+                f.cfg.path.clone(),
+                Duration::from_millis(ms.max(1)),
+            ),
+            _ => None,
+        });
+        self.work();
+        if let Some(s) = self.syncer.take() {
+            s.stop();
+        }
+    }
+
+    /// The time before the writer's own interval sync is due (none when
+    /// the syncer thread makes them).
+    fn sync_due(&self) -> Option<Instant> {
+        if self.syncer.is_some() {
+            return None;
+        }
+        self.file.as_ref().and_then(FileOut::sync_due)
+    }
+
+    fn work(&mut self) {
         let mut start = Record::new(Kind::Start, "start", 0);
         start.detail = Some(format!("pid {}", std::process::id()).into());
         self.append(&start);
@@ -513,7 +647,7 @@ impl Writer {
                 self.sync();
                 break;
             }
-            if let Some(due) = self.file.as_ref().and_then(FileOut::sync_due)
+            if let Some(due) = self.sync_due()
                 && now >= due
             {
                 self.sync();
@@ -535,7 +669,7 @@ impl Writer {
         if self.since_ckpt > 0 {
             until = until.min(self.last_ckpt + self.ckpt_interval);
         }
-        if let Some(due) = self.file.as_ref().and_then(FileOut::sync_due) {
+        if let Some(due) = self.sync_due() {
             until = until.min(due);
         }
         let s = &*self.shared;
@@ -700,6 +834,97 @@ mod tests {
         fn check<T: Send + Sync>() {}
         check::<Auditor>();
         check::<Arc<Auditor>>();
+    }
+
+    /// The threads of this process with a given name.
+    fn threads_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.trim_end() == name)
+            .count()
+    }
+
+    #[test]
+    fn interval_syncs_run_on_the_sync_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut file = crate::FileSink::new(dir.path().join("a.log"));
+        file.fsync = Fsync::IntervalMs(20);
+        let cfg = Config {
+            file: Some(file),
+            ..Config::default()
+        };
+        let a = Auditor::start(cfg, None).unwrap();
+        for i in 0..200u64 {
+            let mut r = Record::new(Kind::KeyUse, "C_Sign", 0);
+            r.detail = Some(format!("n={i}").into());
+            assert!(a.record(r));
+        }
+        assert!(a.flush(Duration::from_secs(10)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.stats().synced < 200 {
+            assert!(Instant::now() < deadline, "never synced: {:?}", a.stats());
+            thread::sleep(Duration::from_millis(5));
+        }
+        // The thread's name as /proc shows it (15 bytes); other tests of
+        // this process may run theirs.
+        assert!(threads_named("p11shim-audit-s") >= 1);
+        assert!(a.stats().sink_healthy);
+        a.stop(Duration::from_secs(10));
+        let s = a.stats();
+        assert_eq!(s.synced, s.written, "the last records are synced at stop");
+    }
+
+    /// Callers that outrun the writer: fail-closed waits for room for the
+    /// record of a call it admitted; fail-open drops and counts.
+    #[test]
+    fn a_full_queue_holds_fail_closed_records_back_and_drops_fail_open_ones() {
+        for (on_failure, may_lose) in [(OnFailure::FailClosed, false), (OnFailure::FailOpen, true)]
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = Config {
+                file: Some(crate::FileSink::new(dir.path().join("a.log"))),
+                queue: 16,
+                on_failure,
+                ..Config::default()
+            };
+            let a = Arc::new(Auditor::start(cfg, None).unwrap());
+            let pushers: Vec<_> = (0..4)
+                .map(|_| {
+                    let a = a.clone();
+                    thread::spawn(move || {
+                        (0..20_000)
+                            .filter(|_| a.record(Record::new(Kind::KeyUse, "C_Sign", 0)))
+                            .count() as u64
+                    })
+                })
+                .collect();
+            let queued: u64 = pushers.into_iter().map(|p| p.join().unwrap()).sum();
+            assert!(a.flush(Duration::from_secs(30)));
+            let s = a.stats();
+            assert_eq!(s.written, queued, "{on_failure:?}: {s:?}");
+            assert_eq!(s.written + s.lost, 80_000, "{on_failure:?}: {s:?}");
+            if !may_lose {
+                assert_eq!(s.lost, 0, "fail-closed lost records: {s:?}");
+            }
+            a.stop(Duration::from_secs(10));
+        }
+    }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn sync_path_skips_what_has_nothing_to_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.log");
+        std::fs::write(&f, b"x\n").unwrap();
+        sink::sync_path(&f).unwrap();
+        sink::sync_path(&dir.path().join("gone.log")).unwrap();
+        sink::sync_path(std::path::Path::new("/dev/null")).unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        sink::sync_path(&fifo).unwrap();
     }
 
     #[test]

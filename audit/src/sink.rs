@@ -23,6 +23,23 @@ use crate::{FileSink, Fsync, SyslogSink};
 /// The most one write(2) carries: whole lines, at most 64 KiB.
 pub(crate) const MAX_WRITE: usize = 64 * 1024;
 
+/// fdatasync of the regular file at `path` through a descriptor of its
+/// own (the data of an inode is synced whichever descriptor wrote it); a
+/// FIFO or a device has nothing to sync, a file that is gone neither.
+pub(crate) fn sync_path(path: &std::path::Path) -> io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    f.sync_data()
+}
+
 /// The audit file, as the writer thread holds it.
 #[derive(Debug)]
 pub(crate) struct FileOut {

@@ -80,6 +80,8 @@ pub struct AclOpts {
     pub sustain: Duration,
     pub sustain_rounds: usize,
     pub sustain_threads: Vec<usize>,
+    /// Paced sustained runs: (threads, records offered per second in all).
+    pub sustain_paced: Vec<(usize, f64)>,
 }
 
 impl AclOpts {
@@ -95,6 +97,7 @@ impl AclOpts {
             sustain: Duration::from_secs_f64(if quick { 1.0 } else { 3.0 }),
             sustain_rounds: if quick { 1 } else { 2 },
             sustain_threads: vec![1, 2, 4],
+            sustain_paced: vec![(2, TARGET_RATE), (2, 2.0 * TARGET_RATE)],
         }
     }
 }
@@ -590,12 +593,14 @@ fn measure(
     warmup: Duration,
     secs: Duration,
     audit_status: bool,
+    rate: Option<f64>,
 ) -> WorkerRun {
     let (s, w, th) = (
         secs.as_secs_f64().to_string(),
         warmup.as_secs_f64().to_string(),
         threads.to_string(),
     );
+    let per_thread = rate.map(|r| (r / threads as f64).to_string());
     let mut args = vec![
         "--case",
         case.name(),
@@ -608,6 +613,9 @@ fn measure(
     ];
     if audit_status {
         args.push("--audit-status");
+    }
+    if let Some(r) = &per_thread {
+        args.extend(["--rate", r.as_str()]);
     }
     let out = run_checked(
         env.worker(target, &args),
@@ -729,7 +737,16 @@ fn timing(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<TimedRow> {
                 let mut runs: [WorkerRun; 3] = Default::default();
                 for i in order(&[0usize, 1, 2], r) {
                     let target = TIMED_TARGETS[i];
-                    let m = measure(env, target, case, threads, opts.warmup, opts.measure, false);
+                    let m = measure(
+                        env,
+                        target,
+                        case,
+                        threads,
+                        opts.warmup,
+                        opts.measure,
+                        false,
+                        None,
+                    );
                     if target == Target::ShimAudited {
                         tally.add(&m);
                     }
@@ -851,11 +868,22 @@ fn print_timing(rows: &[TimedRow], markdown: bool) {
 #[derive(Debug)]
 struct SustainedRow {
     threads: usize,
+    /// Records offered per second in all (paced), or `None`: as fast as
+    /// the callers go.
+    offered: Option<f64>,
     /// Per round: (p11shim, p11shim with ACL + audit).
     rounds: Vec<(WorkerRun, WorkerRun)>,
 }
 
 impl SustainedRow {
+    fn offered_text(&self) -> String {
+        self.offered
+            .map_or("flat out".to_string(), |r| format!("{}/s", ops(r)))
+    }
+    /// No record lost or refused, none left queued, the sinks healthy.
+    fn clean(&self) -> bool {
+        self.lost() == 0 && self.refused() == 0 && self.still_queued() == 0 && self.healthy()
+    }
     fn shim_rate(&self) -> f64 {
         median(self.rounds.iter().map(|r| r.0.rate).collect())
     }
@@ -910,48 +938,53 @@ impl SustainedRow {
 
 fn sustained(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<SustainedRow> {
     eprintln!(
-        "Sustained audit rate: HMAC-SHA256 signatures, {} round(s) of {:.1} s per thread count and target",
+        "Sustained audit rate: HMAC-SHA256 signatures with a session key, {} round(s) of {:.1} s per thread count, offered rate and target",
         opts.sustain_rounds,
         opts.sustain.as_secs_f64()
     );
     let warmup = Duration::from_millis(100);
+    let runs = opts
+        .sustain_threads
+        .iter()
+        .map(|&t| (t, None))
+        .chain(opts.sustain_paced.iter().map(|&(t, r)| (t, Some(r))));
     let mut rows = Vec::new();
-    for &threads in &opts.sustain_threads {
+    for (threads, offered) in runs {
         let mut row = SustainedRow {
             threads,
+            offered,
             rounds: Vec::new(),
         };
         for r in 0..opts.sustain_rounds {
             let mut pair = (WorkerRun::default(), WorkerRun::default());
             for audited in order(&[false, true], r) {
+                let target = if audited {
+                    Target::ShimAudited
+                } else {
+                    Target::Shim
+                };
+                let m = measure(
+                    env,
+                    target,
+                    Case::HmacSessionSign,
+                    threads,
+                    warmup,
+                    opts.sustain,
+                    audited,
+                    offered,
+                );
                 if audited {
-                    let m = measure(
-                        env,
-                        Target::ShimAudited,
-                        Case::HmacSign,
-                        threads,
-                        warmup,
-                        opts.sustain,
-                        true,
-                    );
                     tally.add(&m);
                     pair.1 = m;
                 } else {
-                    pair.0 = measure(
-                        env,
-                        Target::Shim,
-                        Case::HmacSign,
-                        threads,
-                        warmup,
-                        opts.sustain,
-                        false,
-                    );
+                    pair.0 = m;
                 }
             }
             row.rounds.push(pair);
         }
         eprintln!(
-            "  {threads} thr  p11shim {:>8}/s  ACL+audit {:>8} records/s  written {} lost {} refused {}",
+            "  {threads} thr  offered {:>9}  p11shim {:>8}/s  ACL+audit {:>8} records/s  written {} lost {} refused {}",
+            row.offered_text(),
             ops(row.shim_rate()),
             ops(row.audited_rate()),
             thousands(row.written()),
@@ -965,18 +998,19 @@ fn sustained(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<Sustained
 
 fn print_sustained(rows: &[SustainedRow], markdown: bool) {
     println!(
-        "Sustained audit rate: HMAC-SHA256 signatures through p11shim, with ACL + audit (one key_use record each) and without; records written and lost from p11shim's status query once the queue drained; refused: C_SignInit refused by the fail-closed log:"
+        "Sustained audit rate: HMAC-SHA256 signatures with a session key through p11shim, with ACL + audit (one key_use record each) and without, as fast as the callers go and paced at a rate offered in all; records written and lost from p11shim's status query once the queue drained; refused: C_SignInit refused by the fail-closed log:"
     );
     println!();
     if markdown {
         println!(
-            "| Threads | p11shim signs/s | ACL + audit signs/s = records/s | records queued | written | lost | refused | p50 µs (p11shim / audited) | p99 µs (p11shim / audited) | writer CPU per record |"
+            "| Threads | Offered | p11shim signs/s | ACL + audit signs/s = records/s | records queued | written | lost | refused | p50 µs (p11shim / audited) | p99 µs (p11shim / audited) | writer CPU per record |"
         );
-        println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     } else {
         println!(
-            "{:>3} {:>12} {:>14} {:>10} {:>10} {:>6} {:>8} {:>16} {:>16} {:>14}",
+            "{:>3} {:>10} {:>12} {:>14} {:>10} {:>10} {:>6} {:>8} {:>16} {:>16} {:>14}",
             "thr",
+            "offered",
             "p11shim/s",
             "audited rec/s",
             "queued",
@@ -1004,8 +1038,9 @@ fn print_sustained(rows: &[SustainedRow], markdown: bool) {
         }
         if markdown {
             println!(
-                "| {} | {} | {} | {} | {written} | {} | {} | {p50} | {p99} | {writer} |",
+                "| {} | {} | {} | {} | {} | {written} | {} | {} | {p50} | {p99} | {writer} |",
                 r.threads,
+                r.offered_text(),
                 ops(r.shim_rate()),
                 ops(r.audited_rate()),
                 thousands(r.queued()),
@@ -1014,8 +1049,9 @@ fn print_sustained(rows: &[SustainedRow], markdown: bool) {
             );
         } else {
             println!(
-                "{:>3} {:>12} {:>14} {:>10} {written:>10} {:>6} {:>8} {p50:>16} {p99:>16} {writer:>14}",
+                "{:>3} {:>10} {:>12} {:>14} {:>10} {written:>10} {:>6} {:>8} {p50:>16} {p99:>16} {writer:>14}",
                 r.threads,
+                r.offered_text(),
                 ops(r.shim_rate()),
                 ops(r.audited_rate()),
                 thousands(r.queued()),
@@ -1083,30 +1119,42 @@ fn check_audit_log(env: &BenchEnv, tally: &Tally) -> String {
     }
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| die(format_args!("cannot read {}: {e}", path.display())));
+    // `lost` records count the records a full queue dropped (a fail-closed
+    // log admits a call at its `*Init`; its record at the end can still
+    // meet a full queue when the callers outrun the sink).
     let (mut signs, mut lost, mut denials) = (0u64, 0u64, 0u64);
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| die(format_args!("audit line is not JSON ({e}): {line}")));
         match v["kind"].as_str() {
             Some("key_use") if v["function"] == "C_Sign" && v["result"] == "CKR_OK" => signs += 1,
-            Some("lost") => lost += 1,
+            Some("lost") => {
+                lost += v["detail"]
+                    .as_str()
+                    .and_then(|d| d.strip_suffix(" records lost"))
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or_else(|| {
+                        die(format_args!("a `lost` record without its count: {line}"))
+                    });
+            }
             Some("denial") => denials += 1,
             _ => {}
         }
     }
-    if signs != tally.signs || lost != 0 {
+    if signs + lost != tally.signs {
         die(format_args!(
-            "the audit log holds {signs} key_use records of C_Sign and {lost} `lost` records; the workers made {} signatures ({} refused)",
+            "the audit log holds {signs} key_use records of C_Sign and `lost` records counting {lost}; the workers made {} signatures ({} refused)",
             tally.signs, tally.refused
         ));
     }
     let verified: u64 = report.chains.iter().map(|c| c.verified).sum();
     format!(
-        "Audit log {}: verifies with the Ed25519 public key ({} lines, {chains} chains each ended by its stop, {verified} signed checkpoints verified); {} key_use records of C_Sign = {} signatures made by the audited workers; {denials} denial records (the ACL probe's); 0 lost.",
+        "Audit log {}: verifies with the Ed25519 public key ({} lines, {chains} chains each ended by its stop, {verified} signed checkpoints verified); {} key_use records of C_Sign of {} signatures made by the audited workers, with {} more counted by `lost` records; {denials} denial records (the ACL probe's).",
         path.display(),
         thousands(report.records),
         thousands(signs),
         thousands(tally.signs),
+        thousands(lost),
     )
 }
 
@@ -1139,31 +1187,52 @@ fn print_targets(
         }
     }
     if let Some(rows) = sustained {
-        let best = rows
+        // The target: a paced rate of at least TARGET_RATE, kept (within
+        // 2%), with nothing lost or refused.
+        let paced = rows
             .iter()
+            .filter(|r| r.offered.is_some_and(|o| o >= TARGET_RATE))
             .max_by(|a, b| a.audited_rate().total_cmp(&b.audited_rate()));
-        let clean = rows
+        let kept = |r: &SustainedRow| {
+            r.offered
+                .is_some_and(|o| r.audited_rate() >= 0.98 * o && r.clean())
+        };
+        let best_kept = rows
             .iter()
-            .all(|r| r.lost() == 0 && r.refused() == 0 && r.still_queued() == 0 && r.healthy());
-        if let Some(b) = best {
-            let rate = b.audited_rate();
-            println!(
-                "Sustained audit rate >= {} records/s, 0 lost, callers not blocked: {} (best {} records/s on {} thread(s); lost {}, refused {}).",
+            .filter(|r| kept(r))
+            .max_by(|a, b| a.audited_rate().total_cmp(&b.audited_rate()));
+        match (best_kept, paced) {
+            (Some(b), _) => println!(
+                "Sustained audit rate >= {} records/s, 0 lost, callers not blocked: met ({} offered on {} thread(s), {} records/s kept; lost 0, refused 0; p99 {} µs audited against {} µs without).",
                 ops(TARGET_RATE),
-                verdict(rate >= TARGET_RATE && clean),
-                ops(rate),
+                b.offered_text(),
                 b.threads,
-                rows.iter().map(SustainedRow::lost).sum::<u64>(),
-                rows.iter().map(SustainedRow::refused).sum::<u64>()
+                ops(b.audited_rate()),
+                us(b.hist(true).quantile(0.99)),
+                us(b.hist(false).quantile(0.99)),
+            ),
+            (None, Some(p)) => println!(
+                "Sustained audit rate >= {} records/s, 0 lost, callers not blocked: NOT met ({} offered on {} thread(s): {} records/s, lost {}, refused {}).",
+                ops(TARGET_RATE),
+                p.offered_text(),
+                p.threads,
+                ops(p.audited_rate()),
+                p.lost(),
+                p.refused()
+            ),
+            (None, None) => println!(
+                "Sustained audit rate >= {} records/s: not measured (no paced run offered that rate).",
+                ops(TARGET_RATE)
+            ),
+        }
+        for r in rows.iter().filter(|r| r.offered.is_none() && !r.clean()) {
+            println!(
+                "  As fast as {} caller thread(s) go ({} records/s): {} refused by the fail-closed log and {} lost while the sink fell behind.",
+                r.threads,
+                ops(r.audited_rate()),
+                r.refused(),
+                r.lost()
             );
-            let shim_best = rows.iter().map(SustainedRow::shim_rate).fold(0.0, f64::max);
-            if rate < TARGET_RATE && shim_best < TARGET_RATE {
-                println!(
-                    "  SoftHSM2's HMAC signature through p11shim without audit reaches only {} signs/s here, so the callers cannot offer {} records/s; the writer's own capacity is in the sustained table (CPU per record) and in docs/audit.md (audit_rate).",
-                    ops(shim_best),
-                    ops(TARGET_RATE)
-                );
-            }
         }
     }
 }

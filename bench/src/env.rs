@@ -10,7 +10,9 @@ use std::process::{Command, Output, Stdio};
 use tempfile::TempDir;
 
 use crate::p11::die;
-use crate::worker::{EC_LABEL, HMAC_LABEL, RSA_LABEL, SO_PIN, TOKEN_LABEL, USER_PIN};
+use crate::worker::{
+    EC_LABEL, HMAC_LABEL, HMAC_SESSION_LABEL, RSA_LABEL, SO_PIN, TOKEN_LABEL, USER_PIN,
+};
 
 /// What a worker talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -304,6 +306,8 @@ keys = [
   {{ label = "{RSA_LABEL}", class = "private-key", ops = ["sign"], mechanisms = ["SHA256_RSA_PKCS"] }},
   {{ label = "{EC_LABEL}", class = "private-key", ops = ["sign"], mechanisms = ["ECDSA"] }},
   {{ label = "{HMAC_LABEL}", class = "secret-key", ops = ["sign"], mechanisms = ["SHA256_HMAC"] }},
+  {{ label = "{HMAC_SESSION_LABEL}", class = "secret-key", ops = ["generate"], mechanisms = ["GENERIC_SECRET_KEY_GEN"] }},
+  {{ label = "{HMAC_SESSION_LABEL}", class = "secret-key", ops = ["sign"], mechanisms = ["SHA256_HMAC"] }},
 ]
 
 [audit]

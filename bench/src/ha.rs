@@ -1144,6 +1144,7 @@ pub fn parse_worker(args: &[String]) -> crate::ha_worker::HaWorkerArgs {
                 measure: Duration::from_secs_f64(
                     secs.unwrap_or_else(|| die("HA worker: load needs --secs")),
                 ),
+                rate: None,
             },
             one_by_one,
         },

@@ -154,7 +154,7 @@ fn cases(s: &str) -> Vec<Case> {
 
 fn parse_worker(args: &[String]) -> WorkerArgs {
     let (mut target, mut lib, mut setup, mut list) = (None, None, false, false);
-    let (mut probe, mut audit_status) = (false, false);
+    let (mut probe, mut audit_status, mut rate) = (false, false, None);
     let (mut case, mut threads, mut count, mut measure, mut warmup) =
         (None, 1usize, None, None, Duration::ZERO);
     let mut i = 0;
@@ -172,6 +172,7 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
             "--count" => count = Some(number(value(args, &mut i, a), a)),
             "--secs" => measure = Some(secs(value(args, &mut i, a), a)),
             "--warmup" => warmup = Duration::from_secs_f64(number(value(args, &mut i, a), a)),
+            "--rate" => rate = Some(number::<f64>(value(args, &mut i, a), a)),
             _ => die(format_args!("worker: unknown argument {a:?}")),
         }
         i += 1;
@@ -188,7 +189,11 @@ fn parse_worker(args: &[String]) -> WorkerArgs {
         let case = case.unwrap_or_else(|| die("worker: --case is required"));
         let plan = match (count, measure) {
             (Some(n), None) => Plan::Count(n),
-            (None, Some(measure)) => Plan::Timed { warmup, measure },
+            (None, Some(measure)) => Plan::Timed {
+                warmup,
+                measure,
+                rate: rate.filter(|r| *r > 0.0),
+            },
             _ => die("worker: exactly one of --count and --secs"),
         };
         if threads == 0 {

@@ -25,6 +25,8 @@ pub const RSA_LABEL: &str = "bench-rsa";
 pub const EC_LABEL: &str = "bench-ec";
 pub const AES_LABEL: &str = "bench-aes";
 pub const HMAC_LABEL: &str = "bench-hmac";
+/// The HMAC session key each worker generates for `hmac-session-sign`.
+pub const HMAC_SESSION_LABEL: &str = "bench-hmac-session";
 pub const DATA_OBJECTS: usize = 8;
 /// The data object searched for by label.
 pub const FIND_LABEL: &str = "bench-data-3";
@@ -43,10 +45,11 @@ pub enum Case {
     Session,
     GetAttr,
     HmacSign,
+    HmacSessionSign,
 }
 
 impl Case {
-    pub const ALL: [Case; 8] = [
+    pub const ALL: [Case; 9] = [
         Case::Digest,
         Case::RsaSign,
         Case::EcdsaSign,
@@ -55,10 +58,11 @@ impl Case {
         Case::Session,
         Case::GetAttr,
         Case::HmacSign,
+        Case::HmacSessionSign,
     ];
 
     /// The cases of the plain timed comparison (`p11shim-bench` without a
-    /// mode); `hmac-sign` belongs to `--acl`.
+    /// mode); `hmac-sign` and `hmac-session-sign` belong to `--acl`.
     pub const DEFAULT: [Case; 7] = [
         Case::Digest,
         Case::RsaSign,
@@ -79,6 +83,7 @@ impl Case {
             Case::Session => "session",
             Case::GetAttr => "get-attr",
             Case::HmacSign => "hmac-sign",
+            Case::HmacSessionSign => "hmac-session-sign",
         }
     }
 
@@ -92,6 +97,7 @@ impl Case {
             Case::Session => "OpenSession+CloseSession",
             Case::GetAttr => "GetAttributeValue (CKA_LABEL)",
             Case::HmacSign => "HMAC-SHA256 sign, 64 B",
+            Case::HmacSessionSign => "HMAC-SHA256 sign, 64 B, session key",
         }
     }
 
@@ -100,11 +106,21 @@ impl Case {
     }
 }
 
+/// A paced thread's sleep when it is ahead of its schedule.
+const PACE_SLEEP: Duration = Duration::from_micros(500);
+
 /// How long a case runs.
 #[derive(Debug, Clone, Copy)]
 pub enum Plan {
-    /// Warm up, then measure for a fixed time.
-    Timed { warmup: Duration, measure: Duration },
+    /// Warm up, then measure for a fixed time; with `rate`, each thread
+    /// starts operations on an open-loop schedule of `rate` per second
+    /// (the ones due run back to back, then the thread sleeps about
+    /// 0.5 ms), else back to back.
+    Timed {
+        warmup: Duration,
+        measure: Duration,
+        rate: Option<f64>,
+    },
     /// A fixed number of operations, untimed (for instruction counts).
     Count(u64),
 }
@@ -160,6 +176,7 @@ impl Keys {
             Case::AesGcm => k.aes = m.find_one(s, CKO_SECRET_KEY, AES_LABEL),
             Case::GetAttr => k.rsa_pub = m.find_one(s, CKO_PUBLIC_KEY, RSA_LABEL),
             Case::HmacSign => k.hmac = m.find_one(s, CKO_SECRET_KEY, HMAC_LABEL),
+            Case::HmacSessionSign => k.hmac = session_hmac_key(m, s),
             Case::Digest | Case::Find | Case::Session => {}
         }
         k
@@ -266,7 +283,7 @@ fn run_threads(
                         Case::Find => drive(plan, || ctx.find()),
                         Case::Session => drive(plan, || ctx.open_close()),
                         Case::GetAttr => drive(plan, || ctx.get_label()),
-                        Case::HmacSign => drive(plan, || ctx.hmac_sign()),
+                        Case::HmacSign | Case::HmacSessionSign => drive(plan, || ctx.hmac_sign()),
                     };
                     r.refused = ctx.refused;
                     ctx.close();
@@ -300,12 +317,24 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
                 hist: Histogram::new(),
             }
         }
-        Plan::Timed { warmup, measure } => {
+        Plan::Timed {
+            warmup,
+            measure,
+            rate,
+        } => {
             let start = Instant::now();
             let (warm_end, end) = (start + warmup, start + warmup + measure);
+            // Operations due by `now` on the schedule (all, without a rate).
+            let due =
+                |now: Instant| rate.map_or(u64::MAX, |r| ((now - start).as_secs_f64() * r) as u64);
             let mut now = start;
             let mut warm = 0u64;
             while now < warm_end {
+                if warm >= due(now) {
+                    std::thread::sleep(PACE_SLEEP);
+                    now = Instant::now();
+                    continue;
+                }
                 op();
                 warm += 1;
                 now = Instant::now();
@@ -314,6 +343,11 @@ pub(crate) fn drive<F: FnMut()>(plan: Plan, mut op: F) -> ThreadResult {
             let mut hist = Histogram::new();
             let mut ops = 0u64;
             while now < end {
+                if warm + ops >= due(now) {
+                    std::thread::sleep(PACE_SLEEP);
+                    now = Instant::now();
+                    continue;
+                }
                 op();
                 let t = Instant::now();
                 hist.record((t - now).as_nanos() as u64);
@@ -790,6 +824,45 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
     }
     m.logout(s);
     m.close_session(s);
+}
+
+/// A 256-bit generic secret that lives in the worker's base session
+/// (`CKA_TOKEN` false, not private): SoftHSM2 keeps it in memory, where a
+/// token key is read back from its encrypted store on every use, so that
+/// signing with it is several times faster.
+fn session_hmac_key(m: &Module, s: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
+    let (t, fl): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+    let (secret, generic, len) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET, 32 as CK_ULONG);
+    let mut tmpl = [
+        attr(CKA_CLASS, &secret),
+        attr(CKA_KEY_TYPE, &generic),
+        attr(CKA_TOKEN, &fl),
+        attr(CKA_PRIVATE, &fl),
+        attr(CKA_SENSITIVE, &t),
+        attr(CKA_SIGN, &t),
+        attr(CKA_VALUE_LEN, &len),
+        attr_bytes(CKA_LABEL, HMAC_SESSION_LABEL.as_bytes()),
+    ];
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_GENERIC_SECRET_KEY_GEN,
+        pParameter: ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let mut key = CK_INVALID_HANDLE;
+    // SAFETY: the mechanism and template live across the call.
+    check(
+        unsafe {
+            (m.f.generate_key)(
+                s,
+                &mut mech,
+                tmpl.as_mut_ptr(),
+                tmpl.len() as CK_ULONG,
+                &mut key,
+            )
+        },
+        "C_GenerateKey (HMAC session key)",
+    );
+    key
 }
 
 fn generate_pair(
