@@ -302,6 +302,7 @@ impl Auditor {
     /// Retries a push into a full queue while the writer is alive and
     /// healthy, for at most [`FULL_WAIT`].
     #[cold]
+    #[allow(clippy::result_large_err)] // the queue's own push, retried
     fn wait_for_room(&self, mut r: Record) -> Result<(), Record> {
         let s = &*self.shared;
         let deadline = Instant::now() + FULL_WAIT;

@@ -590,8 +590,7 @@ fn measure(
     target: Target,
     case: Case,
     threads: usize,
-    warmup: Duration,
-    secs: Duration,
+    (warmup, secs): (Duration, Duration),
     audit_status: bool,
     rate: Option<f64>,
 ) -> WorkerRun {
@@ -742,8 +741,7 @@ fn timing(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<TimedRow> {
                         target,
                         case,
                         threads,
-                        opts.warmup,
-                        opts.measure,
+                        (opts.warmup, opts.measure),
                         false,
                         None,
                     );
@@ -968,8 +966,7 @@ fn sustained(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<Sustained
                     target,
                     Case::HmacSessionSign,
                     threads,
-                    warmup,
-                    opts.sustain,
+                    (warmup, opts.sustain),
                     audited,
                     offered,
                 );
