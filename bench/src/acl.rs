@@ -248,7 +248,8 @@ struct Counted {
 }
 
 /// One callgrind file per thread: the thread that called `C_Sign` is the
-/// caller, the one running p11shim-audit's code the writer.
+/// caller, the one running p11shim-audit's `Writer` the writer (its sync
+/// thread is counted in all threads only).
 #[derive(Debug, Default)]
 struct ThreadFiles {
     caller: Option<PathBuf>,
@@ -285,7 +286,7 @@ fn classify(files: &[PathBuf]) -> ThreadFiles {
                     "two threads called C_Sign in {files:?}: expected one signing thread"
                 ));
             }
-        } else if names_function(&text, |n| n.starts_with("p11shim_audit::auditor::")) {
+        } else if names_function(&text, |n| n.starts_with("p11shim_audit::auditor::Writer::")) {
             t.writer = Some(f.clone());
         }
     }

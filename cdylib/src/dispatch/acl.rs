@@ -7,7 +7,7 @@
 //! templates a call names, and logs every denial.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 use parking_lot::Mutex;
@@ -43,6 +43,9 @@ pub struct AclState {
     /// The broker grant generation `compiled` was made from.
     from_generation: AtomicU64,
     update: Mutex<()>,
+    /// A policy in force had a quorum rule, at some time: sessions may hold
+    /// quorum operations (one load on the data path instead of the policy's).
+    quorum_seen: AtomicBool,
 }
 
 impl AclState {
@@ -52,12 +55,22 @@ impl AclState {
             // Until the broker's first grant, nothing is visible.
             _ => Acl::new(broker_role.unwrap_or("-"), Policy::default()),
         };
+        let compiled = Compiled { acl, epoch: 1 };
         AclState {
             mode,
-            compiled: ArcSwap::from_pointee(Compiled { acl, epoch: 1 }),
+            quorum_seen: AtomicBool::new(compiled.has_quorum()),
+            compiled: ArcSwap::from_pointee(compiled),
             from_generation: AtomicU64::new(0),
             update: Mutex::new(()),
         }
+    }
+
+    /// Whether a session may hold a quorum operation: a policy with a
+    /// quorum rule was in force since the start (once seen, always: an
+    /// operation held for approval outlives the policy that asked for it).
+    #[inline]
+    pub fn quorum_seen(&self) -> bool {
+        self.quorum_seen.load(Ordering::Acquire)
     }
 
     /// The policy in force; `None` when no ACL is configured.
@@ -106,6 +119,9 @@ impl AclState {
         });
         if changed {
             tracing::info!(role = agent.role(), subject = %subject, rules = next.acl.rules().len(), "key ACL policy from the broker in force");
+        }
+        if next.has_quorum() {
+            self.quorum_seen.store(true, Ordering::Release);
         }
         self.compiled.store(next.clone());
         self.from_generation.store(generation, Ordering::Release);

@@ -81,12 +81,11 @@ impl Library {
         c.acl.policy().quorum_for(&info.attrs, op).cloned()
     }
 
-    /// Whether the policy in force has quorum rules (a cheap test first).
+    /// Whether a session may hold a quorum operation: a policy with quorum
+    /// rules was in force (one load; the policy is read at `*Init`).
     #[inline]
     pub(super) fn quorum_possible(&self) -> bool {
-        self.acl
-            .current(self.credentials.as_deref())
-            .is_some_and(|c| c.has_quorum())
+        self.acl.quorum_seen()
     }
 
     /// `*Init` of a key under a quorum rule: remembers the operation, and
