@@ -49,6 +49,18 @@ demo: deps build-release
 bench: deps build-release
 	$(CARGO) run --release -p p11shim-bench -- $(BENCH_ARGS)
 
+# The floor of any forwarder on the micro-operations: bench/floor/forwarder.c
+# (SoftHSM2's functions called through a second function list), plain and
+# with the least bookkeeping a module with its own session handles does,
+# timed in place of p11shim.
+.PHONY: bench-floor
+bench-floor: deps build-release
+	mkdir -p target/floor
+	cc -O2 -shared -fPIC -o target/floor/libfloor.so bench/floor/forwarder.c -ldl -lpthread
+	cc -O2 -shared -fPIC -DBOOKKEEPING=1 -o target/floor/libfloor-books.so bench/floor/forwarder.c -ldl -lpthread
+	P11SHIM_LIB=$(CURDIR)/target/floor/libfloor.so $(CARGO) run --release -p p11shim-bench -- --cases digest,session --threads 1 --rounds 8 $(BENCH_ARGS)
+	P11SHIM_LIB=$(CURDIR)/target/floor/libfloor-books.so $(CARGO) run --release -p p11shim-bench -- --cases digest,session --threads 1 --rounds 8 $(BENCH_ARGS)
+
 bench-callgrind: deps build-release
 	$(CARGO) run --release -p p11shim-bench -- --callgrind $(BENCH_ARGS)
 
