@@ -751,25 +751,7 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         attr(CKA_VALUE_LEN, &len),
         attr_bytes(CKA_LABEL, AES_LABEL.as_bytes()),
     ];
-    let mut mech = CK_MECHANISM {
-        mechanism: CKM_AES_KEY_GEN,
-        pParameter: ptr::null_mut(),
-        ulParameterLen: 0,
-    };
-    let mut key = CK_INVALID_HANDLE;
-    // SAFETY: the mechanism and template live across the call.
-    check(
-        unsafe {
-            (f.generate_key)(
-                s,
-                &mut mech,
-                aes_t.as_mut_ptr(),
-                aes_t.len() as CK_ULONG,
-                &mut key,
-            )
-        },
-        "C_GenerateKey",
-    );
+    generate_key(m, s, CKM_AES_KEY_GEN, &mut aes_t, "C_GenerateKey");
 
     // HMAC: a generic secret of 256 bits.
     let (secret, generic) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET);
@@ -784,24 +766,7 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         attr(CKA_VALUE_LEN, &len),
         attr_bytes(CKA_LABEL, HMAC_LABEL.as_bytes()),
     ];
-    let mut mech = CK_MECHANISM {
-        mechanism: CKM_GENERIC_SECRET_KEY_GEN,
-        pParameter: ptr::null_mut(),
-        ulParameterLen: 0,
-    };
-    // SAFETY: the mechanism and template live across the call.
-    check(
-        unsafe {
-            (f.generate_key)(
-                s,
-                &mut mech,
-                hmac_t.as_mut_ptr(),
-                hmac_t.len() as CK_ULONG,
-                &mut key,
-            )
-        },
-        "C_GenerateKey (HMAC)",
-    );
+    generate_key(m, s, CKM_GENERIC_SECRET_KEY_GEN, &mut hmac_t, "C_GenerateKey (HMAC)");
 
     // Labelled data objects.
     let class = CKO_DATA;
@@ -843,8 +808,25 @@ fn session_hmac_key(m: &Module, s: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
         attr(CKA_VALUE_LEN, &len),
         attr_bytes(CKA_LABEL, HMAC_SESSION_LABEL.as_bytes()),
     ];
+    generate_key(
+        m,
+        s,
+        CKM_GENERIC_SECRET_KEY_GEN,
+        &mut tmpl,
+        "C_GenerateKey (HMAC session key)",
+    )
+}
+
+/// Generates a key from a template; any error ends the run.
+fn generate_key(
+    m: &Module,
+    s: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_TYPE,
+    tmpl: &mut [CK_ATTRIBUTE],
+    what: &str,
+) -> CK_OBJECT_HANDLE {
     let mut mech = CK_MECHANISM {
-        mechanism: CKM_GENERIC_SECRET_KEY_GEN,
+        mechanism,
         pParameter: ptr::null_mut(),
         ulParameterLen: 0,
     };
@@ -860,7 +842,7 @@ fn session_hmac_key(m: &Module, s: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
                 &mut key,
             )
         },
-        "C_GenerateKey (HMAC session key)",
+        what,
     );
     key
 }
