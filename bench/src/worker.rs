@@ -766,7 +766,13 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
         attr(CKA_VALUE_LEN, &len),
         attr_bytes(CKA_LABEL, HMAC_LABEL.as_bytes()),
     ];
-    generate_key(m, s, CKM_GENERIC_SECRET_KEY_GEN, &mut hmac_t, "C_GenerateKey (HMAC)");
+    generate_key(
+        m,
+        s,
+        CKM_GENERIC_SECRET_KEY_GEN,
+        &mut hmac_t,
+        "C_GenerateKey (HMAC)",
+    );
 
     // Labelled data objects.
     let class = CKO_DATA;

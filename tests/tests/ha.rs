@@ -359,6 +359,39 @@ fn a_single_member_failure_on_the_direct_path() {
     );
 }
 
+/// A member that forgot a session (a restart) may hand its number out again
+/// at once (many HSMs do; SoftHSM2 does not): p11shim, moving the forgotten
+/// session, never closes that number. The member sees no `C_CloseSession`.
+#[test]
+fn a_forgotten_vendor_session_is_not_closed() {
+    let ha = ha(1, "");
+    let s = ha.session();
+    let want = s.digest(&Mechanism::Sha256, b"m").unwrap();
+    let closes = |ha: &Ha, rules: &str| {
+        ha.members[0].set(rules);
+        assert_eq!(s.digest(&Mechanism::Sha256, b"m").unwrap(), want);
+        ha.members[0]
+            .calls()
+            .get("C_CloseSession")
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = closes(&ha, "dump 1\n");
+    for n in 1..=3 {
+        ha.members[0].set(&format!("restart {n}\n"));
+        let got = s
+            .digest(&Mechanism::Sha256, b"m")
+            .unwrap_or_else(|e| panic!("after restart {n}: {e}\n{}", ha.env.log()));
+        assert_eq!(got, want);
+    }
+    assert_eq!(closes(&ha, "restart 3\ndump 2\n"), before);
+    assert!(
+        ha.env.log().matches("session moved").count() >= 3,
+        "{}",
+        ha.env.log()
+    );
+}
+
 /// Token objects created through the slot reach every member; a token key
 /// generated on one member only is refused with CKR_P11SHIM_NOT_REPLICATED.
 #[test]

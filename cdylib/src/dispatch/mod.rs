@@ -694,7 +694,11 @@ impl Library {
                 failed.drop_control();
                 self.objects.forget_member(sess.slot, from);
             }
-            match self.rebind(sess, &mut st, to) {
+            // A member that answered that the session is gone forgot it:
+            // its number may already serve another session of ours there,
+            // so it is neither closed nor kept to close later.
+            let gone = rv.is_some_and(router::session_gone);
+            match self.rebind(sess, &mut st, to, gone) {
                 Ok(()) => {
                     failed
                         .stats
@@ -749,7 +753,7 @@ impl Library {
 
     /// Binds a session to member `to`: a new vendor session, the slot's
     /// login, then each operation started again with its input replayed.
-    fn rebind(&self, sess: &Session, st: &mut SessionState, to: u32) -> Result<()> {
+    fn rebind(&self, sess: &Session, st: &mut SessionState, to: u32, old_gone: bool) -> Result<()> {
         let slot = &self.slots[sess.slot as usize];
         let member = &slot.members[to as usize];
         let vs = member.vendor_slot().ok_or(Error::TokenNotPresent)?;
@@ -826,7 +830,9 @@ impl Library {
                 sess.vendor.store(vh as u64, Ordering::Release);
                 let old_member = &slot.members[old as usize];
                 old_member.session_closed();
-                if old_member.is_up() {
+                if old_gone {
+                    // Nothing to close (see `move_session`).
+                } else if old_member.is_up() {
                     let _ = old_member.vendor.close_session(old_vh);
                 } else {
                     // Closed when the member comes back, if it kept it.

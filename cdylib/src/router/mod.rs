@@ -387,10 +387,13 @@ pub fn is_failover(rv: CK_RV, slot_logged_in: bool) -> bool {
 /// state but still answers (it may serve again at once, after a new
 /// session and login).
 pub fn lost_state_only(rv: CK_RV) -> bool {
-    matches!(
-        rv,
-        CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED | CKR_USER_NOT_LOGGED_IN
-    )
+    session_gone(rv) || rv == CKR_USER_NOT_LOGGED_IN
+}
+
+/// Whether a result says the member no longer knows the session: its handle
+/// must not be closed (the member may have given the number to another).
+pub fn session_gone(rv: CK_RV) -> bool {
+    matches!(rv, CKR_SESSION_HANDLE_INVALID | CKR_SESSION_CLOSED)
 }
 
 /// A member's state as the status query reports it.

@@ -102,9 +102,22 @@ struct Control {
     restart: Option<String>,
     dump: Option<String>,
     calls: HashMap<&'static str, u64>,
-    /// Sessions opened through this copy: calls running on each, and
-    /// whether a `restart` killed it.
-    sessions: HashMap<CK_SESSION_HANDLE, (u32, bool)>,
+    /// Sessions opened through this copy: calls running on each, and its
+    /// life. A session a `restart` killed stays here after it is closed in
+    /// the wrapped module (until the module hands its number out again),
+    /// so that a call racing with the close is refused rather than reach
+    /// the wrapped module with a session it is freeing.
+    sessions: HashMap<CK_SESSION_HANDLE, (u32, Life)>,
+}
+
+/// A session's life, as this copy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Live,
+    /// Killed by a `restart`; closed when its last running call ends.
+    Dead,
+    /// Killed and closed in the wrapped module.
+    Closed,
 }
 
 /// The error to report after a call was made, if any.
@@ -120,11 +133,11 @@ fn enter(s: CK_SESSION_HANDLE) -> bool {
     let mut guard = CONTROL.lock();
     let c = guard.get_or_insert_with(Control::default);
     match c.sessions.get_mut(&s) {
-        Some((_, true)) => false,
-        Some((n, false)) => {
+        Some((n, Life::Live)) => {
             *n += 1;
             true
         }
+        Some(_) => false,
         None => true,
     }
 }
@@ -135,10 +148,10 @@ fn leave(s: CK_SESSION_HANDLE) {
         let mut guard = CONTROL.lock();
         let c = guard.get_or_insert_with(Control::default);
         match c.sessions.get_mut(&s) {
-            Some((n, dead)) => {
+            Some((n, life)) => {
                 *n = n.saturating_sub(1);
-                if *dead && *n == 0 {
-                    c.sessions.remove(&s);
+                if *life == Life::Dead && *n == 0 {
+                    *life = Life::Closed;
                     true
                 } else {
                     false
@@ -309,15 +322,15 @@ fn fault(function: &'static str) -> Option<CK_RV> {
         // the token out), busy ones when their call returns.
         let mut sessions = Vec::new();
         if restart {
-            c.sessions.retain(|s, (n, dead)| {
-                *dead = true;
-                if *n == 0 {
-                    sessions.push(*s);
-                    false
-                } else {
-                    true
+            for (s, (n, life)) in c.sessions.iter_mut() {
+                if *life == Life::Live {
+                    *life = Life::Dead;
                 }
-            });
+                if *life == Life::Dead && *n == 0 {
+                    *life = Life::Closed;
+                    sessions.push(*s);
+                }
+            }
         }
         let delay = c.latency_all + c.latency.get(function).copied().unwrap_or_default();
         (delay, sessions, c.serial)
@@ -495,8 +508,8 @@ pub unsafe extern "C" fn C_Finalize(_reserved: CK_VOID_PTR) -> CK_RV {
     if let Some(c) = CONTROL.lock().as_mut() {
         dump_calls(c);
         if let Some(fl) = target() {
-            for (s, (n, _)) in c.sessions.drain() {
-                if n == 0 {
+            for (s, (n, life)) in c.sessions.drain() {
+                if n == 0 && life != Life::Closed {
                     unsafe { (fl.C_CloseSession.unwrap())(s) };
                 }
             }
@@ -555,7 +568,7 @@ unsafe extern "C" fn close_session(s: CK_SESSION_HANDLE) -> CK_RV {
         return rv;
     }
     let known = CONTROL.lock().as_mut().and_then(|c| c.sessions.remove(&s));
-    if let Some((_, true)) = known {
+    if let Some((_, Life::Dead | Life::Closed)) = known {
         return CKR_SESSION_HANDLE_INVALID;
     }
     match target() {
@@ -575,7 +588,7 @@ unsafe extern "C" fn open_session(
     let rv = unsafe { C_OpenSession(slot, flags, app, notify, out) };
     if rv == CKR_OK && !out.is_null() {
         if let Some(c) = CONTROL.lock().as_mut() {
-            c.sessions.insert(unsafe { *out }, (0, false));
+            c.sessions.insert(unsafe { *out }, (0, Life::Live));
         }
     }
     rv
