@@ -160,8 +160,9 @@ impl Sessions {
         let p = Arc::as_ptr(&s);
         let mut map = self.map.write();
         map.insert(h, s);
-        // Under the write lock: no removal can move the generation past
-        // the one cached with the pointer.
+        // The generation is read under the write lock: a removal of this
+        // session takes the lock after us and moves the generation past it
+        // before the session is dropped.
         LAST.set((h, GENERATION.load(Ordering::Acquire), p));
         drop(map);
         h
