@@ -33,7 +33,7 @@ use p11shim_audit::VerifyKey;
 use crate::env::{BenchEnv, Target, result_field, run, run_checked};
 use crate::p11::die;
 use crate::stats::Histogram;
-use crate::timing::thousands;
+use crate::timing::{ops, thousands, us};
 use crate::worker::Case;
 
 /// Instructions the ACL decision and the audit record may add to one
@@ -776,21 +776,6 @@ fn timing(env: &BenchEnv, opts: &AclOpts, tally: &mut Tally) -> Vec<TimedRow> {
         }
     }
     rows
-}
-
-fn ops(rate: f64) -> String {
-    thousands(rate.round() as u64)
-}
-
-fn us(nanos: u64) -> String {
-    let v = nanos as f64 / 1000.0;
-    if v < 10.0 {
-        format!("{v:.2}")
-    } else if v < 100.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.0}")
-    }
 }
 
 fn print_timing(rows: &[TimedRow], markdown: bool) {

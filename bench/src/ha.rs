@@ -22,7 +22,7 @@ use crate::env::{exe, result_field, shim_lib, softhsm_lib};
 use crate::ha_worker::{EC_ID, EC_LABEL, Fault, HaOp, RSA_ID, RSA_LABEL, SLOT_LABEL, set_rules};
 use crate::p11::die;
 use crate::stats::Histogram;
-use crate::timing::thousands;
+use crate::timing::{thousands, us};
 use crate::worker::{SO_PIN, USER_PIN};
 
 /// Member tokens (and fault-module copies), in configuration order.
@@ -434,17 +434,6 @@ fn ms(nanos: u64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.1}")
-    }
-}
-
-fn us(nanos: u64) -> String {
-    let v = nanos as f64 / 1000.0;
-    if v < 10.0 {
-        format!("{v:.2}")
-    } else if v < 100.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.0}")
     }
 }
 

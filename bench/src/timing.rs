@@ -214,12 +214,12 @@ pub fn thousands(v: u64) -> String {
     out
 }
 
-fn ops(rate: f64) -> String {
+pub fn ops(rate: f64) -> String {
     thousands(rate.round() as u64)
 }
 
 /// Nanoseconds as microseconds, with a precision that suits the value.
-fn us(nanos: u64) -> String {
+pub fn us(nanos: u64) -> String {
     let v = nanos as f64 / 1000.0;
     if v < 10.0 {
         format!("{v:.2}")

@@ -176,7 +176,7 @@ impl Keys {
             Case::AesGcm => k.aes = m.find_one(s, CKO_SECRET_KEY, AES_LABEL),
             Case::GetAttr => k.rsa_pub = m.find_one(s, CKO_PUBLIC_KEY, RSA_LABEL),
             Case::HmacSign => k.hmac = m.find_one(s, CKO_SECRET_KEY, HMAC_LABEL),
-            Case::HmacSessionSign => k.hmac = session_hmac_key(m, s),
+            Case::HmacSessionSign => k.hmac = hmac_key(m, s, HMAC_SESSION_LABEL, false),
             Case::Digest | Case::Find | Case::Session => {}
         }
         k
@@ -754,25 +754,7 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
     generate_key(m, s, CKM_AES_KEY_GEN, &mut aes_t, "C_GenerateKey");
 
     // HMAC: a generic secret of 256 bits.
-    let (secret, generic) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET);
-    let mut hmac_t = [
-        attr(CKA_CLASS, &secret),
-        attr(CKA_KEY_TYPE, &generic),
-        attr(CKA_TOKEN, &t),
-        attr(CKA_PRIVATE, &t),
-        attr(CKA_SENSITIVE, &t),
-        attr(CKA_SIGN, &t),
-        attr(CKA_VERIFY, &t),
-        attr(CKA_VALUE_LEN, &len),
-        attr_bytes(CKA_LABEL, HMAC_LABEL.as_bytes()),
-    ];
-    generate_key(
-        m,
-        s,
-        CKM_GENERIC_SECRET_KEY_GEN,
-        &mut hmac_t,
-        "C_GenerateKey (HMAC)",
-    );
+    hmac_key(m, s, HMAC_LABEL, true);
 
     // Labelled data objects.
     let class = CKO_DATA;
@@ -797,29 +779,31 @@ fn create_objects(m: &Module, slot: CK_SLOT_ID) {
     m.close_session(s);
 }
 
-/// A 256-bit generic secret that lives in the worker's base session
-/// (`CKA_TOKEN` false, not private): SoftHSM2 keeps it in memory, where a
+/// A 256-bit generic secret for HMAC: a private token key (`hmac-sign`),
+/// or one that lives in the worker's base session, not private
+/// (`hmac-session-sign`): SoftHSM2 keeps that one in memory, where a
 /// token key is read back from its encrypted store on every use, so that
 /// signing with it is several times faster.
-fn session_hmac_key(m: &Module, s: CK_SESSION_HANDLE) -> CK_OBJECT_HANDLE {
-    let (t, fl): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, CK_FALSE);
+fn hmac_key(m: &Module, s: CK_SESSION_HANDLE, label: &str, token: bool) -> CK_OBJECT_HANDLE {
+    let (t, on_token): (CK_BBOOL, CK_BBOOL) = (CK_TRUE, if token { CK_TRUE } else { CK_FALSE });
     let (secret, generic, len) = (CKO_SECRET_KEY, CKK_GENERIC_SECRET, 32 as CK_ULONG);
     let mut tmpl = [
         attr(CKA_CLASS, &secret),
         attr(CKA_KEY_TYPE, &generic),
-        attr(CKA_TOKEN, &fl),
-        attr(CKA_PRIVATE, &fl),
+        attr(CKA_TOKEN, &on_token),
+        attr(CKA_PRIVATE, &on_token),
         attr(CKA_SENSITIVE, &t),
         attr(CKA_SIGN, &t),
+        attr(CKA_VERIFY, &t),
         attr(CKA_VALUE_LEN, &len),
-        attr_bytes(CKA_LABEL, HMAC_SESSION_LABEL.as_bytes()),
+        attr_bytes(CKA_LABEL, label.as_bytes()),
     ];
     generate_key(
         m,
         s,
         CKM_GENERIC_SECRET_KEY_GEN,
         &mut tmpl,
-        "C_GenerateKey (HMAC session key)",
+        "C_GenerateKey (HMAC)",
     )
 }
 
