@@ -58,6 +58,8 @@ pub enum Error {
     FunctionNotSupported,
     #[error("parallel sessions are not supported")]
     ParallelNotSupported,
+    #[error("the slot has as many sessions open as it can")]
+    SessionCount,
     #[error("no event")]
     NoEvent,
     #[error("out of memory")]
@@ -97,6 +99,7 @@ impl Error {
             Error::BufferTooSmall => CKR_BUFFER_TOO_SMALL,
             Error::FunctionNotSupported => CKR_FUNCTION_NOT_SUPPORTED,
             Error::ParallelNotSupported => CKR_SESSION_PARALLEL_NOT_SUPPORTED,
+            Error::SessionCount => CKR_SESSION_COUNT,
             Error::NoEvent => CKR_NO_EVENT,
             Error::HostMemory => CKR_HOST_MEMORY,
             Error::General(_) => CKR_GENERAL_ERROR,

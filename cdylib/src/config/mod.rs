@@ -281,6 +281,8 @@ pub struct SlotConfig {
 
 /// Most members in one slot.
 pub const MAX_MEMBERS: usize = 16;
+/// Virtual slots in one configuration (session handles name their slot).
+pub const MAX_SLOTS: usize = crate::dispatch::MAX_SLOTS;
 
 /// Where a slot's user PIN is read from, at login time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -491,6 +493,14 @@ fn validate(ctx: &Ctx<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
             line: None,
             key: Some("slot".into()),
             message: "no [[slot]] is configured".into(),
+        });
+    }
+    if raw.slots.len() > MAX_SLOTS {
+        return Err(ConfigError {
+            file: ctx.file.to_path_buf(),
+            line: None,
+            key: Some("slot".into()),
+            message: format!("at most {MAX_SLOTS} [[slot]] can be configured"),
         });
     }
 
@@ -1071,6 +1081,21 @@ standby = true
     fn wrong_type_names_line_and_key() {
         let e = err("[[slot]]\nid = \"zero\"\nlabel = \"a\"\n");
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("id")));
+    }
+
+    #[test]
+    fn too_many_slots_are_refused() {
+        let slot = |i: usize| {
+            format!(
+                "[[slot]]\nid = {i}\nlabel = \"s{i}\"\n[[slot.member]]\nlibrary = \"/x.so\"\ntoken = \"t{i}\"\n"
+            )
+        };
+        let text: String = (0..=MAX_SLOTS).map(slot).collect();
+        let e = err(&text);
+        assert_eq!(e.key.as_deref(), Some("slot"));
+        assert!(e.message.contains("at most 256"), "{}", e.message);
+        let text: String = (0..MAX_SLOTS).map(slot).collect();
+        assert!(parse(Path::new("/etc/p.toml"), &text).is_ok());
     }
 
     #[test]

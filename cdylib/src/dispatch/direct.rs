@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use pkcs11_sys::*;
 
-use super::handles::SessionRef;
+use super::sessions::SessionRef;
 use super::{FORK_GEN, Library};
 use crate::abi::library;
 use crate::error::Error;

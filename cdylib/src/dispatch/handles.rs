@@ -1,195 +1,33 @@
-//! p11shim's own session and object handles.
+//! p11shim's own object handles.
 //!
-//! Handles are 64-bit, never 0 and never reused: one counter serves sessions
-//! and objects alike, so a session handle is never a valid object handle and
-//! the reverse, and it starts far above the small numbers vendors use, so a
-//! vendor handle that leaked would not resolve. No vendor handle ever reaches
-//! the application; that is what lets a session move to another member.
+//! Object handles are 64-bit, never 0 and never reused: they come from one
+//! counter, which starts far above the small numbers vendors use, so a
+//! vendor handle that leaked would not resolve, and stays far below the
+//! session handles (`sessions`), so neither kind is valid as the other. No
+//! vendor handle ever reaches the application; that is what lets a session
+//! move to another member.
 //!
-//! A session is bound to one member at a time (`SessionState`); an object
-//! is known by its identity on the token and by its handle on each member
-//! where it was found.
-//!
-//! Lock order: the session table, then a session's state, then the object
-//! table. Table locks are never held across a vendor call; a session's
-//! state lock is held across vendor calls only while the session moves to
-//! another member (calls on one session are serialized by the spec anyway).
+//! An object is known by its identity on the token and by its handle on
+//! each member where it was found. The object table's lock comes last in
+//! the lock order and is never held across a vendor call.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
-use pkcs11_sys::{CK_FLAGS, CK_INVALID_HANDLE, CK_OBJECT_HANDLE, CK_SESSION_HANDLE, CK_ULONG};
+use parking_lot::RwLock;
+use pkcs11_sys::{CK_INVALID_HANDLE, CK_OBJECT_HANDLE, CK_SESSION_HANDLE, CK_ULONG};
 use rustc_hash::FxHashMap;
 
 use crate::config::MAX_MEMBERS;
 use crate::policy::{Attrs, Grant};
-use crate::router::replay::Ops;
 
 /// First handle issued.
 const FIRST_HANDLE: u64 = 0x0001_0000;
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(FIRST_HANDLE);
 
-/// A fresh handle, never issued before in this process.
+/// A fresh object handle, never issued before in this process.
 pub fn next_handle() -> CK_ULONG {
     NEXT_HANDLE.fetch_add(1, Ordering::Relaxed) as CK_ULONG
-}
-
-/// An open session of the application.
-#[derive(Debug)]
-pub struct Session {
-    /// Index of the virtual slot.
-    pub slot: u32,
-    /// The flags it was opened with.
-    pub flags: CK_FLAGS,
-    /// Whether its operations are recorded for replay on another member
-    /// (multi-member slots with a replay limit).
-    pub replay: bool,
-    /// The slot has one member: the session is always bound to member 0
-    /// and its vendor handle is read from `vendor`, without a lock.
-    pub single: bool,
-    /// The vendor session handle, mirrored from the state for `single`.
-    pub vendor: AtomicU64,
-    /// The member's functions, when calls on this session may take the
-    /// direct path (a one-member slot without a call deadline).
-    pub direct: Option<super::direct::DirectFns>,
-    pub state: Mutex<SessionState>,
-}
-
-/// Where a session is bound, and what it is doing.
-#[derive(Debug)]
-pub struct SessionState {
-    /// Index of the member within the slot.
-    pub member: u32,
-    /// The vendor's session handle on that member.
-    pub vendor: CK_SESSION_HANDLE,
-    pub ops: Ops,
-    /// Session objects this session created (they die with it).
-    pub owned: Vec<CK_OBJECT_HANDLE>,
-    /// Session objects created from a template (kept), re-created on the
-    /// member the session moves to; other session objects are lost then.
-    pub recreate: Vec<(CK_OBJECT_HANDLE, crate::abi::mem::SavedTemplate)>,
-    /// Calls made, for sampling latency.
-    pub calls: u32,
-    /// The key operations in progress, by `OpKind`, for their audit records.
-    /// (Allocated with the first one: most sessions have none.)
-    pub audit: Option<Box<[Option<super::audit::AuditedOp>; 7]>>,
-    /// A key operation under a quorum rule, waiting for or holding approval.
-    pub quorum: Option<Box<super::quorum::QuorumOp>>,
-}
-
-impl Session {
-    /// The member and vendor session serving this session now.
-    #[inline]
-    pub fn binding(&self) -> (u32, CK_SESSION_HANDLE) {
-        if self.single {
-            return (0, self.vendor.load(Ordering::Acquire) as CK_SESSION_HANDLE);
-        }
-        let st = self.state.lock();
-        (st.member, st.vendor)
-    }
-}
-
-/// The open sessions.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    map: RwLock<FxHashMap<CK_SESSION_HANDLE, Arc<Session>>>,
-}
-
-/// Bumped whenever a session is removed (and at initialization), so that
-/// a thread's cached session is checked with one load.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    /// The session this thread used last: its handle, the generation it was
-    /// looked up in, and where it lives.
-    static LAST: std::cell::Cell<(CK_SESSION_HANDLE, u64, *const Session)> =
-        const { std::cell::Cell::new((CK_INVALID_HANDLE, u64::MAX, std::ptr::null())) };
-}
-
-/// Invalidates every thread's cached session.
-pub fn invalidate_cached_sessions() {
-    GENERATION.fetch_add(1, Ordering::AcqRel);
-}
-
-/// A session, borrowed for the duration of one call.
-///
-/// Applications use a session from one thread at a time, so each thread
-/// remembers the session it used last: the common lookup is one
-/// thread-local read and one load of the generation, with no lock and no
-/// write to shared memory. The session is owned by the table until it is
-/// closed; closing a session while another thread is inside a call on that
-/// same session is undefined in PKCS#11 (vendor libraries free its state
-/// too), which is what makes the borrow without a reference count sound.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionRef(*const Session);
-
-impl std::ops::Deref for SessionRef {
-    type Target = Session;
-    #[inline]
-    #[allow(unsafe_code)]
-    fn deref(&self) -> &Session {
-        // SAFETY: the pointer came from an Arc held by the session table
-        // when the generation was current; the table drops it only in
-        // C_CloseSession, C_CloseAllSessions or C_Finalize of that session,
-        // which the application does not run concurrently with a call on
-        // the session (see above).
-        unsafe { &*self.0 }
-    }
-}
-
-impl Sessions {
-    /// Looks a session up, first in this thread's cache.
-    #[inline(always)]
-    pub fn get(&self, h: CK_SESSION_HANDLE) -> Option<SessionRef> {
-        let generation = GENERATION.load(Ordering::Acquire);
-        let (ch, cg, cp) = LAST.get();
-        if ch == h && cg == generation {
-            return Some(SessionRef(cp));
-        }
-        let p = Arc::as_ptr(self.map.read().get(&h)?);
-        LAST.set((h, generation, p));
-        Some(SessionRef(p))
-    }
-
-    /// Adds a session; it becomes this thread's cached session (the one
-    /// that opened a session usually uses it next).
-    pub fn insert(&self, s: Session) -> CK_SESSION_HANDLE {
-        let h = next_handle();
-        let s = Arc::new(s);
-        let p = Arc::as_ptr(&s);
-        let mut map = self.map.write();
-        map.insert(h, s);
-        // The generation is read under the write lock: a removal of this
-        // session takes the lock after us and moves the generation past it
-        // before the session is dropped.
-        LAST.set((h, GENERATION.load(Ordering::Acquire), p));
-        drop(map);
-        h
-    }
-
-    /// Removes a session; the caller drops it after the generation moved,
-    /// so that no thread's cache can still point at it.
-    pub fn remove(&self, h: CK_SESSION_HANDLE) -> Option<Arc<Session>> {
-        let s = self.map.write().remove(&h);
-        invalidate_cached_sessions();
-        s
-    }
-
-    /// Removes every session of a slot.
-    pub fn remove_slot(&self, slot: u32) -> Vec<(CK_SESSION_HANDLE, Arc<Session>)> {
-        let mut map = self.map.write();
-        let gone: Vec<_> = map
-            .iter()
-            .filter(|(_, s)| s.slot == slot)
-            .map(|(h, s)| (*h, s.clone()))
-            .collect();
-        for (h, _) in &gone {
-            map.remove(h);
-        }
-        invalidate_cached_sessions();
-        gone
-    }
 }
 
 /// Who an object's lifetime depends on.

@@ -23,6 +23,7 @@ mod keygen;
 mod objects;
 mod quorum;
 mod resync;
+mod sessions;
 mod slots;
 
 use std::path::PathBuf;
@@ -47,7 +48,8 @@ use crate::router::{self, Member, recovery};
 use p11shim_audit::Kind;
 
 pub use direct::direct;
-pub use handles::{Identity, ObjectEntry, ObjectInfo, Owner, Session, SessionState};
+pub use handles::{Identity, ObjectEntry, ObjectInfo, Owner};
+pub use sessions::{MAX_SLOTS, Session, SessionState};
 pub use slots::info;
 
 /// Bumped in the child after every `fork()`; state from another generation
@@ -117,6 +119,8 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
     let inherited: Vec<Arc<Vendor>> = match stale {
         Some(lib) => {
             library::take();
+            // Nothing of the parent's is dropped: its locks may be held.
+            lib.sessions.retire();
             std::mem::forget(RECOVERY.lock().take());
             metrics::stop_thread();
             tracing::info!("C_Initialize in a forked child: state of the parent discarded");
@@ -124,7 +128,6 @@ pub fn initialize(reserved: Option<&str>, no_threads: bool, own: CK_C_Initialize
         }
         None => Vec::new(),
     };
-    handles::invalidate_cached_sessions();
     let lib = Arc::new(
         Library::open(cfg, generation, inherited, own, no_threads).inspect_err(|e| {
             tracing::error!(config = %path.display(), error = %e, "C_Initialize failed");
@@ -186,7 +189,6 @@ pub fn finalize() -> Result<()> {
     if let Some(a) = &lib.audit {
         a.stop(lib.credentials.as_deref());
     }
-    handles::invalidate_cached_sessions();
     for v in lib.vendors.iter().filter(|v| v.owned) {
         // A call abandoned at its deadline may still be running inside the
         // vendor: finalizing under it is undefined, so the vendor is left
@@ -245,8 +247,6 @@ pub struct Slot {
     pub cfg: SlotConfig,
     pub members: Vec<Member>,
     pub login: Mutex<Login>,
-    /// Sessions the application has open on the slot.
-    pub open_sessions: std::sync::atomic::AtomicUsize,
     /// What members missed while down.
     journal: resync::Journal,
     /// The broker's credentials, for a slot with `pin = "broker"`.
@@ -324,7 +324,7 @@ pub struct Library {
     /// The application forbade threads (`CKF_LIBRARY_CANT_CREATE_OS_THREADS`):
     /// down members are probed inline.
     pub no_threads: bool,
-    sessions: handles::Sessions,
+    sessions: sessions::Sessions,
     objects: handles::Objects,
     recovery: Arc<recovery::Control>,
     /// Credentials by attestation, when `[broker]` is configured.
@@ -439,7 +439,6 @@ impl Library {
                     cfg: sc.clone(),
                     members,
                     login: Mutex::new(Login::default()),
-                    open_sessions: Default::default(),
                     journal,
                     agent: agent
                         .clone()
@@ -455,6 +454,7 @@ impl Library {
             .map(|m| metrics::Exporter::new(m, no_threads));
         match result {
             Ok(slots) => Ok(Library {
+                sessions: sessions::Sessions::new(slots.len()),
                 lean: exporter.is_none() && audit.is_none() && cfg.acl.is_none(),
                 metrics: exporter,
                 fork_gen,
@@ -466,7 +466,6 @@ impl Library {
                 vendors,
                 slots,
                 no_threads,
-                sessions: Default::default(),
                 objects: Default::default(),
                 recovery: Arc::new(recovery::Control::default()),
                 credentials: agent,
@@ -530,9 +529,22 @@ impl Library {
         }
     }
 
+    /// Sessions the application has open on slot `si`.
+    pub fn open_sessions(&self, si: u32) -> usize {
+        self.sessions.open(si)
+    }
+
+    /// Sessions bound to a member: on a one-member slot, the slot's.
+    pub fn member_sessions(&self, si: u32, m: &Member) -> usize {
+        match self.slots[si as usize].members.len() {
+            1 => self.open_sessions(si),
+            _ => m.sessions() as usize,
+        }
+    }
+
     /// A session of the application.
     #[inline(always)]
-    fn session(&self, h: CK_SESSION_HANDLE) -> Result<handles::SessionRef> {
+    fn session(&self, h: CK_SESSION_HANDLE) -> Result<sessions::SessionRef> {
         self.sessions.get(h).ok_or(Error::SessionHandleInvalid)
     }
 
@@ -1145,7 +1157,8 @@ impl Library {
         let slots: Vec<serde_json::Value> = self
             .slots
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(si, s)| {
                 let members: Vec<serde_json::Value> = s
                     .members
                     .iter()
@@ -1159,7 +1172,7 @@ impl Library {
                             "state": router::state_name(m),
                             "standby": m.cfg.standby,
                             "weight": m.cfg.weight,
-                            "sessions": m.sessions(),
+                            "sessions": self.member_sessions(si as u32, m),
                             "inflight": m.inflight(),
                             "logged_in": m.is_logged_in(),
                             "latency_us": st.latency_us.load(Ordering::Relaxed),
@@ -1177,7 +1190,7 @@ impl Library {
                     "label": s.cfg.label,
                     "serial": s.cfg.serial,
                     "logged_in": s.logged_in(),
-                    "sessions": s.open_sessions.load(Ordering::Relaxed),
+                    "sessions": self.open_sessions(si as u32),
                     "members": members,
                 })
             })

@@ -4,7 +4,8 @@ use p11shim_audit::Kind;
 use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
-use super::{Library, Session, SessionState, Slot};
+use super::sessions::Opened;
+use super::{Library, Slot};
 use crate::abi::mem::{Bytes, Label, Out, OutBytes, OutList, Pin, padded};
 use crate::error::{Error, Result};
 use crate::router::{self, Member, bounded};
@@ -202,14 +203,37 @@ impl Library {
         &self,
         slot: CK_SLOT_ID,
         flags: CK_FLAGS,
-        mut out: Out<'_, CK_SESSION_HANDLE>,
+        out: Out<'_, CK_SESSION_HANDLE>,
     ) -> Result<()> {
         let si = self.slot_index(slot)?;
         if flags & CKF_SERIAL_SESSION == 0 {
             return Err(Error::ParallelNotSupported);
         }
         let s = &self.slots[si as usize];
+        match &s.members[..] {
+            // One member and nothing to probe inline: it opens the session
+            // or the call fails.
+            [m] if m.deadline.is_none() && !self.no_threads => {
+                let vs = m.vendor_slot().filter(|_| m.is_up());
+                let vs = vs.ok_or(Error::TokenNotPresent)?;
+                let mut vendor: CK_SESSION_HANDLE = 0;
+                m.track(false, || m.vendor.open_session(vs, flags, &mut vendor))?;
+                self.add_session(s, m, si, 0, flags, vendor, out)
+            }
+            _ => self.open_session_routed(s, si, flags, out),
+        }
+    }
+
+    #[inline(never)]
+    fn open_session_routed(
+        &self,
+        s: &Slot,
+        si: u32,
+        flags: CK_FLAGS,
+        out: Out<'_, CK_SESSION_HANDLE>,
+    ) -> Result<()> {
         self.probe_inline();
+        let single = s.members.len() == 1;
         let mut excluded = 0u32;
         loop {
             let mi = router::pick(&s.members, excluded).ok_or(Error::TokenNotPresent)?;
@@ -217,7 +241,9 @@ impl Library {
             let vs = m.vendor_slot().ok_or(Error::TokenNotPresent)?;
             // Counted at once, so that sessions opened at the same time
             // spread over the members.
-            m.session_opened();
+            if !single {
+                m.session_opened();
+            }
             let opened = m.track(false, || match m.deadline {
                 Some(t) => {
                     let v = m.vendor.clone();
@@ -234,7 +260,9 @@ impl Library {
             let vendor = match opened {
                 Ok(vh) => vh,
                 Err(e) => {
-                    m.session_closed();
+                    if !single {
+                        m.session_closed();
+                    }
                     let (failover, rv) = match &e {
                         Error::Vendor(rv) => (router::is_failover(*rv, false), Some(*rv)),
                         Error::TimedOut => (true, None),
@@ -248,46 +276,62 @@ impl Library {
                     return Err(e);
                 }
             };
-            if s.members.len() > 1 {
+            if !single {
                 if let Err(e) = self.ensure_login(s, m, vendor) {
                     let _ = m.vendor.close_session(vendor);
                     m.session_closed();
                     return Err(e);
                 }
             }
-            s.open_sessions
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let state = SessionState {
-                member: mi,
-                vendor,
-                ops: Default::default(),
-                owned: Vec::new(),
-                recreate: Vec::new(),
-                calls: 0,
-                audit: Default::default(),
-                quorum: None,
-            };
-            let single = s.members.len() == 1;
-            let replay = !single && s.cfg.replay_limit > 0;
-            let session = Session {
-                slot: si,
-                flags,
-                replay,
-                single,
-                vendor: std::sync::atomic::AtomicU64::new(vendor as u64),
-                direct: (single && m.deadline.is_none())
-                    .then(|| super::direct::DirectFns::new(m.vendor.functions())),
-                state: parking_lot::Mutex::new(state),
-            };
-            out.write(self.sessions.insert(session));
-            return Ok(());
+            return self.add_session(s, m, si, mi, flags, vendor, out);
+        }
+    }
+
+    /// Enters a session the member `mi` opened (and counted, on a slot of
+    /// several members) in the table.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn add_session(
+        &self,
+        s: &Slot,
+        m: &Member,
+        si: u32,
+        mi: u32,
+        flags: CK_FLAGS,
+        vendor: CK_SESSION_HANDLE,
+        mut out: Out<'_, CK_SESSION_HANDLE>,
+    ) -> Result<()> {
+        let single = s.members.len() == 1;
+        let session = Opened {
+            slot: si,
+            flags,
+            replay: !single && s.cfg.replay_limit > 0,
+            single,
+            member: mi,
+            vendor,
+            direct: (single && m.deadline.is_none())
+                .then(|| super::direct::DirectFns::new(m.vendor.functions())),
+        };
+        match self.sessions.insert(session) {
+            Ok(h) => {
+                out.write(h);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = m.vendor.close_session(vendor);
+                if !single {
+                    m.session_closed();
+                }
+                Err(e)
+            }
         }
     }
 
     pub fn close_session(&self, h: CK_SESSION_HANDLE) -> Result<()> {
         let sess = self.session(h)?;
         let (m, vh) = sess.binding();
-        let slot = &self.slots[sess.slot as usize];
+        let sess_slot = sess.slot;
+        let slot = &self.slots[sess_slot as usize];
         let member = &slot.members[m as usize];
         let rv = if member.is_up() {
             member.vendor.close_session(vh)
@@ -296,20 +340,15 @@ impl Library {
         };
         // The session is gone for the application whatever the vendor said
         // (a member that failed may have lost it already).
-        if let Some(mut closed) = self.sessions.remove(h) {
-            member.session_closed();
-            // The table held the only reference: no lock to take.
-            let owned = match std::sync::Arc::get_mut(&mut closed) {
-                Some(s) => std::mem::take(&mut s.state.get_mut().owned),
-                None => std::mem::take(&mut closed.state.lock().owned),
-            };
-            self.objects.forget(&owned);
-            if slot
-                .open_sessions
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-                == 1
-            {
-                self.objects.forget_found_session_objects(closed.slot);
+        if let Some(closed) = self.sessions.remove(h) {
+            if !closed.single {
+                member.session_closed();
+            }
+            if let Some(held) = &closed.held {
+                self.objects.forget(&held.owned);
+            }
+            if closed.last {
+                self.objects.forget_found_session_objects(sess_slot);
                 self.slot_sessions_gone(slot);
             }
         }
@@ -350,12 +389,11 @@ impl Library {
                 }
             }
         }
-        for (_, sess) in self.sessions.remove_slot(i) {
-            s.members[sess.binding().0 as usize].session_closed();
-            let owned = std::mem::take(&mut sess.state.lock().owned);
-            self.objects.forget(&owned);
-            s.open_sessions
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        for closed in self.sessions.remove_slot(i) {
+            s.members[closed.member as usize].session_closed();
+            if let Some(held) = &closed.held {
+                self.objects.forget(&held.owned);
+            }
         }
         self.objects.forget_found_session_objects(i);
         self.slot_sessions_gone(s);

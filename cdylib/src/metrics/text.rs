@@ -138,11 +138,11 @@ pub fn render(lib: &Library, exporter: &Exporter) -> String {
         "gauge",
         "Sessions the application has open on the slot.",
     );
-    for (s, id) in lib.slots.iter().zip(&ids) {
+    for (si, id) in ids.iter().enumerate() {
         e.sample(
             "p11shim_slot_sessions",
             &[("slot", id)],
-            s.open_sessions.load(Ordering::Relaxed),
+            lib.open_sessions(si as u32),
         );
     }
     e.family(
@@ -222,13 +222,15 @@ fn members(e: &mut Encoder, lib: &Library, ids: &[String]) {
         "gauge",
         "Sessions bound to the member.",
     );
-    each(e, &|e, slot, name, m| {
-        e.sample(
-            "p11shim_member_sessions",
-            &[("slot", slot), ("member", name)],
-            m.sessions(),
-        )
-    });
+    for (si, (s, slot)) in lib.slots.iter().zip(ids).enumerate() {
+        for m in &s.members {
+            e.sample(
+                "p11shim_member_sessions",
+                &[("slot", slot), ("member", &m.name)],
+                lib.member_sessions(si as u32, m),
+            );
+        }
+    }
     e.family(
         "p11shim_member_inflight",
         "gauge",

@@ -354,6 +354,9 @@ impl Member {
 /// sessions are the member's outstanding work). Members in the `exclude`
 /// bit set are never picked.
 pub fn pick(members: &[Member], exclude: u32) -> Option<u32> {
+    if let [m] = members {
+        return (exclude & 1 == 0 && m.is_up()).then_some(0);
+    }
     let score = |m: &Member| u64::from(m.sessions()) * 1_000_000 / u64::from(m.cfg.weight.max(1));
     let best = |standby: bool| {
         members

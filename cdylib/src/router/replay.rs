@@ -83,6 +83,12 @@ pub struct Ops {
 }
 
 impl Ops {
+    /// No operation is active or lost.
+    #[inline]
+    pub fn is_idle(&self) -> bool {
+        self.ops.is_empty() && self.find.is_none() && self.lost == 0
+    }
+
     pub fn get(&self, k: OpKind) -> Option<&OpRecord> {
         self.ops.iter().find(|(x, _)| *x == k).map(|(_, r)| r)
     }
