@@ -160,6 +160,23 @@ fn key(s: &Session, label: &str) -> ObjectHandle {
     .expect("the private or secret key")
 }
 
+/// A number of the status query: the first (or the last) of its name.
+fn status_number(name: &str, last: bool) -> u64 {
+    let status = p11shim_tests::status_json(&p11shim_lib());
+    let key = format!("\"{name}\":");
+    let at = if last {
+        status.rfind(&key)
+    } else {
+        status.find(&key)
+    };
+    let at = at.unwrap_or_else(|| panic!("{name} in the status: {status}")) + key.len();
+    let n: String = status[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    n.parse().unwrap()
+}
+
 fn rv(e: &CkError) -> Option<RvError> {
     match e {
         CkError::Pkcs11(rv, _) => Some(*rv),
@@ -322,15 +339,7 @@ fn a_single_member_failure_on_the_direct_path() {
     ha.login(&s);
     let rsa = key(&s, "rsa");
     let sig = s.sign(&Mechanism::Sha256RsaPkcs, rsa, b"m").unwrap();
-    let errors = || {
-        let status = p11shim_tests::status_json(&p11shim_lib());
-        let at = status.find(r#""errors":"#).expect("errors in the status");
-        let n: String = status[at + 9..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        n.parse::<u64>().unwrap()
-    };
+    let errors = || status_number("errors", false);
     let before = errors();
 
     ha.members[0].set("fail C_DigestInit CKR_FUNCTION_FAILED\n");
@@ -357,6 +366,60 @@ fn a_single_member_failure_on_the_direct_path() {
         "{}",
         ha.env.log()
     );
+}
+
+/// Opening and closing the sessions of a one-member slot take the direct
+/// path: what the member says reaches the application, a failure to open
+/// is counted on the member, a session is gone whatever the member said of
+/// closing it, and closing the slot's last session logs the application
+/// out.
+#[test]
+fn opening_and_closing_on_the_direct_path() {
+    let ha = ha(1, "");
+    let errors = || status_number("errors", false);
+    // The slot's count comes last in its status object.
+    let open = || status_number("sessions", true);
+    let before = errors();
+    ha.members[0].set("fail C_OpenSession CKR_DEVICE_MEMORY\n");
+    let e = ha.pkcs11.open_rw_session(ha.slot).unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::DeviceMemory), "{e}");
+    assert_eq!(errors(), before + 1, "the member's error is counted");
+    assert_eq!(open(), 0);
+    ha.members[0].heal();
+
+    let s = ha.session();
+    ha.login(&s);
+    let other = ha.session();
+    assert_eq!(open(), 2);
+    s.close().unwrap();
+    assert_eq!(
+        other.get_session_info().unwrap().session_state(),
+        cryptoki::session::SessionState::RwUser
+    );
+    other.close().unwrap();
+    assert_eq!(open(), 0);
+    let s = ha.session();
+    assert_eq!(
+        s.get_session_info().unwrap().session_state(),
+        cryptoki::session::SessionState::RwPublic,
+        "the last session closed logged the application out"
+    );
+
+    // Closes the member refuses. (The fault module leaves the member's
+    // sessions open then: the member's login outlives them.)
+    let (a, b) = (ha.session(), ha.session());
+    assert_eq!(open(), 3);
+    ha.members[0].set("fail C_CloseSession CKR_FUNCTION_FAILED times 1\n");
+    let e = a.close().unwrap_err();
+    assert_eq!(rv(&e), Some(RvError::FunctionFailed), "{e}");
+    assert_eq!(open(), 2, "the session is gone all the same");
+    // A member's loss of the session is no failure to close it.
+    ha.members[0].set("fail C_CloseSession CKR_DEVICE_ERROR times 1\n");
+    b.close().unwrap();
+    assert_eq!(open(), 1);
+    ha.members[0].heal();
+    s.close().unwrap();
+    assert_eq!(open(), 0);
 }
 
 /// A member that forgot a session (a restart) may hand its number out again

@@ -212,20 +212,7 @@ cryptoki! {
         lib.wait_for_slot_event(flags, unsafe { Out::new(slot)? })
     }
 
-    // --- Sessions (5.6) ---
-    fn C_OpenSession(slot: CK_SLOT_ID, flags: CK_FLAGS, _app: CK_VOID_PTR, _notify: CK_NOTIFY, session: CK_SESSION_HANDLE_PTR) {
-        let lib = current()?;
-        // Notification callbacks are optional for a library (5.16); p11shim
-        // makes none, and passes none to the vendor, which would call back
-        // with its own handles.
-        // SAFETY: see above.
-        lib.open_session(slot, flags, unsafe { Out::new(session)? })
-    }
-
-    fn C_CloseSession(h: Sh) {
-        current()?.close_session(h)
-    }
-
+    // --- Sessions (5.6); C_OpenSession and C_CloseSession are further down ---
     fn C_CloseAllSessions(slot: CK_SLOT_ID) {
         current()?.close_all_sessions(slot)
     }
@@ -596,6 +583,58 @@ pub(super) unsafe extern "C" fn get_info_v2(info: CK_INFO_PTR) -> CK_RV {
         }));
         Ok(())
     })
+}
+
+// --- Sessions (5.6): opening and closing ---
+
+/// PKCS#11 entry point: `C_OpenSession`, the direct way when the slot
+/// allows it (`dispatch::direct`), else through the guard.
+///
+/// Notification callbacks are optional for a library (5.16); p11shim makes
+/// none, and passes none to the vendor, which would call back with its own
+/// handles.
+///
+/// # Safety
+/// Called by applications as the PKCS#11 specification describes: every
+/// pointer is NULL or valid for the sizes given with it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn C_OpenSession(
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    _app: CK_VOID_PTR,
+    _notify: CK_NOTIFY,
+    session: CK_SESSION_HANDLE_PTR,
+) -> CK_RV {
+    #[inline(never)]
+    fn full(slot: CK_SLOT_ID, flags: CK_FLAGS, session: CK_SESSION_HANDLE_PTR) -> CK_RV {
+        guard("C_OpenSession", || {
+            let lib = current()?;
+            // SAFETY: see above.
+            lib.open_session(slot, flags, unsafe { Out::new(session)? })
+        })
+    }
+    // SAFETY: the application's handle pointer, NULL or writable.
+    if let Some(rv) = unsafe { dispatch::direct::open_session(slot, flags, session) } {
+        return rv;
+    }
+    full(slot, flags, session)
+}
+
+/// PKCS#11 entry point: `C_CloseSession`, the direct way for a direct
+/// session, else through the guard.
+///
+/// # Safety
+/// Called by applications as the PKCS#11 specification describes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn C_CloseSession(h: Sh) -> CK_RV {
+    #[inline(never)]
+    fn full(h: Sh) -> CK_RV {
+        guard("C_CloseSession", || current()?.close_session(h))
+    }
+    if let Some(rv) = dispatch::direct::close_session(h) {
+        return rv;
+    }
+    full(h)
 }
 
 // The data path: with a direct session (see `dispatch::direct`) these go

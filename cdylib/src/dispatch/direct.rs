@@ -26,7 +26,8 @@ use pkcs11_sys::*;
 
 use super::sessions::SessionRef;
 use super::{FORK_GEN, Library};
-use crate::abi::library;
+use crate::abi::mem::Out;
+use crate::abi::{guard, library};
 use crate::error::Error;
 use crate::router::{self, replay::OpKind};
 
@@ -46,6 +47,93 @@ impl DirectFns {
     pub fn new(fl: &CK_FUNCTION_LIST_3_0) -> DirectFns {
         DirectFns(NonNull::from(fl))
     }
+}
+
+/// `C_OpenSession` on a slot of one member without a call deadline, in a
+/// lean module that may start threads: the member's `C_OpenSession`, and
+/// the session entered in the table. `None`: the call goes the full way
+/// (an argument the full path refuses, a member that is down).
+///
+/// # Safety
+/// `out` is NULL or valid for writing a handle.
+#[inline(always)]
+pub unsafe fn open_session(
+    slot: CK_SLOT_ID,
+    flags: CK_FLAGS,
+    out: CK_SESSION_HANDLE_PTR,
+) -> Option<CK_RV> {
+    let lib = library::get()?;
+    if !lib.lean
+        || lib.no_threads
+        || lib.fork_gen != FORK_GEN.load(Ordering::Relaxed)
+        || flags & CKF_SERIAL_SESSION == 0
+        || out.is_null()
+    {
+        return None;
+    }
+    let si = lib.slot_index(slot).ok()?;
+    let s = &lib.slots[si as usize];
+    let [m] = &s.members[..] else { return None };
+    if m.deadline.is_some() || !m.is_up() {
+        return None;
+    }
+    let vs = m.vendor_slot()?;
+    let f = m.vendor.functions().C_OpenSession?;
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut vendor: CK_SESSION_HANDLE = 0;
+        // SAFETY: the member's own entry point, with its slot, the
+        // application's flags, no callback and a writable handle.
+        let rv = unsafe { f(vs, flags, std::ptr::null_mut(), None, &mut vendor) };
+        if rv != CKR_OK {
+            m.count_error();
+            return guard::failed("C_OpenSession", &Error::Vendor(rv));
+        }
+        // SAFETY: checked non-NULL above, and valid for writing (the
+        // caller's promise).
+        let out = unsafe { Out::new(out) };
+        match out.and_then(|out| lib.add_session(s, m, si, 0, flags, vendor, out)) {
+            Ok(()) => {
+                tracing::trace!(function = "C_OpenSession", "CKR_OK");
+                CKR_OK
+            }
+            Err(e) => guard::failed("C_OpenSession", &e),
+        }
+    }));
+    Some(r.unwrap_or_else(|_| panicked("C_OpenSession")))
+}
+
+/// `C_CloseSession` on a direct session whose member is up: the member's
+/// `C_CloseSession`, and the session taken out of the table.
+#[inline(always)]
+pub fn close_session(h: CK_SESSION_HANDLE) -> Option<CK_RV> {
+    let d = direct(h)?;
+    let si = d.sess.slot;
+    let m = &d.lib.slots[si as usize].members[0];
+    if !m.is_up() {
+        return None;
+    }
+    let f = d.functions().C_CloseSession?;
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the member's own entry point and its session handle.
+        let rv = unsafe { f(d.vendor_session()) };
+        d.lib.session_closed(h, si, m);
+        if rv == CKR_OK || router::is_failover(rv, false) {
+            tracing::trace!(function = "C_CloseSession", "CKR_OK");
+            CKR_OK
+        } else {
+            guard::failed("C_CloseSession", &Error::Vendor(rv))
+        }
+    }));
+    Some(r.unwrap_or_else(|_| panicked("C_CloseSession")))
+}
+
+#[cold]
+fn panicked(function: &'static str) -> CK_RV {
+    tracing::error!(
+        function,
+        "internal error: a panic was caught at the C boundary"
+    );
+    CKR_GENERAL_ERROR
 }
 
 /// A direct session, found for one call.
@@ -120,15 +208,9 @@ impl Direct {
         }));
         match r {
             Ok(Some(Ok(()))) => Some(CKR_OK),
-            Ok(Some(Err(e))) => Some(crate::abi::guard::failed(function, &e)),
+            Ok(Some(Err(e))) => Some(guard::failed(function, &e)),
             Ok(None) => None,
-            Err(_) => {
-                tracing::error!(
-                    function,
-                    "internal error: a panic was caught at the C boundary"
-                );
-                Some(CKR_GENERAL_ERROR)
-            }
+            Err(_) => Some(panicked(function)),
         }
     }
 }

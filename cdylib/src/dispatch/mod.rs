@@ -17,7 +17,7 @@
 mod acl;
 mod audit;
 mod crypto;
-mod direct;
+pub mod direct;
 mod handles;
 mod keygen;
 mod objects;

@@ -291,7 +291,7 @@ impl Library {
     /// several members) in the table.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn add_session(
+    pub(super) fn add_session(
         &self,
         s: &Slot,
         m: &Member,
@@ -331,30 +331,43 @@ impl Library {
         let sess = self.session(h)?;
         let (m, vh) = sess.binding();
         let sess_slot = sess.slot;
-        let slot = &self.slots[sess_slot as usize];
-        let member = &slot.members[m as usize];
+        let member = &self.slots[sess_slot as usize].members[m as usize];
         let rv = if member.is_up() {
             member.vendor.close_session(vh)
         } else {
             Ok(())
         };
-        // The session is gone for the application whatever the vendor said
-        // (a member that failed may have lost it already).
+        self.session_closed(h, sess_slot, member);
+        match rv {
+            Err(Error::Vendor(rv)) if router::is_failover(rv, false) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Takes a session the application closed out of the table, whatever
+    /// the vendor said (a member that failed may have lost it already).
+    #[inline(always)]
+    pub(super) fn session_closed(&self, h: CK_SESSION_HANDLE, si: u32, member: &Member) {
         if let Some(closed) = self.sessions.remove(h) {
             if !closed.single {
                 member.session_closed();
             }
-            if let Some(held) = &closed.held {
-                self.objects.forget(&held.owned);
-            }
-            if closed.last {
-                self.objects.forget_found_session_objects(sess_slot);
-                self.slot_sessions_gone(slot);
+            if closed.held.is_some() || closed.last {
+                self.closed_with_more(si, closed);
             }
         }
-        match rv {
-            Err(Error::Vendor(rv)) if router::is_failover(rv, false) => Ok(()),
-            other => other,
+    }
+
+    /// The rest of closing a session that held objects or operations, or
+    /// was the slot's last.
+    #[inline(never)]
+    fn closed_with_more(&self, si: u32, closed: super::sessions::Closed) {
+        if let Some(held) = &closed.held {
+            self.objects.forget(&held.owned);
+        }
+        if closed.last {
+            self.objects.forget_found_session_objects(si);
+            self.slot_sessions_gone(&self.slots[si as usize]);
         }
     }
 
