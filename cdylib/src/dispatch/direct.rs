@@ -72,34 +72,36 @@ pub unsafe fn open_session(
         return None;
     }
     let si = lib.slot_index(slot).ok()?;
-    let s = &lib.slots[si as usize];
+    let s = lib.slots.get(si as usize)?;
     let [m] = &s.members[..] else { return None };
     if m.deadline.is_some() || !m.is_up() {
         return None;
     }
     let vs = m.vendor_slot()?;
     let f = m.vendor.functions().C_OpenSession?;
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        let mut vendor: CK_SESSION_HANDLE = 0;
-        // SAFETY: the member's own entry point, with its slot, the
-        // application's flags, no callback and a writable handle.
-        let rv = unsafe { f(vs, flags, std::ptr::null_mut(), None, &mut vendor) };
-        if rv != CKR_OK {
-            m.count_error();
-            return guard::failed("C_OpenSession", &Error::Vendor(rv));
-        }
-        // SAFETY: checked non-NULL above, and valid for writing (the
-        // caller's promise).
-        let out = unsafe { Out::new(out) };
+    // What follows cannot panic: no indexing, no unwrapping (the guard's
+    // `catch_unwind` is left out of the fast part, as for the other direct
+    // calls; the cold failures log through `guard::failed`, which catches).
+    let mut vendor: CK_SESSION_HANDLE = 0;
+    // SAFETY: the member's own entry point, with its slot, the application's
+    // flags, no callback and a writable handle.
+    let rv = unsafe { f(vs, flags, std::ptr::null_mut(), None, &mut vendor) };
+    if rv != CKR_OK {
+        m.count_error();
+        return Some(guard::failed("C_OpenSession", &Error::Vendor(rv)));
+    }
+    // SAFETY: checked non-NULL above, and valid for writing (the caller's
+    // promise).
+    let out = unsafe { Out::new(out) };
+    Some(
         match out.and_then(|out| lib.add_session(s, m, si, 0, flags, vendor, out)) {
             Ok(()) => {
                 tracing::trace!(function = "C_OpenSession", "CKR_OK");
                 CKR_OK
             }
             Err(e) => guard::failed("C_OpenSession", &e),
-        }
-    }));
-    Some(r.unwrap_or_else(|_| panicked("C_OpenSession")))
+        },
+    )
 }
 
 /// `C_CloseSession` on a direct session whose member is up: the member's
@@ -107,24 +109,22 @@ pub unsafe fn open_session(
 #[inline(always)]
 pub fn close_session(h: CK_SESSION_HANDLE) -> Option<CK_RV> {
     let d = direct(h)?;
-    let si = d.sess.slot;
-    let m = &d.lib.slots[si as usize].members[0];
+    let m = d.lib.slots.get(d.sess.slot as usize)?.members.first()?;
     if !m.is_up() {
         return None;
     }
     let f = d.functions().C_CloseSession?;
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        // SAFETY: the member's own entry point and its session handle.
-        let rv = unsafe { f(d.vendor_session()) };
-        d.lib.session_closed(h, si, m);
-        if rv == CKR_OK || router::is_failover(rv, false) {
-            tracing::trace!(function = "C_CloseSession", "CKR_OK");
-            CKR_OK
-        } else {
-            guard::failed("C_CloseSession", &Error::Vendor(rv))
-        }
-    }));
-    Some(r.unwrap_or_else(|_| panicked("C_CloseSession")))
+    // As in `open_session`, nothing here can panic; the rest of closing a
+    // slot's last session catches on its own.
+    // SAFETY: the member's own entry point and its session handle.
+    let rv = unsafe { f(d.vendor_session()) };
+    d.lib.session_closed(h, d.sess, m);
+    Some(if rv == CKR_OK || router::is_failover(rv, false) {
+        tracing::trace!(function = "C_CloseSession", "CKR_OK");
+        CKR_OK
+    } else {
+        guard::failed("C_CloseSession", &Error::Vendor(rv))
+    })
 }
 
 #[cold]

@@ -110,7 +110,7 @@ impl Session {
 const TAG: u64 = 1 << 62;
 /// Set in a free entry's last handle; never in a handle given out.
 const FREE: u64 = 1 << 63;
-const INDEX_BITS: u32 = 20;
+const INDEX_BITS: u32 = 16;
 const SLOT_BITS: u32 = 8;
 const GEN_SHIFT: u32 = INDEX_BITS + SLOT_BITS;
 const GEN_BITS: u32 = 62 - GEN_SHIFT;
@@ -119,14 +119,14 @@ const MAX_GEN: u64 = (1 << GEN_BITS) - 1;
 const MAX_ENTRIES: u32 = 1 << INDEX_BITS;
 /// Slots a library can have (`config` refuses more).
 pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
-/// Entries of a table's first chunk; chunk `k` has `CHUNK << k` of them.
+/// Entries of a chunk: a table grows by a chunk at a time, and an entry
+/// never moves.
 const CHUNK: u32 = 64;
 const CHUNK_SHIFT: u32 = CHUNK.trailing_zeros();
 /// Chunks to hold `MAX_ENTRIES` entries.
-const CHUNKS: usize = (INDEX_BITS + 1 - CHUNK_SHIFT) as usize;
+const CHUNKS: usize = (MAX_ENTRIES / CHUNK) as usize;
 
 const _: () = assert!(size_of::<CK_SESSION_HANDLE>() == 8);
-const _: () = assert!((CHUNK as u64) << CHUNKS > MAX_ENTRIES as u64 + CHUNK as u64);
 
 /// The generation every table of the process starts above, so that a
 /// handle is not issued again after `C_Finalize` and `C_Initialize`.
@@ -155,9 +155,10 @@ fn generation(h: u64) -> u64 {
 /// A chunk and the position in it of entry `index`.
 #[inline(always)]
 fn chunk_of(index: u32) -> (usize, usize) {
-    let b = index + CHUNK;
-    let k = (31 - b.leading_zeros() - CHUNK_SHIFT) as usize;
-    (k, (b - (CHUNK << k)) as usize)
+    (
+        (index >> CHUNK_SHIFT) as usize,
+        (index & (CHUNK - 1)) as usize,
+    )
 }
 
 struct Entry {
@@ -210,9 +211,6 @@ struct Free {
 /// What opening and closing write.
 struct Hot {
     free: SpinLock<Free>,
-    /// The highest generation issued, for `GEN_FLOOR`; written under the
-    /// lock, read without it by `retire`.
-    high: AtomicU64,
 }
 
 /// One slot's sessions. What lookups read and what opening and closing
@@ -220,7 +218,8 @@ struct Hot {
 /// threads working on different sessions do not contend.
 struct Table {
     slot: u32,
-    chunks: [AtomicPtr<CachePadded<Entry>>; CHUNKS],
+    /// `CHUNKS` pointers, NULL until their chunk is made.
+    chunks: Box<[AtomicPtr<CachePadded<Entry>>]>,
     /// The first generation of a new entry.
     base: u64,
     hot: CachePadded<Hot>,
@@ -230,7 +229,9 @@ impl Table {
     fn new(slot: u32, base: u64) -> Table {
         Table {
             slot,
-            chunks: std::array::from_fn(|_| AtomicPtr::new(ptr::null_mut())),
+            chunks: (0..CHUNKS)
+                .map(|_| AtomicPtr::new(ptr::null_mut()))
+                .collect(),
             base,
             hot: CachePadded::new(Hot {
                 free: SpinLock::new(Free {
@@ -238,7 +239,6 @@ impl Table {
                     len: 0,
                     open: 0,
                 }),
-                high: AtomicU64::new(base),
             }),
         }
     }
@@ -247,9 +247,30 @@ impl Table {
     fn entry(&self, index: u32) -> Option<&Entry> {
         let (k, i) = chunk_of(index);
         let chunk = self.chunks[k].load(Ordering::Acquire);
-        // SAFETY: a published chunk holds `CHUNK << k` entries, `i` is below
+        // SAFETY: a published chunk holds `CHUNK` entries, `i` is below
         // that, and chunks are freed only when the table is dropped.
         unsafe { chunk.as_ref().map(|_| &**chunk.add(i)) }
+    }
+
+    /// The highest generation this table issued (its base if none): read
+    /// from the entries' handles, without the lock.
+    fn high(&self) -> u64 {
+        let mut high = self.base;
+        for c in self.chunks.iter() {
+            let p = c.load(Ordering::Acquire);
+            if p.is_null() {
+                break;
+            }
+            for i in 0..CHUNK as usize {
+                // SAFETY: a published chunk of `CHUNK` entries, freed only
+                // when the table is dropped.
+                let h = unsafe { (&*p.add(i)).handle.load(Ordering::Relaxed) };
+                if h != 0 {
+                    high = high.max(generation(h));
+                }
+            }
+        }
+        high
     }
 
     /// A new entry's index, making its chunk when it is the first of one.
@@ -260,7 +281,7 @@ impl Table {
         }
         let (k, i) = chunk_of(index);
         if i == 0 {
-            let n = (CHUNK as usize) << k;
+            let n = CHUNK as usize;
             let chunk: Box<[CachePadded<Entry>]> =
                 (0..n).map(|_| CachePadded::new(Entry::new())).collect();
             // Every entry may be free at once: returning one never grows
@@ -276,17 +297,16 @@ impl Table {
 
 impl Drop for Table {
     fn drop(&mut self) {
-        let high = self.hot.high.load(Ordering::Relaxed);
-        for (k, c) in self.chunks.iter().enumerate() {
+        GEN_FLOOR.fetch_max(self.high(), Ordering::Relaxed);
+        for c in self.chunks.iter() {
             let p = c.load(Ordering::Relaxed);
             if !p.is_null() {
-                let n = (CHUNK as usize) << k;
+                let n = CHUNK as usize;
                 // SAFETY: made by `grow` from a boxed slice of `n` entries;
                 // the table is going away, nothing else reaches them.
                 drop(unsafe { Box::from_raw(ptr::slice_from_raw_parts_mut(p, n)) });
             }
         }
-        GEN_FLOOR.fetch_max(high, Ordering::Relaxed);
     }
 }
 
@@ -398,24 +418,27 @@ impl Sessions {
     /// Adds a session to its slot, and counts it open there.
     #[inline(always)]
     pub fn insert(&self, o: Opened) -> Result<CK_SESSION_HANDLE> {
-        let t = &self.tables[o.slot as usize];
+        let t = self
+            .tables
+            .get(o.slot as usize)
+            .ok_or(Error::SlotIdInvalid)?;
         let mut free = t.hot.free.lock();
         let index = match free.entries.pop() {
             Some(i) => i,
             None => t.grow(&mut free)?,
         };
+        let Some(e) = t.entry(index) else {
+            // Unreachable: a made entry has its chunk.
+            return Err(Error::HostMemory);
+        };
         free.open += 1;
-        let e = t.entry(index).expect("a made entry has its chunk");
+        drop(free);
         let last = e.handle.load(Ordering::Relaxed);
         let generation = if last == 0 {
             t.base + 1
         } else {
             generation(last) + 1
         };
-        if generation > t.hot.high.load(Ordering::Relaxed) {
-            t.hot.high.store(generation, Ordering::Relaxed);
-        }
-        drop(free);
         // SAFETY: the entry is off the free list and not yet published: no
         // other thread writes it, and none finds its session.
         let s = unsafe { &mut *e.session.get() };
@@ -434,12 +457,25 @@ impl Sessions {
         Ok(h)
     }
 
-    /// Closes a session: takes it out of the table.
-    #[inline]
-    pub fn remove(&self, h: CK_SESSION_HANDLE) -> Option<Closed> {
-        let (slot, index) = decode(h)?;
-        let t = self.tables.get(slot)?;
-        let e = t.entry(index)?;
+    /// Closes session `h`.
+    #[cfg(test)]
+    fn remove(&self, h: CK_SESSION_HANDLE) -> Option<Closed> {
+        self.remove_found(h, self.get(h)?)
+    }
+
+    /// Closes session `h`, found as `s`.
+    #[inline(always)]
+    pub fn remove_found(&self, h: CK_SESSION_HANDLE, s: SessionRef) -> Option<Closed> {
+        let t = self.tables.get(s.slot as usize)?;
+        // SAFETY: `s` points at the session of an entry of this library's
+        // tables (`get`), whose memory lives as long as the tables.
+        let e = unsafe {
+            &*s.0
+                .cast::<u8>()
+                .sub(std::mem::offset_of!(Entry, session))
+                .cast::<Entry>()
+        };
+        let index = h as u32 & (MAX_ENTRIES - 1);
         let mut free = t.hot.free.lock();
         let closed = Self::take(e, h as u64, &mut free, index)?;
         free.open -= 1;
@@ -505,7 +541,7 @@ impl Sessions {
     /// may have held one at the fork.
     pub fn retire(&self) {
         for t in self.tables.iter() {
-            GEN_FLOOR.fetch_max(t.hot.high.load(Ordering::Relaxed), Ordering::Relaxed);
+            GEN_FLOOR.fetch_max(t.high(), Ordering::Relaxed);
         }
     }
 }
@@ -609,10 +645,8 @@ mod tests {
         assert_eq!(chunk_of(0), (0, 0));
         assert_eq!(chunk_of(63), (0, 63));
         assert_eq!(chunk_of(64), (1, 0));
-        assert_eq!(chunk_of(191), (1, 127));
-        assert_eq!(chunk_of(192), (2, 0));
-        let (k, i) = chunk_of(MAX_ENTRIES - 1);
-        assert!(k < CHUNKS && i < (CHUNK as usize) << k);
+        assert_eq!(chunk_of(191), (2, 63));
+        assert_eq!(chunk_of(MAX_ENTRIES - 1), (CHUNKS - 1, CHUNK as usize - 1));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use p11shim_audit::Kind;
 use pkcs11_sys::*;
 use zeroize::Zeroizing;
 
-use super::sessions::Opened;
+use super::sessions::{Closed, Held, Opened, SessionRef};
 use super::{Library, Slot};
 use crate::abi::mem::{Bytes, Label, Out, OutBytes, OutList, Pin, padded};
 use crate::error::{Error, Result};
@@ -337,7 +337,7 @@ impl Library {
         } else {
             Ok(())
         };
-        self.session_closed(h, sess_slot, member);
+        self.session_closed(h, sess, member);
         match rv {
             Err(Error::Vendor(rv)) if router::is_failover(rv, false) => Ok(()),
             other => other,
@@ -347,27 +347,38 @@ impl Library {
     /// Takes a session the application closed out of the table, whatever
     /// the vendor said (a member that failed may have lost it already).
     #[inline(always)]
-    pub(super) fn session_closed(&self, h: CK_SESSION_HANDLE, si: u32, member: &Member) {
-        if let Some(closed) = self.sessions.remove(h) {
-            if !closed.single {
+    pub(super) fn session_closed(&self, h: CK_SESSION_HANDLE, sess: SessionRef, member: &Member) {
+        let si = sess.slot;
+        if let Some(Closed {
+            single, last, held, ..
+        }) = self.sessions.remove_found(h, sess)
+        {
+            if !single {
                 member.session_closed();
             }
-            if closed.held.is_some() || closed.last {
-                self.closed_with_more(si, closed);
+            if held.is_some() || last {
+                self.closed_with_more(si, held, last);
             }
         }
     }
 
     /// The rest of closing a session that held objects or operations, or
     /// was the slot's last.
+    #[cold]
     #[inline(never)]
-    fn closed_with_more(&self, si: u32, closed: super::sessions::Closed) {
-        if let Some(held) = &closed.held {
-            self.objects.forget(&held.owned);
-        }
-        if closed.last {
-            self.objects.forget_found_session_objects(si);
-            self.slot_sessions_gone(&self.slots[si as usize]);
+    fn closed_with_more(&self, si: u32, held: Option<Box<Held>>, last: bool) {
+        // Off the direct path's fast part: a panic stops here.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(held) = &held {
+                self.objects.forget(&held.owned);
+            }
+            if last {
+                self.objects.forget_found_session_objects(si);
+                self.slot_sessions_gone(&self.slots[si as usize]);
+            }
+        }));
+        if r.is_err() {
+            tracing::error!("internal error: a panic was caught closing a session");
         }
     }
 
