@@ -735,6 +735,19 @@ mod tests {
     }
 
     #[test]
+    fn a_full_slot_refuses_one_more() {
+        let t = Sessions::new(1);
+        let all: Vec<_> = (0..MAX_ENTRIES)
+            .map(|_| t.insert(session(0)).unwrap())
+            .collect();
+        assert!(matches!(t.insert(session(0)), Err(Error::SessionCount)));
+        assert_eq!(t.open(0), MAX_ENTRIES as usize);
+        t.remove(all[7]).unwrap();
+        let h = t.insert(session(0)).unwrap();
+        assert_eq!(decode(h), decode(all[7]));
+    }
+
+    #[test]
     fn threads_opening_and_closing_keep_the_count() {
         let t = std::sync::Arc::new(Sessions::new(1));
         let threads: Vec<_> = (0..4)
