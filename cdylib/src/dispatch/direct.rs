@@ -24,12 +24,12 @@ use std::sync::atomic::Ordering;
 
 use pkcs11_sys::*;
 
-use super::sessions::SessionRef;
+use super::sessions::{Opened, SessionRef};
 use super::{FORK_GEN, Library};
 use crate::abi::mem::Out;
 use crate::abi::{guard, library};
 use crate::error::Error;
-use crate::router::{self, replay::OpKind};
+use crate::router::{self, Health, replay::OpKind};
 
 /// The vendor functions of a direct session's member. The function list
 /// lives in the member's `Vendor`, which outlives every session of the
@@ -74,11 +74,12 @@ pub unsafe fn open_session(
     let si = lib.slot_index(slot).ok()?;
     let s = lib.slots.get(si as usize)?;
     let [m] = &s.members[..] else { return None };
-    if m.deadline.is_some() || !m.is_up() {
+    if m.deadline.is_some() || m.health() != Health::Up {
         return None;
     }
     let vs = m.vendor_slot()?;
-    let f = m.vendor.functions().C_OpenSession?;
+    let fl = m.vendor.functions();
+    let f = fl.C_OpenSession?;
     // What follows cannot panic: no indexing, no unwrapping (the guard's
     // `catch_unwind` is left out of the fast part, as for the other direct
     // calls; the cold failures log through `guard::failed`, which catches).
@@ -94,7 +95,18 @@ pub unsafe fn open_session(
     // promise).
     let out = unsafe { Out::new(out) };
     Some(
-        match out.and_then(|out| lib.add_session(s, m, si, 0, flags, vendor, out)) {
+        match out.and_then(|out| {
+            let session = Opened {
+                slot: si,
+                flags,
+                replay: false,
+                single: true,
+                member: 0,
+                vendor,
+                direct: Some(DirectFns::new(fl)),
+            };
+            lib.add_session(m, session, out)
+        }) {
             Ok(()) => {
                 tracing::trace!(function = "C_OpenSession", "CKR_OK");
                 CKR_OK

@@ -162,8 +162,8 @@ fn chunk_of(index: u32) -> (usize, usize) {
 }
 
 struct Entry {
-    /// The open session's handle; in a free entry, the last handle it had
-    /// with `FREE` set (0 before its first session).
+    /// The open session's handle; in a free entry, the handle its next
+    /// session gets, with `FREE` set (0 before its first session).
     handle: AtomicU64,
     /// The session while `handle` is live; else a closed one, emptied.
     session: UnsafeCell<Session>,
@@ -252,7 +252,8 @@ impl Table {
         unsafe { chunk.as_ref().map(|_| &**chunk.add(i)) }
     }
 
-    /// The highest generation this table issued (its base if none): read
+    /// The highest generation this table issued or holds for the next
+    /// session of an entry (its base if none): read
     /// from the entries' handles, without the lock.
     fn high(&self) -> u64 {
         let mut high = self.base;
@@ -433,11 +434,10 @@ impl Sessions {
         };
         free.open += 1;
         drop(free);
-        let last = e.handle.load(Ordering::Relaxed);
-        let generation = if last == 0 {
-            t.base + 1
-        } else {
-            generation(last) + 1
+        // A free entry keeps its next handle.
+        let h = match e.handle.load(Ordering::Relaxed) {
+            0 => handle(t.slot, index, t.base + 1),
+            next => (next & !FREE) as CK_SESSION_HANDLE,
         };
         // SAFETY: the entry is off the free list and not yet published: no
         // other thread writes it, and none finds its session.
@@ -452,7 +452,6 @@ impl Sessions {
         st.member = o.member;
         st.vendor = o.vendor;
         st.calls = 0;
-        let h = handle(t.slot, index, generation);
         e.handle.store(h as u64, Ordering::Release);
         Ok(h)
     }
@@ -491,7 +490,11 @@ impl Sessions {
         if e.handle.load(Ordering::Relaxed) != h {
             return None;
         }
-        e.handle.store(h | FREE, Ordering::Release);
+        // The entry keeps its next handle; one whose generations ran out
+        // is never used again.
+        let spent = generation(h) == MAX_GEN;
+        let next = if spent { h } else { h + (1 << GEN_SHIFT) };
+        e.handle.store(next | FREE, Ordering::Release);
         // SAFETY: the entry held handle `h`; under the table lock no other
         // thread frees it, its handle no longer matches, so no new call
         // finds it, and it is not yet on the free list.
@@ -503,7 +506,7 @@ impl Sessions {
             last: false,
             held: (!st.is_empty()).then(|| st.take_held()),
         };
-        if generation(h) < MAX_GEN {
+        if !spent {
             free.entries.push(index);
         }
         Some(closed)
@@ -696,9 +699,19 @@ mod tests {
             assert!(t.remove(h).is_none(), "{h:#x}");
         }
         assert!(t.get(a).is_some());
-        // A freed entry's last handle, as stored, does not match either.
+        // A freed entry's handles, as stored, do not match either: neither
+        // the last one nor the one its next session gets.
         t.remove(a).unwrap();
-        assert!(t.get(a | FREE as CK_SESSION_HANDLE).is_none());
+        let next = a + (1 << GEN_SHIFT);
+        for h in [
+            a,
+            next,
+            a | FREE as CK_SESSION_HANDLE,
+            next | FREE as CK_SESSION_HANDLE,
+        ] {
+            assert!(t.get(h).is_none(), "{h:#x}");
+        }
+        assert_eq!(t.insert(session(0)).unwrap(), next);
     }
 
     #[test]

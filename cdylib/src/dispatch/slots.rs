@@ -218,7 +218,7 @@ impl Library {
                 let vs = vs.ok_or(Error::TokenNotPresent)?;
                 let mut vendor: CK_SESSION_HANDLE = 0;
                 m.track(false, || m.vendor.open_session(vs, flags, &mut vendor))?;
-                self.add_session(s, m, si, 0, flags, vendor, out)
+                self.add_session(m, Self::opened(s, m, si, 0, flags, vendor), out)
             }
             _ => self.open_session_routed(s, si, flags, out),
         }
@@ -283,26 +283,22 @@ impl Library {
                     return Err(e);
                 }
             }
-            return self.add_session(s, m, si, mi, flags, vendor, out);
+            return self.add_session(m, Self::opened(s, m, si, mi, flags, vendor), out);
         }
     }
 
-    /// Enters a session the member `mi` opened (and counted, on a slot of
-    /// several members) in the table.
+    /// What a session the member `mi` opened starts with.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn add_session(
-        &self,
+    pub(super) fn opened(
         s: &Slot,
         m: &Member,
         si: u32,
         mi: u32,
         flags: CK_FLAGS,
         vendor: CK_SESSION_HANDLE,
-        mut out: Out<'_, CK_SESSION_HANDLE>,
-    ) -> Result<()> {
+    ) -> Opened {
         let single = s.members.len() == 1;
-        let session = Opened {
+        Opened {
             slot: si,
             flags,
             replay: !single && s.cfg.replay_limit > 0,
@@ -311,15 +307,26 @@ impl Library {
             vendor,
             direct: (single && m.deadline.is_none())
                 .then(|| super::direct::DirectFns::new(m.vendor.functions())),
-        };
+        }
+    }
+
+    /// Enters a session its member opened (and counted, on a slot of
+    /// several members) in the table.
+    #[inline(always)]
+    pub(super) fn add_session(
+        &self,
+        m: &Member,
+        session: Opened,
+        mut out: Out<'_, CK_SESSION_HANDLE>,
+    ) -> Result<()> {
         match self.sessions.insert(session) {
             Ok(h) => {
                 out.write(h);
                 Ok(())
             }
             Err(e) => {
-                let _ = m.vendor.close_session(vendor);
-                if !single {
+                let _ = m.vendor.close_session(session.vendor);
+                if !session.single {
                     m.session_closed();
                 }
                 Err(e)
