@@ -208,11 +208,6 @@ struct Free {
     open: usize,
 }
 
-/// What opening and closing write.
-struct Hot {
-    free: SpinLock<Free>,
-}
-
 /// One slot's sessions. What lookups read and what opening and closing
 /// write live in cache lines of their own, and so does every entry, so that
 /// threads working on different sessions do not contend.
@@ -222,7 +217,8 @@ struct Table {
     chunks: Box<[AtomicPtr<CachePadded<Entry>>]>,
     /// The first generation of a new entry.
     base: u64,
-    hot: CachePadded<Hot>,
+    /// What opening and closing write.
+    free: CachePadded<SpinLock<Free>>,
 }
 
 impl Table {
@@ -233,13 +229,11 @@ impl Table {
                 .map(|_| AtomicPtr::new(ptr::null_mut()))
                 .collect(),
             base,
-            hot: CachePadded::new(Hot {
-                free: SpinLock::new(Free {
-                    entries: Vec::new(),
-                    len: 0,
-                    open: 0,
-                }),
-            }),
+            free: CachePadded::new(SpinLock::new(Free {
+                entries: Vec::new(),
+                len: 0,
+                open: 0,
+            })),
         }
     }
 
@@ -252,9 +246,9 @@ impl Table {
         unsafe { chunk.as_ref().map(|_| &**chunk.add(i)) }
     }
 
-    /// The highest generation this table issued or holds for the next
-    /// session of an entry (its base if none): read
-    /// from the entries' handles, without the lock.
+    /// The highest generation this table issued or keeps for an entry's
+    /// next session (its base if none), read from the entries' handles
+    /// without the lock.
     fn high(&self) -> u64 {
         let mut high = self.base;
         for c in self.chunks.iter() {
@@ -325,8 +319,8 @@ impl std::ops::Deref for SessionRef {
     #[inline(always)]
     fn deref(&self) -> &Session {
         // SAFETY: the pointer came from an entry whose handle matched; the
-        // entry gives the session up only in
-        // C_CloseSession, C_CloseAllSessions or C_Finalize of that session,
+        // entry gives the session up only in C_CloseSession,
+        // C_CloseAllSessions or C_Finalize of that session,
         // which the application does not run concurrently with a call on the
         // session (see above), and its memory lives as long as the library.
         unsafe { &*self.0 }
@@ -423,7 +417,7 @@ impl Sessions {
             .tables
             .get(o.slot as usize)
             .ok_or(Error::SlotIdInvalid)?;
-        let mut free = t.hot.free.lock();
+        let mut free = t.free.lock();
         let index = match free.entries.pop() {
             Some(i) => i,
             None => t.grow(&mut free)?,
@@ -475,7 +469,7 @@ impl Sessions {
                 .cast::<Entry>()
         };
         let index = h as u32 & (MAX_ENTRIES - 1);
-        let mut free = t.hot.free.lock();
+        let mut free = t.free.lock();
         let closed = Self::take(e, h as u64, &mut free, index)?;
         free.open -= 1;
         let last = free.open == 0;
@@ -518,7 +512,7 @@ impl Sessions {
             return Vec::new();
         };
         let mut gone = Vec::new();
-        let mut free = t.hot.free.lock();
+        let mut free = t.free.lock();
         for index in 0..free.len {
             let Some(e) = t.entry(index) else { continue };
             let h = e.handle.load(Ordering::Relaxed);
@@ -535,7 +529,7 @@ impl Sessions {
     pub fn open(&self, slot: u32) -> usize {
         self.tables
             .get(slot as usize)
-            .map_or(0, |t| t.hot.free.lock().open)
+            .map_or(0, |t| t.free.lock().open)
     }
 
     /// Makes sure that no table made from now on in this process issues a
