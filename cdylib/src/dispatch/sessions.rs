@@ -413,10 +413,16 @@ impl Sessions {
     /// Adds a session to its slot, and counts it open there.
     #[inline(always)]
     pub fn insert(&self, o: Opened) -> Result<CK_SESSION_HANDLE> {
-        let t = self
-            .tables
-            .get(o.slot as usize)
-            .ok_or(Error::SlotIdInvalid)?;
+        let (t, index, e) = self.reserve(o.slot)?;
+        Ok(Self::publish(t, index, e, o))
+    }
+
+    /// Takes an entry of the slot's table off the free list and counts its
+    /// session open (before it is published: a close-all in between leaves
+    /// it counted).
+    #[inline(always)]
+    fn reserve(&self, slot: u32) -> Result<(&Table, u32, &Entry)> {
+        let t = self.tables.get(slot as usize).ok_or(Error::SlotIdInvalid)?;
         let mut free = t.free.lock();
         let index = match free.entries.pop() {
             Some(i) => i,
@@ -427,7 +433,12 @@ impl Sessions {
             return Err(Error::HostMemory);
         };
         free.open += 1;
-        drop(free);
+        Ok((t, index, e))
+    }
+
+    /// Fills a reserved entry in and publishes its handle.
+    #[inline(always)]
+    fn publish(t: &Table, index: u32, e: &Entry, o: Opened) -> CK_SESSION_HANDLE {
         // A free entry keeps its next handle.
         let h = match e.handle.load(Ordering::Relaxed) {
             0 => handle(t.slot, index, t.base + 1),
@@ -447,7 +458,7 @@ impl Sessions {
         st.vendor = o.vendor;
         st.calls = 0;
         e.handle.store(h as u64, Ordering::Release);
-        Ok(h)
+        h
     }
 
     /// Closes session `h`.
@@ -520,7 +531,9 @@ impl Sessions {
                 gone.extend(Self::take(e, h, &mut free, index));
             }
         }
-        free.open = 0;
+        // A session being opened now is counted already and not yet
+        // published: it stays counted.
+        free.open -= gone.len();
         drop(free);
         gone
     }
@@ -739,6 +752,24 @@ mod tests {
         // The freed entries are used again.
         let c = t.insert(session(0)).unwrap();
         assert!(decode(c).unwrap().1 < 200);
+    }
+
+    /// A session being opened while every session of its slot is closed
+    /// (reserved, not yet published) stays counted, and its own close
+    /// later brings the count to zero, not below.
+    #[test]
+    fn a_close_all_during_an_open_keeps_the_count() {
+        let t = Sessions::new(1);
+        let a = t.insert(session(0)).unwrap();
+        let (table, index, e) = t.reserve(0).unwrap();
+        assert_eq!(t.open(0), 2);
+        assert_eq!(t.remove_slot(0).len(), 1, "the published one only");
+        assert!(t.get(a).is_none());
+        assert_eq!(t.open(0), 1);
+        let b = Sessions::publish(table, index, e, session(0));
+        assert!(t.get(b).is_some());
+        assert!(t.remove(b).unwrap().last);
+        assert_eq!(t.open(0), 0);
     }
 
     #[test]
