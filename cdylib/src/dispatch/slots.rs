@@ -421,7 +421,9 @@ impl Library {
             }
         }
         for closed in self.sessions.remove_slot(i) {
-            s.members[closed.member as usize].session_closed();
+            if !closed.single {
+                s.members[closed.member as usize].session_closed();
+            }
             if let Some(held) = &closed.held {
                 self.objects.forget(&held.owned);
             }
