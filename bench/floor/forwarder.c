@@ -13,6 +13,10 @@
  * read-modify-writes per pair, no allocation, no hashing. It is a
  * measuring stick, not a module. `make bench-floor` builds both and runs
  * `p11shim-bench` on them in place of p11shim (P11SHIM_LIB).
+ *
+ * -DCHAIN=n adds a chain of n + 1 dependent loads (all in L1) to the
+ * arguments of the vendor's C_OpenSession and C_CloseSession, as a module
+ * that finds the vendor's slot or session through its own structures does.
  */
 #define CK_PTR *
 #define CK_DECLARE_FUNCTION(rv, name) rv name
@@ -30,6 +34,36 @@
 
 #ifndef BOOKKEEPING
 #define BOOKKEEPING 0
+#endif
+#ifndef CHAIN
+#define CHAIN -1
+#endif
+
+#if CHAIN >= 0
+static struct hop {
+	struct hop *next;
+	unsigned long zero;
+} hops[8];
+static struct hop *volatile head;
+
+/* 0, after CHAIN + 1 dependent loads. */
+static unsigned long chase(void)
+{
+	struct hop *h = head;
+	for (int i = 0; i < CHAIN; i++)
+		h = h->next;
+	return h->zero;
+}
+
+static void chain_init(void)
+{
+	for (int i = 0; i < 8; i++)
+		hops[i].next = &hops[(i + 1) % 8];
+	head = &hops[0];
+}
+#else
+#define chase() 0UL
+#define chain_init() ((void)0)
 #endif
 
 static CK_FUNCTION_LIST_PTR vendor;
@@ -101,7 +135,7 @@ static CK_RV logout(CK_SESSION_HANDLE s)
 static CK_RV open_session(CK_SLOT_ID slot, CK_FLAGS flags, void *app, CK_NOTIFY notify,
 			  CK_SESSION_HANDLE_PTR out)
 {
-	CK_RV rv = vendor->C_OpenSession(slot, flags, app, notify, out);
+	CK_RV rv = vendor->C_OpenSession(slot + chase(), flags, app, notify, out);
 	if (rv != CKR_OK)
 		return rv;
 #if BOOKKEEPING
@@ -128,7 +162,7 @@ static CK_RV close_session(CK_SESSION_HANDLE s)
 	struct entry *e = entry_of(s);
 	if (!e)
 		return CKR_SESSION_HANDLE_INVALID;
-	CK_RV rv = vendor->C_CloseSession(e->vendor);
+	CK_RV rv = vendor->C_CloseSession(e->vendor + chase());
 	lock();
 	if (e->handle != s) {
 		unlock();
@@ -154,6 +188,7 @@ static void load(void)
 	CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
 	if (!get || get(&vendor) != CKR_OK)
 		return;
+	chain_init();
 	memcpy(&list, vendor, sizeof list);
 	list.C_DigestInit = digest_init;
 	list.C_Digest = digest;
