@@ -143,13 +143,18 @@ fn secs(s: &str, flag: &str) -> Duration {
     Duration::from_secs_f64(v)
 }
 
-fn cases(s: &str) -> Vec<Case> {
+/// A comma-separated list of names, each parsed by `parse`; an unknown one
+/// ends the program naming `what` it should have been.
+fn list<T>(s: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Vec<T> {
     s.split(',')
-        .map(|c| {
-            Case::parse(c.trim())
-                .unwrap_or_else(|| die(format_args!("unknown case {c:?}\n\n{USAGE}")))
+        .map(|n| {
+            parse(n.trim()).unwrap_or_else(|| die(format_args!("unknown {what} {n:?}\n\n{USAGE}")))
         })
         .collect()
+}
+
+fn cases(s: &str) -> Vec<Case> {
+    list(s, "case", Case::parse)
 }
 
 fn parse_worker(args: &[String]) -> WorkerArgs {
@@ -228,44 +233,17 @@ fn parent(args: &[String]) {
             "--broker" => broker_mode = true,
             "--acl" => acl_mode = true,
             "--acl-parts" => {
-                acl_parts = Some(
-                    value(args, &mut i, a)
-                        .split(',')
-                        .map(|p| {
-                            acl::Part::parse(p.trim()).unwrap_or_else(|| {
-                                die(format_args!("unknown --acl part {p:?}\n\n{USAGE}"))
-                            })
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                acl_parts = Some(list(value(args, &mut i, a), "--acl part", acl::Part::parse));
                 acl_mode = true;
             }
             "--sustain" => sustain = Some(secs(value(args, &mut i, a), a)),
             "--stores" => {
-                stores = Some(
-                    value(args, &mut i, a)
-                        .split(',')
-                        .map(|s| {
-                            broker::Store::parse(s.trim()).unwrap_or_else(|| {
-                                die(format_args!("unknown store {s:?}\n\n{USAGE}"))
-                            })
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                stores = Some(list(value(args, &mut i, a), "store", broker::Store::parse));
                 broker_mode = true;
             }
             "--runs" => runs = Some(number::<usize>(value(args, &mut i, a), a)),
             "--ha-parts" => {
-                ha_parts = Some(
-                    value(args, &mut i, a)
-                        .split(',')
-                        .map(|p| {
-                            ha::Part::parse(p.trim()).unwrap_or_else(|| {
-                                die(format_args!("unknown HA part {p:?}\n\n{USAGE}"))
-                            })
-                        })
-                        .collect::<Vec<_>>(),
-                );
+                ha_parts = Some(list(value(args, &mut i, a), "HA part", ha::Part::parse));
                 ha_mode = true;
             }
             "--reps" => reps = Some(number::<usize>(value(args, &mut i, a), a).max(1)),
