@@ -33,7 +33,7 @@ use p11shim_audit::VerifyKey;
 use crate::env::{BenchEnv, Target, result_field, run, run_checked};
 use crate::p11::die;
 use crate::stats::Histogram;
-use crate::timing::{ops, thousands, us};
+use crate::timing::{ops, signed, thousands, us};
 use crate::worker::Case;
 
 /// Instructions the ACL decision and the audit record may add to one
@@ -481,16 +481,6 @@ fn added_functions(
         .collect();
     rows.sort_by(|x, y| y.1.total_cmp(&x.1));
     rows
-}
-
-fn signed(v: f64) -> String {
-    let r = v.round() as i64;
-    let s = thousands(r.unsigned_abs());
-    if r < 0 {
-        format!("−{s}")
-    } else {
-        format!("+{s}")
-    }
 }
 
 fn int(v: f64) -> String {

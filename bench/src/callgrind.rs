@@ -13,7 +13,7 @@ use std::process::Command;
 
 use crate::env::{BenchEnv, Target, result_field, run, run_checked};
 use crate::p11::die;
-use crate::timing::thousands;
+use crate::timing::{signed, thousands};
 use crate::worker::{Case, TOKEN_LABEL};
 
 #[derive(Debug, Clone)]
@@ -316,16 +316,6 @@ pub fn run_all(env: &mut BenchEnv, opts: &CallgrindOpts) -> Vec<Counted> {
         });
     }
     rows
-}
-
-fn signed(v: f64) -> String {
-    let r = v.round() as i64;
-    let s = thousands(r.unsigned_abs());
-    if r < 0 {
-        format!("−{s}")
-    } else {
-        format!("+{s}")
-    }
 }
 
 pub fn print(rows: &[Counted], opts: &CallgrindOpts, markdown: bool) {

@@ -201,6 +201,17 @@ pub fn run(env: &BenchEnv, opts: &TimingOpts) -> Vec<Row> {
     rows
 }
 
+/// A difference, rounded, with its sign and thousands separators.
+pub fn signed(v: f64) -> String {
+    let r = v.round() as i64;
+    let s = thousands(r.unsigned_abs());
+    if r < 0 {
+        format!("−{s}")
+    } else {
+        format!("+{s}")
+    }
+}
+
 /// An integer with thousands separators.
 pub fn thousands(v: u64) -> String {
     let s = v.to_string();
