@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 
 use pkcs11_sys::*;
 
-use super::sessions::{Opened, SessionRef};
+use super::sessions::SessionRef;
 use super::{FORK_GEN, Library};
 use crate::abi::mem::Out;
 use crate::abi::{guard, library};
@@ -78,8 +78,7 @@ pub unsafe fn open_session(
         return None;
     }
     let vs = m.vendor_slot()?;
-    let fl = m.vendor.functions();
-    let f = fl.C_OpenSession?;
+    let f = m.vendor.functions().C_OpenSession?;
     // What follows cannot panic: no indexing, no unwrapping (the guard's
     // `catch_unwind` is left out of the fast part, as for the other direct
     // calls; the cold failures log through `guard::failed`, which catches).
@@ -93,27 +92,17 @@ pub unsafe fn open_session(
     }
     // SAFETY: checked non-NULL above, and valid for writing (the caller's
     // promise).
-    let out = unsafe { Out::new(out) };
-    Some(
-        match out.and_then(|out| {
-            let session = Opened {
-                slot: si,
-                flags,
-                replay: false,
-                single: true,
-                member: 0,
-                vendor,
-                direct: Some(DirectFns::new(fl)),
-            };
-            lib.add_session(m, session, out)
-        }) {
-            Ok(()) => {
-                tracing::trace!(function = "C_OpenSession", "CKR_OK");
-                CKR_OK
-            }
-            Err(e) => guard::failed("C_OpenSession", &e),
-        },
-    )
+    let added = match unsafe { Out::new(out) } {
+        Ok(out) => lib.add_session(m, Library::opened(s, m, si, 0, flags, vendor), out),
+        Err(e) => Err(e),
+    };
+    Some(match added {
+        Ok(()) => {
+            tracing::trace!(function = "C_OpenSession", "CKR_OK");
+            CKR_OK
+        }
+        Err(e) => guard::failed("C_OpenSession", &e),
+    })
 }
 
 /// `C_CloseSession` on a direct session whose member is up: the member's
